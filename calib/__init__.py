@@ -1,0 +1,1 @@
+"""Teacher and student models, quantizers, calibration inputs and quantizer learning."""

@@ -1,0 +1,132 @@
+"""The export contract: every number an exporter needs, exactly as the student computes it.
+
+``contract.safetensors`` holds, for each quantized layer ``L``: ``L.weight_int`` (int8 container, also
+for int4/int2, layout ``[out, in]``), ``L.weight_scale`` (``[out]`` or ``[out, in // group]``),
+``L.input_scale`` (scalar; absent for 16-bit activations) and ``L.bias``; and ``float.<name>`` for every
+other backbone tensor (embeddings, norms, heads: Quadapter scales already folded in).
+``contract.json`` describes the layers. No exporter re-derives a scale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from calib.models import TaskModel
+from calib.student import build_student, quant_layers
+from pipeline.config import QuantConfig
+
+CONTRACT_TENSORS = "contract.safetensors"
+CONTRACT_META = "contract.json"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One quantized layer as the exporters see it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight_bits: int
+    granularity: str
+    group_size: int | None
+    act_bits: int
+
+
+@dataclass
+class Contract:
+    """Tensors plus layer descriptions."""
+
+    tensors: dict[str, torch.Tensor]
+    layers: list[LayerSpec]
+
+    def layer(self, name: str) -> LayerSpec:
+        """The spec of one layer by name."""
+        return next(spec for spec in self.layers if spec.name == name)
+
+
+@torch.no_grad()
+def build_contract(student: TaskModel) -> Contract:
+    """Read the integers and scales out of the student's quantizers."""
+    layers = quant_layers(student)
+    tensors: dict[str, torch.Tensor] = {}
+    specs = []
+    for name, layer in layers.items():
+        wq = layer.weight_quantizer
+        tensors[f"{name}.weight_int"] = wq.to_int(layer.weight).to(torch.int8)
+        scale = wq.scale.detach().float()
+        tensors[f"{name}.weight_scale"] = scale.reshape(scale.shape[0], -1).squeeze(-1).contiguous()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().float().clone()
+        if layer.input_quantizer is not None:
+            tensors[f"{name}.input_scale"] = layer.input_quantizer.scale.detach().float().reshape(()).clone()
+        specs.append(
+            LayerSpec(
+                name=name,
+                in_features=layer.in_features,
+                out_features=layer.out_features,
+                weight_bits=wq.bits,
+                granularity=wq.granularity,
+                group_size=wq.group_size,
+                act_bits=8 if layer.input_quantizer is not None else 16,
+            )
+        )
+    quantized = {f"{n}." for n in layers}
+    for pname, value in student.backbone.state_dict().items():
+        if not any(pname.startswith(prefix) for prefix in quantized):
+            tensors[f"float.{pname}"] = value.detach().clone().contiguous()
+    return Contract(tensors, specs)
+
+
+def save_contract(contract: Contract, folder: Path) -> list[Path]:
+    """Write both files into ``folder``; returns their paths."""
+    tensors_path = folder / CONTRACT_TENSORS
+    meta_path = folder / CONTRACT_META
+    save_file(contract.tensors, str(tensors_path))
+    meta = {"layout": "weight [out, in]", "layers": [asdict(spec) for spec in contract.layers]}
+    meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return [tensors_path, meta_path]
+
+
+def load_contract(folder: Path) -> Contract:
+    """Read a contract the quantize stage wrote."""
+    meta = json.loads((folder / CONTRACT_META).read_text(encoding="utf-8"))
+    tensors = load_file(str(folder / CONTRACT_TENSORS))
+    return Contract(tensors, [LayerSpec(**spec) for spec in meta["layers"]])
+
+
+def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
+    """``weight_int * weight_scale`` in ``[out, in]``: the weight the student actually uses."""
+    q = contract.tensors[f"{spec.name}.weight_int"].float()
+    scale = contract.tensors[f"{spec.name}.weight_scale"]
+    if spec.group_size:
+        groups = q.reshape(spec.out_features, -1, spec.group_size) * scale.unsqueeze(-1)
+        return groups.reshape(spec.out_features, spec.in_features)
+    return q * scale.unsqueeze(-1)
+
+
+def float_state_dict(contract: Contract) -> dict[str, torch.Tensor]:
+    """The backbone's non-quantized tensors."""
+    return {k[len("float.") :]: v for k, v in contract.tensors.items() if k.startswith("float.")}
+
+
+@torch.no_grad()
+def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> TaskModel:
+    """Rebuild the PyTorch student from a contract: the same fake-quantized function the exporters encode."""
+    student = build_student(teacher, quant)
+    student.backbone.load_state_dict(float_state_dict(contract), strict=False)
+    for spec in contract.layers:
+        layer = student.backbone.get_submodule(spec.name)
+        layer.weight.copy_(dequantized_weight(contract, spec))
+        scale = contract.tensors[f"{spec.name}.weight_scale"]
+        shape = (spec.out_features, -1, 1) if spec.group_size else (spec.out_features, 1)
+        layer.weight_quantizer.set_scale(scale.reshape(shape))
+        if layer.bias is not None:
+            layer.bias.copy_(contract.tensors[f"{spec.name}.bias"])
+        if layer.input_quantizer is not None:
+            layer.input_quantizer.set_scale(contract.tensors[f"{spec.name}.input_scale"])
+    return student

@@ -1,0 +1,195 @@
+"""Teacher models: resolve a model source, load it with transformers, and put the task head on top.
+
+A :class:`TaskModel` is what every later stage sees: ``(input_ids | inputs_embeds, attention_mask)`` in,
+one task output out (mean-pooled sentence embedding, class logits, or next-token logits).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from pipeline.config import ModelSource, RandomModel, TaskConfig
+from pipeline.errors import ConfigError
+
+# Eager attention everywhere: the exported ONNX graph and the PyTorch student then compute the same ops,
+# and the legacy ONNX exporter handles it on every family.
+ATTN_IMPLEMENTATION = "eager"
+
+OUTPUT_NAMES = {"embedding": "sentence_embedding", "classification": "logits", "causal-lm": "logits"}
+
+
+def resolve_location(source: ModelSource) -> str:
+    """The string transformers' ``from_pretrained`` takes: a hub id or a folder on disk."""
+    if source.id is not None:
+        return source.id
+    if source.path is not None:
+        if not Path(source.path).is_dir():
+            raise ConfigError(f"model.path: no model folder at {source.path}")
+        return source.path
+    if source.package is not None:
+        package, _, sub = source.package.partition("/")
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"model.package: no installed Python package '{package}' (install it, e.g. pip install -e '.[models]')"
+            )
+        folder = Path(str(files(package))) / sub
+        if not folder.is_dir():
+            raise ConfigError(f"model.package: package '{package}' has no folder '{sub}'")
+        return str(folder)
+    raise ConfigError("model: a random model has no location")
+
+
+def random_config(spec: RandomModel, task: TaskConfig) -> PretrainedConfig:
+    """A tiny transformers config of the requested family."""
+    common = {"vocab_size": spec.vocab_size, "num_labels": task.num_labels, "pad_token_id": 0}
+    if spec.family == "bert":
+        return BertConfig(
+            hidden_size=spec.hidden,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            intermediate_size=spec.intermediate,
+            max_position_embeddings=spec.max_positions,
+            **common,
+        )
+    if spec.family == "gpt2":
+        return GPT2Config(
+            n_embd=spec.hidden,
+            n_layer=spec.layers,
+            n_head=spec.heads,
+            n_inner=spec.intermediate,
+            n_positions=spec.max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        )
+    return LlamaConfig(
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        **common,
+    )
+
+
+def load_model_config(source: ModelSource, task: TaskConfig) -> PretrainedConfig:
+    """Only the config (cheap): used to validate a pipeline config before any work starts."""
+    if source.random is not None:
+        return random_config(source.random, task)
+    location = resolve_location(source)
+    try:
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model: cannot load a transformers config from '{location}' ({first})") from None
+
+
+def _auto_class(kind: str) -> type:
+    return {"embedding": AutoModel, "classification": AutoModelForSequenceClassification}.get(
+        kind, AutoModelForCausalLM
+    )
+
+
+def load_backbone(source: ModelSource, task: TaskConfig) -> PreTrainedModel:
+    """The transformers model with the head the task needs, in eval mode and float32."""
+    auto = _auto_class(task.kind)
+    if source.random is not None:
+        torch.manual_seed(source.random.seed)
+        config = random_config(source.random, task)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        return auto.from_config(config).eval()
+    location = resolve_location(source)
+    kwargs = {"attn_implementation": ATTN_IMPLEMENTATION, "dtype": torch.float32}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if task.kind == "classification":
+        kwargs["num_labels"] = task.num_labels
+    try:
+        return auto.from_pretrained(location, **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model: cannot load weights from '{location}' ({first})") from None
+
+
+def load_saved_backbone(folder: Path, task: TaskConfig) -> PreTrainedModel:
+    """Reload a backbone the teacher stage saved into the run folder."""
+    auto = _auto_class(task.kind)
+    return auto.from_pretrained(str(folder), attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32).eval()
+
+
+@dataclass
+class TaskOutput:
+    """The task output and, when asked for, every layer's hidden states (for distillation)."""
+
+    output: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class TaskModel(nn.Module):
+    """A backbone plus the task's head, with a single tensor as its output."""
+
+    def __init__(self, backbone: PreTrainedModel, kind: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.kind = kind
+
+    @property
+    def output_name(self) -> str:
+        """Name of the exported output tensor."""
+        return OUTPUT_NAMES[self.kind]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings only (positions and segments are added by the model itself)."""
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def run(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> TaskOutput:
+        """Forward from token ids or from word embeddings."""
+        out = self.backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+        )
+        if self.kind == "embedding":
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            summed = (out.last_hidden_state * mask).sum(dim=1)
+            result = summed / mask.sum(dim=1).clamp(min=1e-9)
+        else:
+            result = out.logits
+        return TaskOutput(result, out.hidden_states if output_hidden_states else None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The serving signature: token ids and mask in, the task output out (what ONNX export traces)."""
+        return self.run(attention_mask, input_ids=input_ids).output
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared ones once)."""
+    return sum(p.numel() for p in model.parameters())

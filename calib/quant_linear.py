@@ -1,0 +1,37 @@
+"""A quantized twin of ``nn.Linear`` (and of GPT-2's ``Conv1D``): fake-quantized input and weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from calib.quantizers import TensorQuantizer
+from pipeline.config import QuantConfig
+
+
+def linear_weight(layer: nn.Linear | Conv1D) -> torch.Tensor:
+    """The layer's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]`` and computes ``x @ W + b``)."""
+    weight = layer.weight.detach()
+    return weight.t().contiguous() if isinstance(layer, Conv1D) else weight.clone()
+
+
+class QuantLinear(nn.Module):
+    """``y = Q_a(x) @ Q_w(W)^T + b`` with the weight stored as ``[out, in]`` whatever the source layer."""
+
+    def __init__(self, layer: nn.Linear | Conv1D, quant: QuantConfig) -> None:
+        super().__init__()
+        weight = linear_weight(layer)
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        wq = quant.weights
+        self.weight_quantizer = TensorQuantizer(wq.bits, wq.granularity, wq.group_size)
+        self.input_quantizer = TensorQuantizer(8) if quant.activations.bits == 8 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)

@@ -1,0 +1,100 @@
+"""Fake quantizers with learnable step sizes (LSQ, arXiv 1902.08153).
+
+Integers are signed and symmetric with zero-point 0, on the full grid [-2^(b-1), 2^(b-1)-1]: what
+TensorRT's explicit quantization accepts, and, shifted by 128, the uint8 grid ONNX Runtime's CPU
+kernels fuse. :meth:`TensorQuantizer.to_int` is the single place integers come from, so the PyTorch
+student and every exported graph use the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from calib.range_init import RangeObserver
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even (as ONNX QuantizeLinear does) with a straight-through gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``factor`` (LSQ's step-size gradient scaling)."""
+    return (x - x * factor).detach() + x * factor
+
+
+class TensorQuantizer(nn.Module):
+    """Quantize-dequantize a tensor per tensor, per row (output channel), or in groups along the last axis.
+
+    ``scale`` has the shape that broadcasts against the tensor (after grouping): ``[]`` per tensor,
+    ``[rows, 1]`` per channel, ``[rows, cols // group, 1]`` per group.
+    """
+
+    def __init__(self, bits: int, granularity: str = "per-tensor", group_size: int | None = None) -> None:
+        super().__init__()
+        if bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+        if granularity == "per-group" and not group_size:
+            raise ValueError("per-group quantization needs a group size")
+        self.bits = bits
+        self.granularity = granularity
+        self.group_size = group_size if granularity == "per-group" else None
+        self.qmin = -(2 ** (bits - 1))
+        self.qmax = 2 ** (bits - 1) - 1
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.observer: RangeObserver | None = None
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"bits={self.bits}, granularity={self.granularity}{group}"
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        if self.granularity == "per-group":
+            rows, cols = x.shape
+            return x.reshape(rows, cols // self.group_size, self.group_size)
+        return x
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Set the step size exactly (shape as documented on the class)."""
+        self.scale = nn.Parameter(scale.detach().to(torch.float32).clone(), requires_grad=self.scale.requires_grad)
+
+    def init_scale(self, absmax: torch.Tensor) -> None:
+        """Set the step size from a clipping range (|x| <= absmax maps onto the grid)."""
+        self.set_scale((absmax / self.qmax).clamp(min=1e-8))
+
+    def init_from_tensor(self, x: torch.Tensor, method: str) -> None:
+        """Initialise from the tensor itself (weights): per channel or group."""
+        grouped = self._grouped(x.detach())
+        if self.granularity == "per-tensor":
+            flat = grouped.reshape(1, -1)
+        else:
+            flat = grouped.reshape(-1, grouped.shape[-1])
+        observer = RangeObserver(method=method)
+        absmax = observer.rowwise_absmax(flat, self.qmin, self.qmax)
+        shape = () if self.granularity == "per-tensor" else (*grouped.shape[:-1], 1)
+        self.init_scale(absmax.reshape(shape))
+
+    def set_learnable(self, learnable: bool) -> None:
+        """LSQ: the step size becomes a trained parameter."""
+        self.scale.requires_grad_(learnable)
+
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer tensor (float dtype) of ``x``, in x's own shape."""
+        grouped = self._grouped(x)
+        q = torch.clamp(torch.round(grouped / self.scale), self.qmin, self.qmax)
+        return q.reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x)
+            return x
+        grouped = self._grouped(x)
+        scale = self.scale
+        if scale.requires_grad:
+            per_scale = grouped.numel() / max(scale.numel(), 1)
+            scale = scale_grad(scale, 1.0 / math.sqrt(per_scale * self.qmax))
+        q = round_ste(torch.clamp(grouped / scale, self.qmin, self.qmax))
+        return (q * scale).reshape(x.shape)

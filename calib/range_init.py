@@ -1,0 +1,67 @@
+"""Clipping-range initialisation: min-max, percentile, and MSE-optimal clipping search."""
+
+from __future__ import annotations
+
+import torch
+
+# Values kept per observed activation for percentile / MSE search (a uniform subsample per batch).
+SAMPLE_PER_BATCH = 65536
+MSE_GRID = torch.linspace(0.2, 1.0, 81)
+
+
+def _mse_absmax(values: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Per row, the clipping bound (a fraction of absmax) minimising the quantize-dequantize MSE."""
+    best_err = torch.full_like(absmax, float("inf"))
+    best = absmax.clone()
+    for ratio in MSE_GRID.tolist():
+        bound = (absmax * ratio).clamp(min=1e-8)
+        scale = (bound / qmax).unsqueeze(-1)
+        deq = torch.clamp(torch.round(values / scale), qmin, qmax) * scale
+        err = (deq - values).pow(2).mean(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, bound, best)
+    return best
+
+
+class RangeObserver:
+    """Finds |x| bounds, either streaming over activation batches or row-wise over a weight."""
+
+    def __init__(self, method: str = "minmax", percentile: float = 99.99) -> None:
+        if method not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"unknown range init {method!r}")
+        self.method = method
+        self.percentile = percentile
+        self.absmax = torch.zeros(())
+        self.samples: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record one activation batch."""
+        flat = x.detach().abs().reshape(-1).float()
+        self.absmax = torch.maximum(self.absmax, flat.max())
+        if self.method != "minmax":
+            if flat.numel() > SAMPLE_PER_BATCH:
+                idx = torch.randint(flat.numel(), (SAMPLE_PER_BATCH,), generator=self.generator)
+                flat = flat[idx]
+            self.samples.append(flat)
+
+    def result(self, qmin: int, qmax: int) -> torch.Tensor:
+        """The per-tensor clipping bound from everything observed."""
+        if self.method == "minmax" or not self.samples:
+            return self.absmax
+        values = torch.cat(self.samples)
+        if self.method == "percentile":
+            k = max(1, int(round(values.numel() * self.percentile / 100.0)))
+            return values.kthvalue(min(k, values.numel())).values
+        # Activations: sign matters for the error, but |x| stands in for x on a symmetric grid.
+        return _mse_absmax(values.unsqueeze(0), self.absmax.reshape(1), qmin, qmax).reshape(())
+
+    def rowwise_absmax(self, rows: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        """Per-row clipping bound for a weight matrix (rows = channels or groups)."""
+        absmax = rows.abs().amax(dim=-1)
+        if self.method == "minmax":
+            return absmax
+        if self.method == "percentile":
+            return torch.quantile(rows.abs(), self.percentile / 100.0, dim=-1)
+        return _mse_absmax(rows, absmax, qmin, qmax)

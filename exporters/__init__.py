@@ -1,0 +1,1 @@
+"""ONNX export (TensorRT and CPU flavours), TensorRT build, validation and Triton packaging."""

@@ -1,0 +1,95 @@
+"""Float ONNX export of a task model, with every quantizable layer as a MatMul on a named weight.
+
+Each quantizable layer becomes :class:`ExportLinear`, whose transposed weight is a buffer: the
+exporter keeps its qualified name (``backbone.<layer>.weight_t``) as the initializer name, which is
+how :mod:`exporters.onnx_qdq` finds the MatMul a contract entry belongs to. The FP32 baseline and the
+quantized graphs come out of the same function, so their structure is the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from calib.contract import Contract, dequantized_weight, float_state_dict
+from calib.models import TaskModel
+from calib.placement import quantizable_layers
+from calib.quant_linear import linear_weight
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+def weight_initializer_name(layer: str) -> str:
+    """The ONNX initializer name of a quantizable layer's ``[in, out]`` weight."""
+    return f"backbone.{layer}.weight_t"
+
+
+class ExportLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W^T`` stored as a named buffer (``[in, out]``, MatMul's layout)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight_t", weight.detach().t().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+def _swap(backbone: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(backbone.get_submodule(parent_name), child, module)
+
+
+def teacher_export_model(teacher: TaskModel) -> TaskModel:
+    """The teacher with its quantizable layers as :class:`ExportLinear` (the same float function)."""
+    model = copy.deepcopy(teacher)
+    for name in quantizable_layers(model.backbone):
+        layer = model.backbone.get_submodule(name)
+        _swap(model.backbone, name, ExportLinear(linear_weight(layer), layer.bias))
+    return model
+
+
+def contract_export_model(teacher: TaskModel, contract: Contract) -> TaskModel:
+    """The student's float skeleton: contract float tensors, and dequantized weights on the named MatMuls."""
+    model = copy.deepcopy(teacher)
+    model.backbone.load_state_dict(float_state_dict(contract), strict=False)
+    for spec in contract.layers:
+        bias = contract.tensors.get(f"{spec.name}.bias")
+        _swap(model.backbone, spec.name, ExportLinear(dequantized_weight(contract, spec), bias))
+    return model
+
+
+def export_onnx(model: TaskModel, path: Path, opset: int, example_seq_len: int = 16) -> onnx.ModelProto:
+    """Export with dynamic batch and sequence axes; returns the checked model (also written to ``path``)."""
+    model = model.eval()
+    input_ids = torch.ones(2, example_seq_len, dtype=torch.long)
+    attention_mask = torch.ones(2, example_seq_len, dtype=torch.long)
+    output_name = model.output_name
+    dynamic_axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        output_name: {0: "batch", 1: "sequence"} if model.kind == "causal-lm" else {0: "batch"},
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            model,
+            (input_ids, attention_mask),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[output_name],
+            dynamic_axes=dynamic_axes,
+            opset_version=min(opset, 17),
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto

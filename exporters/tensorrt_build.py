@@ -1,0 +1,77 @@
+"""TensorRT engine build from a Q/DQ ONNX graph, as a strongly typed network (TensorRT 10 and 11).
+
+TensorRT 11 dropped the INT8 builder flag and calibrators: precision comes only from the graph's
+Q/DQ nodes, which is exactly what a strongly typed network does on TensorRT 10 too. TensorRT is
+imported lazily: it cannot be installed on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import StageUnavailable
+
+INSTALL_HINT = "pip install -e '.[trt]' on a machine with an NVIDIA GPU and CUDA"
+
+
+def require_tensorrt():  # noqa: ANN201 - returns the tensorrt module
+    """Import tensorrt and check a CUDA device exists, or raise :class:`StageUnavailable` saying what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise StageUnavailable(f"TensorRT is not installed ({INSTALL_HINT})") from None
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        raise StageUnavailable("TensorRT is installed but no CUDA GPU is visible") from None
+    return trt
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min / opt / max of the (batch, sequence) input shape for the optimisation profile."""
+
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+
+
+def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, log_path: Path, shapes: ShapeRange) -> None:
+    """Parse ``onnx_path`` into a strongly typed network and write the serialized engine and timing cache."""
+    trt = require_tensorrt()
+    log_lines: list[str] = []
+
+    class FileLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg) -> None:  # noqa: ANN001 - TensorRT's signature
+            log_lines.append(f"[{severity}] {msg}")
+
+    logger = FileLogger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    try:
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise StageUnavailable(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            profile.set_shape(network.get_input(i).name, shapes.min, shapes.opt, shapes.max)
+        config.add_optimization_profile(profile)
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise StageUnavailable(f"TensorRT failed to build an engine from {onnx_path.name}; see the build log")
+        engine_path.write_bytes(bytes(engine))
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    finally:
+        log_path.write_text("\n".join(log_lines) + "\n", encoding="utf-8")

@@ -1,0 +1,149 @@
+"""Validation: every model on the same inputs: task metric, agreement with the PyTorch student, latency, size."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from calib.inputs import random_tokens
+from exporters.eval_data import EvalSet, load_eval_set
+from exporters.metrics import accuracy, agreement, cosine_rows, matthews, spearman, token_nll
+from exporters.runners import measure_latency
+from pipeline.config import PipelineConfig
+
+EVAL_BATCH = 32
+GENERATED_SEED_OFFSET = 1000  # generated validation inputs never coincide with calibration inputs
+
+
+@dataclass
+class EvalInputs:
+    """Token batches to run (one list per text column) and what the metric needs besides outputs."""
+
+    batches_a: list[tuple[np.ndarray, np.ndarray]]
+    batches_b: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    targets: np.ndarray | None = None
+    metric: str | None = None
+    source: str = ""
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, a: list[str], b: list[str] | None, max_len: int) -> list:
+    batches = []
+    for i in range(0, len(a), EVAL_BATCH):
+        enc = tokenizer(
+            a[i : i + EVAL_BATCH],
+            b[i : i + EVAL_BATCH] if b else None,
+            padding="longest",
+            truncation=True,
+            max_length=max_len,
+            return_tensors="np",
+        )
+        batches.append((enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)))
+    return batches
+
+
+def _corpus_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, seq_len: int, limit: int | None) -> list:
+    ids = np.array(tokenizer(corpus)["input_ids"], dtype=np.int64)
+    windows = len(ids) // seq_len
+    windows = min(windows, limit) if limit else windows
+    rows = ids[: windows * seq_len].reshape(windows, seq_len)
+    return [(rows[i : i + 8], np.ones_like(rows[i : i + 8])) for i in range(0, windows, 8)]
+
+
+def build_eval_inputs(
+    config: PipelineConfig, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int
+) -> tuple[EvalInputs, str | None]:
+    """Task data where the config names some and it exists; generated inputs otherwise (with the reason)."""
+    seq_len = max(s for _, s in config.validate.shapes)
+    spec = config.task.eval
+    reason = None
+    if spec is None:
+        reason = "the config names no evaluation data"
+    elif not Path(spec.data).is_file():
+        reason = f"evaluation data {spec.data} is not there"
+    elif tokenizer is None:
+        reason = "the model has no tokenizer to read evaluation text"
+    if reason is None:
+        data: EvalSet = load_eval_set(Path(spec.data), spec.metric, spec.limit)
+        if spec.metric == "perplexity":
+            batches = _corpus_windows(tokenizer, data.corpus, seq_len, spec.limit)
+            return EvalInputs(batches, metric="perplexity", source=spec.data), None
+        if config.task.kind == "embedding":
+            return EvalInputs(
+                _tokenize(tokenizer, data.texts_a, None, seq_len),
+                _tokenize(tokenizer, data.texts_b, None, seq_len) if data.texts_b else [],
+                data.targets,
+                spec.metric,
+                spec.data,
+            ), None
+        batches = _tokenize(tokenizer, data.texts_a, data.texts_b or None, seq_len)
+        return EvalInputs(batches, targets=data.targets, metric=spec.metric, source=spec.data), None
+    tokens = random_tokens(config.validate.samples, seq_len, vocab_size, config.calib.seed + GENERATED_SEED_OFFSET)
+    batches = [(ids.numpy(), mask.numpy()) for ids, mask in tokens.batches(EVAL_BATCH)]
+    return EvalInputs(batches, source="generated random tokens"), reason
+
+
+def _run_all(runner, batches: list) -> list[np.ndarray]:  # noqa: ANN001
+    return [runner(ids, mask) for ids, mask in batches]
+
+
+def task_metric(inputs: EvalInputs, outputs_a: list[np.ndarray], outputs_b: list[np.ndarray]) -> float | None:
+    """The configured task metric (x100 where it is a fraction or correlation); None without task data."""
+    if inputs.metric is None:
+        return None
+    if inputs.metric == "perplexity":
+        nll, count = 0.0, 0
+        for (ids, mask), logits in zip(inputs.batches_a, outputs_a):
+            batch_nll, batch_count = token_nll(logits, ids, mask)
+            nll, count = nll + batch_nll, count + batch_count
+        return float(np.exp(nll / max(count, 1)))
+    a = np.concatenate(outputs_a)
+    if inputs.metric == "spearman":
+        scores = cosine_rows(a, np.concatenate(outputs_b)) if outputs_b else a[:, 0]
+        return 100.0 * spearman(scores, inputs.targets)
+    predictions = a.argmax(-1)
+    if inputs.metric == "matthews":
+        return 100.0 * matthews(predictions, inputs.targets)
+    return 100.0 * accuracy(predictions, inputs.targets)
+
+
+@dataclass
+class ModelReport:
+    """Everything validation measured for one model."""
+
+    name: str
+    runtime: str
+    size_mb: float
+    metric: float | None
+    agreement: dict[str, float] | None
+    latency: list[dict[str, Any]]
+
+
+def validate_models(
+    runners: list, reference_name: str, inputs: EvalInputs, config: PipelineConfig, vocab_size: int, kind: str
+) -> list[ModelReport]:
+    """Run each runner on the inputs; agreement is measured against the runner named ``reference_name``."""
+    outputs = {r.name: (_run_all(r, inputs.batches_a), _run_all(r, inputs.batches_b)) for r in runners}
+    reference = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs[reference_name][0]])
+    reports = []
+    v = config.validate
+    for runner in runners:
+        outs_a, outs_b = outputs[runner.name]
+        flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+        latency = [
+            asdict(measure_latency(runner, b, s, v.warmup, v.repeats, vocab_size)) for b, s in config.validate.shapes
+        ]
+        reports.append(
+            ModelReport(
+                name=runner.name,
+                runtime=runner.runtime,
+                size_mb=round(runner.size_bytes / 2**20, 2),
+                metric=task_metric(inputs, outs_a, outs_b),
+                agreement=None if runner.name == reference_name else agreement(reference, flat, kind),
+                latency=latency,
+            )
+        )
+    return reports

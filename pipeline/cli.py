@@ -1,0 +1,107 @@
+"""The ``zsaq-pipeline`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+EXPORT_CHOICES = ("onnx", "trt", "triton")
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`PipelineError` into one line on stderr and its exit code, never a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; continue later with --resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zsaq-pipeline")
+def main() -> None:
+    """Data-free quantization of fine-tuned language models into int8/int4 ONNX and TensorRT engines.
+
+    \b
+    zsaq-pipeline run configs/minilm.yaml --out runs/minilm     # teacher -> ... -> validate
+    zsaq-pipeline inspect runs/minilm                           # stages, timings, metrics
+    """
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--export",
+    "exports",
+    multiple=True,
+    type=click.Choice(EXPORT_CHOICES),
+    help="Add an export target (repeatable): onnx (always made), trt (TensorRT engine), triton (model repository).",
+)
+@click.option(
+    "--out", "out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default: runs/<config name>)."
+)
+@click.option("--resume", is_flag=True, help="Continue a run: stages whose artifacts verify are skipped.")
+@click.option("--force", is_flag=True, help="Replace an existing run folder.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@user_errors
+def run(config_path: Path, exports: tuple[str, ...], out: Path | None, resume: bool, force: bool, quiet: bool) -> None:
+    """Run the pipeline described by CONFIG (a YAML file) into a run folder."""
+    from pipeline.config import load_config, with_export_formats
+    from pipeline.model_checks import check_against_model
+    from pipeline.runner import run_pipeline
+
+    config = with_export_formats(load_config(config_path), exports)
+    check_against_model(config, str(config_path))
+    out = out or Path("runs") / config_path.stem
+    run_pipeline(config, out, resume=resume, force=force, show_progress=not quiet)
+    if not quiet:
+        click.echo(f"done: {out}/manifest.json")
+        report = out / "validate" / "report.md"
+        if report.is_file():
+            click.echo(report.read_text(encoding="utf-8"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def inspect(run_dir: Path, as_json: bool) -> None:
+    """Show a run folder's stages, timings, artifacts and headline metrics."""
+    from pipeline.inspect import summarize
+
+    summary = summarize(run_dir)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"run: {run_dir}  (config sha256 {summary['config_sha256'][:12]}, zsaq-pipeline {summary['version']})")
+    for stage in summary["stages"]:
+        seconds = f"{stage['seconds']:.1f}s" if stage.get("seconds") is not None else ""
+        note = stage.get("reason") or stage.get("error") or ""
+        click.echo(
+            f"  {stage['name']:<10} {stage['status']:<12} {seconds:>8}  {len(stage['artifacts'])} artifacts  {note}"
+        )
+        for path in stage["artifacts"]:
+            click.echo(f"      {path}")
+    for name, value in summary["headline"].items():
+        click.echo(f"  {name}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Typed pipeline configuration: plain dataclasses, read from YAML and validated before any work starts.
+
+Every error names the file, the key path (``quant.weights.bits``) and what is expected, on one line.
+Checks that need the model's own config (group size vs layer width, sequence length vs maximum)
+live in :mod:`pipeline.model_checks`, which runs right after this structural pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+Family = Literal["bert", "gpt2", "llama"]
+TaskKind = Literal["embedding", "classification", "causal-lm"]
+Metric = Literal["spearman", "accuracy", "matthews", "perplexity"]
+CalibMethod = Literal["random-tokens"]
+WeightGranularity = Literal["per-channel", "per-group"]
+RangeInit = Literal["minmax", "percentile", "mse"]
+ExportFormat = Literal["onnx", "trt", "triton"]
+
+
+@dataclass(frozen=True)
+class RandomModel:
+    """A tiny random-init model for tests and smoke runs."""
+
+    family: Family
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    intermediate: int = 128
+    vocab_size: int = 512
+    max_positions: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Exactly one of: hub ``id``, local ``path``, ``package`` folder (``pkg/sub/dir``), ``random``."""
+
+    id: str | None = None
+    path: str | None = None
+    package: str | None = None
+    random: RandomModel | None = None
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        """A short human label for reports."""
+        if self.random is not None:
+            return f"random:{self.random.family}"
+        return str(self.id or self.path or f"package:{self.package}")
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Task data used only by the validate stage (never by calibration)."""
+
+    data: str
+    metric: Metric
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model is used for, which fixes its head and its exported outputs."""
+
+    kind: TaskKind = "embedding"
+    num_labels: int = 2
+    eval: EvalData | None = None
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Data-free calibration inputs. ``random-tokens`` is the uniform-token-id baseline."""
+
+    method: CalibMethod = "random-tokens"
+    samples: int = 256
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Signed symmetric weights: per output channel, or in groups along the input dimension."""
+
+    bits: int = 8
+    granularity: WeightGranularity = "per-channel"
+    group_size: int | None = None
+    init: RangeInit = "minmax"
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """Signed symmetric per-tensor activations (zero-point 0); 16 means left in float (W*A16)."""
+
+    bits: int = 8
+    init: RangeInit = "percentile"
+    percentile: float = 99.99
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Quantizer learning by distillation from the teacher on the calibration inputs."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    kl_weight: float = 1.0
+    hidden_mse_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What is quantized and how."""
+
+    weights: WeightQuant = field(default_factory=WeightQuant)
+    activations: ActivationQuant = field(default_factory=ActivationQuant)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which artifacts to produce beyond the student (``--export`` on the command line adds to these)."""
+
+    formats: tuple[ExportFormat, ...] = ("onnx",)
+    opset: int = 17
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Shapes to time, how, and the thresholds that fail the stage."""
+
+    shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128))
+    warmup: int = 3
+    repeats: int = 20
+    threads: int = 0
+    min_agreement: float | None = None
+    samples: int = 64
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole run."""
+
+    model: ModelSource
+    task: TaskConfig = field(default_factory=TaskConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready plain dict (the form stored in the manifest)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and structurally validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    return parse_config(raw, source=str(path), base_dir=path.parent)
+
+
+def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from plain data, failing on the first problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(raw)}")
+    config = _build(PipelineConfig, raw, "", source)
+    _check_values(config, source)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _build(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Convert ``value`` to type ``tp``; ``key`` is the dotted path used in error messages."""
+    where = f"{source}: {key or '<top>'}"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(options[0], value, key, source)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} items, got {len(value)}")
+        return tuple(_build(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        for name in value:
+            if name not in fields:
+                known = ", ".join(fields)
+                raise ConfigError(f"{source}: {_join(key, name)}: unknown key (expected one of: {known})")
+        kwargs = {}
+        for name, f in fields.items():
+            sub = _join(key, name)
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], sub, source)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {sub}: required key is missing")
+        return tp(**kwargs)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _check_values(config: PipelineConfig, source: str) -> None:
+    """Value checks that need no model: one source, bit widths, positive sizes."""
+
+    def fail(key: str, expected: str, got: Any) -> None:
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+
+    model = config.model
+    given = [k for k in ("id", "path", "package", "random") if getattr(model, k) is not None]
+    if len(given) != 1:
+        fail("model", "exactly one of id, path, package, random", given or "none")
+    if model.random is not None:
+        r = model.random
+        for name in ("layers", "hidden", "heads", "intermediate", "vocab_size", "max_positions"):
+            if getattr(r, name) < 1:
+                fail(f"model.random.{name}", "a positive integer", getattr(r, name))
+        if r.hidden % r.heads:
+            fail("model.random.hidden", f"a multiple of model.random.heads ({r.heads})", r.hidden)
+    w = config.quant.weights
+    if w.bits not in (2, 4, 8):
+        fail("quant.weights.bits", "2, 4 or 8", w.bits)
+    if w.granularity == "per-group":
+        if w.group_size is None:
+            fail("quant.weights.group_size", "32, 64 or 128 when granularity is per-group", None)
+        if w.group_size not in (32, 64, 128):
+            fail("quant.weights.group_size", "32, 64 or 128", w.group_size)
+        if w.bits == 8:
+            fail("quant.weights.granularity", "per-channel for 8-bit weights", w.granularity)
+    elif w.group_size is not None:
+        fail("quant.weights.group_size", "no value unless granularity is per-group", w.group_size)
+    a = config.quant.activations
+    if a.bits not in (8, 16):
+        fail("quant.activations.bits", "8 or 16", a.bits)
+    if not 50.0 < a.percentile <= 100.0:
+        fail("quant.activations.percentile", "a number in (50, 100]", a.percentile)
+    learn = config.quant.learn
+    if learn.steps < 0:
+        fail("quant.learn.steps", "0 or more", learn.steps)
+    if learn.lr <= 0:
+        fail("quant.learn.lr", "a positive number", learn.lr)
+    c = config.calib
+    for name in ("samples", "seq_len", "batch_size"):
+        if getattr(c, name) < 1:
+            fail(f"calib.{name}", "a positive integer", getattr(c, name))
+    if config.task.kind == "classification" and config.task.num_labels < 2:
+        fail("task.num_labels", "2 or more", config.task.num_labels)
+    if config.task.kind == "causal-lm" and config.model.random is not None and config.model.random.family == "bert":
+        fail("task.kind", "embedding or classification for a bert model", config.task.kind)
+    v = config.validate
+    for i, (batch, seq) in enumerate(v.shapes):
+        if batch < 1 or seq < 1:
+            fail(f"validate.shapes[{i}]", "[batch, sequence] of positive integers", [batch, seq])
+    if v.repeats < 1:
+        fail("validate.repeats", "a positive integer", v.repeats)
+    if v.min_agreement is not None and not 0.0 <= v.min_agreement <= 1.0:
+        fail("validate.min_agreement", "a fraction between 0 and 1", v.min_agreement)
+    if config.export.opset < 17:
+        fail("export.opset", "17 or newer (per-channel QuantizeLinear/DequantizeLinear)", config.export.opset)
+
+
+def _resolve_paths(config: PipelineConfig, base_dir: Path) -> PipelineConfig:
+    """Relative file paths in a config are relative to the config file's folder."""
+
+    def resolve(p: str) -> str:
+        return str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
+
+    model = config.model
+    if model.path is not None:
+        model = dataclasses.replace(model, path=resolve(model.path))
+    task = config.task
+    if task.eval is not None:
+        task = dataclasses.replace(task, eval=dataclasses.replace(task.eval, data=resolve(task.eval.data)))
+    return dataclasses.replace(config, model=model, task=task)
+
+
+def with_export_formats(config: PipelineConfig, extra: tuple[str, ...]) -> PipelineConfig:
+    """Add ``--export`` formats from the command line to the config's own (onnx is always made)."""
+    formats = list(dict.fromkeys(("onnx", *config.export.formats, *extra)))
+    return dataclasses.replace(config, export=dataclasses.replace(config.export, formats=tuple(formats)))

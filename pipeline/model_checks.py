@@ -1,0 +1,53 @@
+"""Config checks that need the model's own config (read without loading weights)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from calib.models import load_model_config
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+
+
+def max_positions(model_config: PretrainedConfig) -> int | None:
+    """The longest sequence the model accepts, if it says."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def layer_widths(model_config: PretrainedConfig) -> set[int]:
+    """Input widths of the quantized layers: the hidden size and the MLP's inner size."""
+    hidden = getattr(model_config, "hidden_size", None) or model_config.n_embd
+    inner = getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None) or 4 * hidden
+    return {hidden, inner}
+
+
+def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig:
+    """Raise a one-line :class:`ConfigError` for values the model cannot take; returns its config."""
+    try:
+        model_config = load_model_config(config.model, config.task)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    limit = max_positions(model_config)
+    if limit is not None:
+        if config.calib.seq_len > limit:
+            raise ConfigError(
+                f"{source}: calib.seq_len: expected at most {limit} (the model's maximum), got {config.calib.seq_len}"
+            )
+        for i, (_, seq) in enumerate(config.validate.shapes):
+            if seq > limit:
+                raise ConfigError(
+                    f"{source}: validate.shapes[{i}]: expected a sequence length of at most {limit}, got {seq}"
+                )
+    group = config.quant.weights.group_size
+    if group:
+        for width in sorted(layer_widths(model_config)):
+            if width % group:
+                raise ConfigError(
+                    f"{source}: quant.weights.group_size: expected a divisor of every layer width "
+                    f"({', '.join(map(str, sorted(layer_widths(model_config))))}), got {group}"
+                )
+    return model_config

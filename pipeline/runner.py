@@ -1,0 +1,116 @@
+"""Runs the stages in order against one run folder, resuming what verifies and recording everything."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError, StageUnavailable, ThresholdFailed
+from pipeline.runfolder import RunFolder, now, package_versions
+from pipeline.stages import STAGES
+from pipeline.stages.base import Stage, StageContext
+
+
+def config_sha256(config: PipelineConfig) -> str:
+    """sha256 of the canonical JSON form of the config."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _is_reusable(run: RunFolder, entry: dict[str, Any] | None, stage: Stage, config: PipelineConfig) -> bool:
+    return bool(
+        entry
+        and entry.get("status") == "done"
+        and entry.get("fingerprint") == stage.fingerprint(config)
+        and run.verify(entry.get("artifacts", {}))
+    )
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    out: Path,
+    resume: bool = False,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run every enabled stage; returns the final manifest.
+
+    Raises :class:`StageUnavailable` at the end when a requested stage (TensorRT build) could not run
+    on this machine, after every stage that could run has run.
+    """
+    run = RunFolder(out)
+    if run.exists() and not (resume or force):
+        raise PipelineError(f"{out}: run folder already exists; pass --resume to continue it or --force to replace it")
+    if force and not resume:
+        run.clear()
+    run.root.mkdir(parents=True, exist_ok=True)
+    manifest = run.load_manifest() if resume else {}
+    manifest.update(
+        {
+            "zsaq_pipeline": __version__,
+            "updated": now(),
+            "config": config.to_dict(),
+            "config_sha256": config_sha256(config),
+            "packages": package_versions(),
+        }
+    )
+    manifest.setdefault("created", now())
+    stages: dict[str, Any] = manifest.setdefault("stages", {})
+    run.save_manifest(manifest)
+
+    upstream_changed = False
+    unavailable: list[StageUnavailable] = []
+    for stage in STAGES:
+        skip_reason = stage.enabled(config)
+        if skip_reason is not None:
+            stages[stage.name] = {"status": "skipped", "reason": skip_reason}
+            run.save_manifest(manifest)
+            continue
+        entry = stages.get(stage.name)
+        if resume and not upstream_changed and _is_reusable(run, entry, stage, config):
+            if show_progress:
+                print(f"[{stage.name}] artifacts verified, skipping", flush=True)
+            continue
+        upstream_changed = True
+        stages[stage.name] = {"status": "running", "started": now()}
+        run.save_manifest(manifest)
+        if show_progress:
+            print(f"[{stage.name}] running", flush=True)
+        staging = run.staging_dir(stage.name)
+        started = time.perf_counter()
+        try:
+            summary = stage.run(StageContext(config, run, staging, show_progress))
+        except StageUnavailable as exc:
+            stages[stage.name] = {"status": "unavailable", "reason": str(exc)}
+            run.save_manifest(manifest)
+            unavailable.append(exc)
+            continue
+        except ThresholdFailed as exc:  # the report is worth keeping: commit it, then fail
+            stages[stage.name] = {
+                "status": "failed",
+                "error": str(exc),
+                "artifacts": run.commit_stage(stage.name, staging),
+            }
+            run.save_manifest(manifest)
+            raise
+        except BaseException as exc:
+            stages[stage.name] = {"status": "failed", "error": str(exc) or type(exc).__name__}
+            run.save_manifest(manifest)
+            raise
+        artifacts = run.commit_stage(stage.name, staging)
+        stages[stage.name] = {
+            "status": "done",
+            "seconds": round(time.perf_counter() - started, 3),
+            "fingerprint": stage.fingerprint(config),
+            "artifacts": artifacts,
+            "summary": summary,
+        }
+        manifest["updated"] = now()
+        run.save_manifest(manifest)
+    if unavailable:
+        raise unavailable[0]
+    return manifest

@@ -1,0 +1,42 @@
+"""Stage 5: TensorRT engine from the TensorRT-flavour Q/DQ graph (only with ``--export trt``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exporters.tensorrt_build import ShapeRange, build_engine, require_tensorrt
+from pipeline.config import PipelineConfig
+from pipeline.errors import StageUnavailable
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.export import STUDENT_ONNX
+
+ENGINE = "student.plan"
+
+
+class BuildStage(Stage):
+    """Writes ``build/student.plan``, ``build/timing.cache`` and ``build/build.log``."""
+
+    name = "build"
+    requires = ("export",)
+    config_sections = ("model", "task", "calib", "quant", "export", "validate")
+
+    def enabled(self, config: PipelineConfig) -> str | None:
+        return None if "trt" in config.export.formats else "no TensorRT engine requested (--export trt)"
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        onnx_path = ctx.input_dir("export") / STUDENT_ONNX["trt"]
+        hint = (
+            f"the ONNX graphs are in {ctx.input_dir('export')}; build the engine later on a GPU machine with "
+            f"`zsaq-pipeline run CONFIG --out {ctx.run.root} --resume --export trt`"
+        )
+        try:
+            require_tensorrt()
+        except StageUnavailable as exc:
+            raise StageUnavailable(f"build: {exc}; {hint}") from None
+        if not onnx_path.is_file():
+            raise StageUnavailable(f"build: no TensorRT-flavour graph to build ({ctx.input_dir('export')})")
+        batches = [b for b, _ in ctx.config.validate.shapes]
+        seqs = [s for _, s in ctx.config.validate.shapes]
+        shapes = ShapeRange(min=(1, 1), opt=(max(batches), max(seqs)), max=(max(batches), max(seqs)))
+        build_engine(onnx_path, ctx.out / ENGINE, ctx.out / "timing.cache", ctx.out / "build.log", shapes)
+        return {"engine": ENGINE, "profile": {"min": shapes.min, "opt": shapes.opt, "max": shapes.max}}

@@ -1,0 +1,71 @@
+"""Stage 3: the quantized student: insert quantizers, initialise ranges, learn step sizes, write the contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from calib.contract import build_contract, save_contract
+from calib.inputs import TokenBatch
+from calib.learn import learn_quantizers
+from calib.models import TaskModel, load_saved_backbone
+from calib.student import build_student, init_ranges, quant_layers
+from pipeline.config import PipelineConfig
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.calibrate import INPUTS_FILE
+from pipeline.stages.teacher import MODEL_DIR
+
+
+def load_teacher(ctx: StageContext) -> TaskModel:
+    """The teacher saved by the teacher stage, with its task head, in eval mode."""
+    backbone = load_saved_backbone(ctx.input_dir("teacher") / MODEL_DIR, ctx.config.task)
+    teacher = TaskModel(backbone, ctx.config.task.kind).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def load_calibration_inputs(ctx: StageContext) -> TokenBatch:
+    """The inputs the calibrate stage wrote."""
+    tensors = load_file(str(ctx.input_dir("calibrate") / INPUTS_FILE))
+    return TokenBatch(tensors["input_ids"], tensors["attention_mask"])
+
+
+def quant_label(config: PipelineConfig) -> str:
+    """W8A8, W4A8, W4A16 ... with the group size when there is one."""
+    w = config.quant.weights
+    group = f"g{w.group_size}" if w.group_size else ""
+    return f"W{w.bits}{group}A{config.quant.activations.bits}"
+
+
+class QuantizeStage(Stage):
+    """Writes ``quantize/contract.safetensors`` and ``quantize/contract.json``."""
+
+    name = "quantize"
+    requires = ("teacher", "calibrate")
+    config_sections = ("model", "task", "calib", "quant")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config
+        torch.manual_seed(config.calib.seed)
+        teacher = load_teacher(ctx)
+        batches = load_calibration_inputs(ctx).batches(config.calib.batch_size)
+        student = build_student(teacher, config.quant)
+        init_ranges(student, config.quant, batches)
+        result = learn_quantizers(teacher, student, batches, config.quant.learn, ctx.show_progress)
+        save_contract(build_contract(student), ctx.out)
+        summary: dict[str, Any] = {
+            "scheme": quant_label(config),
+            "quantized_layers": len(quant_layers(student)),
+            "weight_init": config.quant.weights.init,
+            "activation_init": config.quant.activations.init,
+            "learning_steps": len(result.losses),
+        }
+        if result.losses:
+            summary["loss_first"] = round(result.losses[0], 6)
+            summary["loss_last"] = round(result.losses[-1], 6)
+        if result.stopped_early:
+            summary["stopped_early"] = result.stopped_early
+        return summary

@@ -1,0 +1,40 @@
+"""Stage 1: load the FP teacher (hub id, folder, package folder or random config) and save it into the run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from calib.models import count_parameters, load_backbone, resolve_location
+from pipeline.stages.base import Stage, StageContext
+
+MODEL_DIR = "model"
+
+
+class TeacherStage(Stage):
+    """Writes ``teacher/model/`` (config, safetensors weights, tokenizer when the source has one)."""
+
+    name = "teacher"
+    config_sections = ("model", "task")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        source = ctx.config.model
+        backbone = load_backbone(source, ctx.config.task)
+        target = ctx.out / MODEL_DIR
+        backbone.save_pretrained(str(target), safe_serialization=True)
+        has_tokenizer = False
+        if source.random is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(resolve_location(source))
+            except (OSError, ValueError):
+                ctx.log("[teacher] the model source has no tokenizer: validation runs on generated inputs")
+            else:
+                tokenizer.save_pretrained(str(target))
+                has_tokenizer = True
+        return {
+            "source": source.describe(),
+            "architecture": type(backbone).__name__,
+            "parameters": count_parameters(backbone),
+            "tokenizer": has_tokenizer,
+        }

@@ -1,0 +1,108 @@
+"""Stage 6: validate every model against the PyTorch student and the FP teacher; write the report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from calib.contract import load_contract, load_student
+from exporters.runners import OrtRunner, TorchRunner
+from exporters.validation import build_eval_inputs, validate_models
+from pipeline.errors import ThresholdFailed
+from pipeline.report import write_report
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.export import STUDENT_ONNX, TEACHER_ONNX
+from pipeline.stages.quantize import load_teacher, quant_label
+from pipeline.stages.teacher import MODEL_DIR
+
+STUDENT = "student-pytorch"
+FP32_ONNX = "fp32-onnx"
+
+
+def _folder_bytes(folder) -> int:  # noqa: ANN001
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+class ValidateStage(Stage):
+    """Writes ``validate/report.json``, ``report.md`` and ``plot.png``."""
+
+    name = "validate"
+    requires = ("teacher", "quantize", "export")
+    config_sections = ("model", "task", "calib", "quant", "export", "validate")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config
+        threads = config.validate.threads or os.cpu_count() or 1
+        teacher = load_teacher(ctx)
+        student = load_student(teacher, config.quant, load_contract(ctx.input_dir("quantize")))
+        teacher_dir = ctx.input_dir("teacher") / MODEL_DIR
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+        except (OSError, ValueError):
+            tokenizer = None
+        vocab = teacher.backbone.config.vocab_size
+        inputs, fallback = build_eval_inputs(config, tokenizer, vocab)
+        if fallback:
+            ctx.log(f"[validate] no task metric: {fallback}; measuring agreement on generated inputs")
+        weights_bytes = _folder_bytes(teacher_dir)
+        runners = [
+            TorchRunner("fp32-pytorch", teacher, weights_bytes, threads),
+            TorchRunner(STUDENT, student, weights_bytes, threads),
+        ]
+        export_dir = ctx.input_dir("export")
+        labels = {
+            TEACHER_ONNX: FP32_ONNX,
+            STUDENT_ONNX["trt"]: "qdq-trt-flavour",
+            STUDENT_ONNX["cpu"]: "qdq-cpu-flavour",
+        }
+        for filename, label in labels.items():
+            if (export_dir / filename).is_file():
+                runners.append(OrtRunner(label, export_dir / filename, threads))
+        torch.manual_seed(0)
+        reports = validate_models(runners, STUDENT, inputs, config, vocab, config.task.kind)
+        baseline = next((r for r in reports if r.name == FP32_ONNX), None)
+        rows = []
+        for r in reports:
+            row = asdict(r)
+            if baseline is not None:
+                row["speedup_vs_fp32_onnx"] = [
+                    round(base["p50_ms"] / lat["p50_ms"], 3) for base, lat in zip(baseline.latency, r.latency)
+                ]
+            rows.append(row)
+        failures = self._threshold_failures(rows, config.validate.min_agreement)
+        report = {
+            "model": config.model.describe(),
+            "task": config.task.kind,
+            "scheme": quant_label(config),
+            "metric_name": inputs.metric,
+            "inputs": inputs.source,
+            "fallback_reason": fallback,
+            "reference": STUDENT,
+            "threads": threads,
+            "repeats": config.validate.repeats,
+            "shapes": [list(s) for s in config.validate.shapes],
+            "models": rows,
+            "threshold_failures": failures,
+        }
+        write_report(report, ctx.out)
+        if failures:
+            raise ThresholdFailed("validate: " + "; ".join(failures))
+        return {r["name"]: {"metric": r["metric"], "speedup": r.get("speedup_vs_fp32_onnx")} for r in rows}
+
+    @staticmethod
+    def _threshold_failures(rows: list[dict[str, Any]], minimum: float | None) -> list[str]:
+        if minimum is None:
+            return []
+        failures = []
+        for row in rows:
+            agree = row["agreement"]
+            if not agree or row["name"] in ("fp32-pytorch", FP32_ONNX):
+                continue
+            key = "argmax_match" if "argmax_match" in agree else "mean_cosine"
+            if agree[key] < minimum:
+                failures.append(f"{row['name']}: {key} {agree[key]:.4f} is below validate.min_agreement {minimum}")
+        return failures
