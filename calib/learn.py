@@ -89,7 +89,10 @@ def learn_quantizers(
     params = learnable_parameters(student)
     if config.steps == 0 or not params:
         return result
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Adam's steps are about lr in absolute size whatever the gradient's: each step size gets a learning rate
+    # relative to its own magnitude, so that lr means "fraction per step" for a 1e-4 scale and a 1.0 scale alike.
+    groups = [{"params": [p], "lr": config.lr * float(p.detach().abs().mean())} for p in params]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     want_hidden = config.hidden_mse_weight > 0
     good_state = [p.detach().clone() for p in params]
@@ -101,7 +104,7 @@ def learn_quantizers(
         loss = distillation_loss(
             teacher.kind, student.run(mask, input_ids=input_ids, output_hidden_states=want_hidden), target, mask, config
         )
-        value = float(loss)
+        value = loss.item()
         if not math.isfinite(value) or (result.losses and value > DIVERGENCE_FACTOR * result.losses[0]):
             with torch.no_grad():
                 for p, saved in zip(params, good_state):

@@ -1,0 +1,72 @@
+"""Quantizers: rounding error bounds, LSQ's gradient, integer export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from calib.quantizers import TensorQuantizer
+
+
+@pytest.mark.parametrize(
+    ("bits", "granularity", "group"),
+    [(8, "per-channel", None), (4, "per-group", 32), (2, "per-channel", None), (8, "per-tensor", None)],
+)
+def test_fake_quant_error_is_at_most_half_a_step_inside_the_range(bits, granularity, group):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    q = TensorQuantizer(bits, granularity, group)
+    q.init_from_tensor(weight, "minmax")
+    deq = q(weight)
+    grouped_scale = q.scale if granularity != "per-group" else q.scale.expand(16, 2, 32).reshape(16, 64)
+    step = grouped_scale.expand_as(weight) if grouped_scale.dim() else grouped_scale
+    inside = (weight / step <= q.qmax) & (weight / step >= q.qmin)
+    assert ((deq - weight).abs() <= step / 2 + 1e-6)[inside].all()
+    ints = q.to_int(weight)
+    assert ints.min() >= q.qmin and ints.max() <= q.qmax
+    assert torch.equal(ints, torch.round(ints))
+
+
+def test_minmax_init_maps_the_largest_value_onto_qmax():
+    q = TensorQuantizer(8, "per-channel")
+    weight = torch.tensor([[0.5, -1.27, 0.0], [2.54, 1.0, -0.3]])
+    q.init_from_tensor(weight, "minmax")
+    assert torch.allclose(q.scale.squeeze(), torch.tensor([0.01, 0.02]))
+    assert q.to_int(weight)[0, 1] == -127 and q.to_int(weight)[1, 0] == 127
+
+
+def test_lsq_step_size_gradient_matches_the_paper_on_a_hand_computed_case():
+    """LSQ (Esser et al. 2019, eq. 3 with g = 1/sqrt(N * Qp)): d x_hat / d s is
+    -v/s + round(v/s) inside the range, -Qn below it and Qp above it, times g."""
+    q = TensorQuantizer(4)  # Qn = -8 (lowest integer), Qp = 7
+    q.set_scale(torch.tensor(0.5))
+    q.set_learnable(True)
+    x = torch.tensor([0.3, -1.1, 5.0, -9.0])
+    q(x).sum().backward()
+    # v/s = 0.6, -2.2, 10 (clipped to 7), -18 (clipped to -8)
+    per_element = [(-0.6 + 1.0), (2.2 - 2.0), 7.0, -8.0]
+    g = 1.0 / math.sqrt(x.numel() * 7)
+    assert q.scale.grad.item() == pytest.approx(sum(per_element) * g, rel=1e-5)
+
+
+def test_straight_through_gradient_passes_inside_and_blocks_outside():
+    q = TensorQuantizer(8)
+    q.set_scale(torch.tensor(0.1))
+    x = torch.tensor([0.33, -20.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_clipping_inits_clip_outliers_harder_than_minmax(method):
+    torch.manual_seed(0)
+    weight = torch.randn(4, 512)
+    weight[:, 0] = 40.0  # one outlier per row
+    minmax, other = TensorQuantizer(4, "per-channel"), TensorQuantizer(4, "per-channel")
+    minmax.init_from_tensor(weight, "minmax")
+    other.init_from_tensor(weight, method)
+    assert (other.scale < minmax.scale).all()
+    err = lambda q: (q(weight) - weight)[:, 1:].pow(2).mean()  # noqa: E731
+    assert err(other) < err(minmax)

@@ -1,0 +1,118 @@
+"""The Q/DQ graphs compute the student's quantized function, with the contract's numbers, in both flavours."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from calib.contract import build_contract, load_student
+from calib.inputs import random_tokens
+from calib.student import build_student, init_ranges
+from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
+from exporters.onnx_qdq import ExportUnsupported, quantize_graph
+from pipeline.config import ActivationQuant, QuantConfig, WeightQuant
+from tests.models import tiny_teacher
+
+W8A8 = QuantConfig()
+W4A8_G32 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
+W4A16_G32 = QuantConfig(
+    weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
+)
+# Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
+# and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
+MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
+
+
+def _student_and_graphs(family, quant, tmp_path):
+    teacher = tiny_teacher(family)
+    tokens = random_tokens(32, 24, teacher.backbone.config.vocab_size, seed=0)
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, tokens.batches(16))
+    contract = build_contract(student)
+    float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "float.onnx", 17)
+    graphs = {flavour: quantize_graph(float_graph, contract, flavour) for flavour in ("trt", "cpu")}
+    return teacher, student, contract, graphs
+
+
+def _run(graph, ids, mask):
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("quant", [W8A8, W4A8_G32, W4A16_G32], ids=["W8A8", "W4A8g32", "W4A16g32"])
+def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
+    teacher, student, contract, graphs = _student_and_graphs(family, quant, tmp_path)
+    tokens = random_tokens(8, 20, teacher.backbone.config.vocab_size, seed=7)
+    ids, mask = tokens.input_ids.numpy(), tokens.attention_mask.numpy()
+    with torch.no_grad():
+        expected = student(tokens.input_ids, tokens.attention_mask).numpy()
+        rebuilt = load_student(teacher, quant, contract)(tokens.input_ids, tokens.attention_mask).numpy()
+    np.testing.assert_array_equal(rebuilt, expected)  # the contract holds the student exactly
+    span = expected.max() - expected.min()
+    for flavour, graph in graphs.items():
+        got = _run(graph, ids, mask).reshape(-1, expected.shape[-1])
+        ref = expected.reshape(-1, expected.shape[-1])
+        cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+        assert cosine.min() > MIN_COSINE, (flavour, cosine.min())
+        assert np.abs(got - ref).max() <= MAX_REL_DIFF * span, (flavour, np.abs(got - ref).max(), span)
+
+
+def test_trt_flavour_layout(tmp_path):
+    _, _, contract, graphs = _student_and_graphs("bert", W8A8, tmp_path)
+    graph = graphs["trt"]
+    inits = {i.name: i for i in graph.graph.initializer}
+    spec = contract.layers[0]
+    weight = numpy_helper.to_array(inits[f"{spec.name}.weight_quantized"])
+    np.testing.assert_array_equal(weight, contract.tensors[f"{spec.name}.weight_int"].numpy().T)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(inits[f"{spec.name}.weight_scale"]), contract.tensors[f"{spec.name}.weight_scale"].numpy()
+    )
+    for node in graph.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero = inits[node.input[2]]
+            assert zero.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero).any()
+        if node.op_type == "DequantizeLinear" and node.name.endswith("weight_DequantizeLinear"):
+            assert {a.name: a.i for a in node.attribute} == {"axis": 1}
+    cpu_zero_points = [i for i in graphs["cpu"].graph.initializer if i.name.endswith("input_zero_point")]
+    assert cpu_zero_points and all(
+        i.data_type == TensorProto.UINT8 and numpy_helper.to_array(i) == 128 for i in cpu_zero_points
+    )
+
+
+def test_int4_groups_use_opset_21_blocked_dequantize(tmp_path):
+    _, _, contract, graphs = _student_and_graphs("bert", W4A8_G32, tmp_path)
+    graph = graphs["trt"]
+    assert graph.opset_import[0].version == 21
+    weight_dq = [n for n in graph.graph.node if n.name.endswith("weight_DequantizeLinear")]
+    assert len(weight_dq) == len(contract.layers)
+    for node in weight_dq:
+        assert {a.name: a.i for a in node.attribute} == {"axis": 0, "block_size": 32}
+    int4 = [i for i in graph.graph.initializer if i.data_type == TensorProto.INT4]
+    assert len(int4) == 2 * len(contract.layers)  # weights and their zero points
+
+
+def test_two_bit_weights_are_refused_with_a_reason(tmp_path):
+    teacher = tiny_teacher("bert")
+    quant = QuantConfig(weights=WeightQuant(bits=2))
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, random_tokens(8, 16, 512, seed=0).batches(8))
+    contract = build_contract(student)
+    float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "f.onnx", 17)
+    with pytest.raises(ExportUnsupported, match="2-bit weights .* PyTorch-only"):
+        quantize_graph(float_graph, contract, "trt")
+
+
+def test_teacher_export_matches_pytorch(tmp_path):
+    teacher = tiny_teacher("gpt2")
+    graph = export_onnx(teacher_export_model(teacher), tmp_path / "t.onnx", 17)
+    onnx.checker.check_model(graph)
+    tokens = random_tokens(4, 16, 512, seed=3)
+    with torch.no_grad():
+        expected = teacher(tokens.input_ids, tokens.attention_mask).numpy()
+    got = _run(graph, tokens.input_ids.numpy(), tokens.attention_mask.numpy())
+    np.testing.assert_allclose(got, expected, atol=1e-4)

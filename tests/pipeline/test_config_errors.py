@@ -1,0 +1,102 @@
+"""Bad configs: one line naming the key and what is expected, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+
+BAD_CONFIGS = [
+    # (override, key named in the message, words of the expectation)
+    ({"quant": {"weights": {"bits": 3}}}, "quant.weights.bits", "2, 4 or 8"),
+    ({"quant": {"activations": {"bits": 4}}}, "quant.activations.bits", "8 or 16"),
+    ({"quant": {"weights": {"bits": "eight"}}}, "quant.weights.bits", "an integer"),
+    ({"quant": {"weigths": {"bits": 8}}}, "quant.weigths", "unknown key"),
+    ({"calib": {"sampels": 8}}, "calib.sampels", "unknown key"),
+    ({"task": {"kind": "translation"}}, "task.kind", "embedding, classification, causal-lm"),
+    ({"model": {"random": {"family": "t5"}}}, "model.random.family", "bert, gpt2, llama"),
+    ({"model": {"path": "/nonexistent/model-folder"}}, "model", "exactly one of"),  # path beside TINY's random
+    ({"calib": {"seq_len": 4096}}, "calib.seq_len", "at most 128"),
+    ({"validate": {"shapes": [[1, 1024]]}}, "validate.shapes[0]", "at most 128"),
+    (
+        {
+            "quant": {"weights": {"bits": 4, "granularity": "per-group", "group_size": 128}},
+            "model": {"random": {"hidden": 96, "heads": 4, "intermediate": 192}},
+        },
+        "quant.weights.group_size",
+        "divisor of every layer width",
+    ),
+    (
+        {"quant": {"weights": {"bits": 4, "granularity": "per-group", "group_size": 48}}},
+        "quant.weights.group_size",
+        "32, 64 or 128",
+    ),
+    ({"calib": {"samples": 0}}, "calib.samples", "a positive integer"),
+    ({"validate": {"min_agreement": 1.5}}, "validate.min_agreement", "between 0 and 1"),
+    ({"export": {"formats": ["tflite"]}}, "export.formats[0]", "onnx, trt, triton"),
+    ({"quant": {"learn": {"lr": -1}}}, "quant.learn.lr", "positive"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "expected"), BAD_CONFIGS, ids=[c[1] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(write_config, cli, tmp_path, override, key, expected):
+    config = write_config(override)
+    out = tmp_path / "run"
+    result = cli("run", config, "--out", out)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(config) in lines[0] and key in lines[0] and expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model: [unclosed", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping at the top level"),
+        ("task: {kind: embedding}\n", "model: required key is missing"),
+    ],
+)
+def test_unreadable_config_files(write_config, cli, tmp_path, text, expected):
+    config = write_config(text=text)
+    result = cli("run", config, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_folder_and_package(write_config, cli, tmp_path):
+    for model, expected in (
+        ({"path": str(tmp_path / "nowhere")}, "model.path: no model folder"),
+        ({"package": "no_such_package_xyz/model"}, "model.package: no installed Python package 'no_such_package_xyz'"),
+    ):
+        config = write_config(text=f"model: {model}\n".replace("'", '"'))
+        result = cli("run", config, "--out", tmp_path / "run")
+        assert result.exit_code == 2, result.output
+        assert expected in result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(cli, tmp_path):
+    result = cli("run", tmp_path / "absent.yaml")
+    assert result.exit_code == 2
+    assert "config file not found" in result.stderr
+
+
+def test_defaults_and_relative_paths_resolve_next_to_the_file(tmp_path):
+    config = parse_config(
+        {"model": {"path": "m"}, "task": {"kind": "embedding", "eval": {"data": "d.tsv", "metric": "spearman"}}},
+        base_dir=tmp_path,
+    )
+    assert config.model.path == str(tmp_path / "m")
+    assert config.task.eval.data == str(tmp_path / "d.tsv")
+    assert config.quant.weights.bits == 8 and config.quant.activations.bits == 8
+    assert config.validate.shapes == ((1, 128), (8, 128))
+
+
+def test_bool_is_not_an_integer():
+    with pytest.raises(ConfigError, match="calib.samples: expected an integer"):
+        parse_config({"model": {"random": {"family": "bert"}}, "calib": {"samples": True}})

@@ -1,0 +1,168 @@
+"""The stage runner end to end on tiny random models: manifest, resume, kill-and-resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from pipeline.runfolder import sha256_file
+
+STAGES_WITH_STABLE_ARTIFACTS = ("teacher", "calibrate", "quantize", "export")
+
+
+def manifest_of(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run, shared by the tests that only read it."""
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.conftest import TINY
+
+    folder = tmp_path_factory.mktemp("tiny")
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(main, ["run", str(config), "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+def test_manifest_lists_every_artifact_with_its_hash(tiny_run):
+    manifest = manifest_of(tiny_run)
+    assert manifest["config"]["model"]["random"]["family"] == "bert"
+    assert len(manifest["config_sha256"]) == 64
+    assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["packages"])
+    stages = manifest["stages"]
+    assert [s for s in stages if stages[s]["status"] == "done"] == [
+        "teacher",
+        "calibrate",
+        "quantize",
+        "export",
+        "validate",
+    ]
+    assert stages["build"]["status"] == "skipped" and stages["package"]["status"] == "skipped"
+    for entry in stages.values():
+        for rel, digest in entry.get("artifacts", {}).items():
+            assert not Path(rel).is_absolute()
+            assert sha256_file(tiny_run / rel) == digest
+        if entry["status"] == "done":
+            assert entry["seconds"] > 0
+    assert not list(tiny_run.glob(".tmp-*")), "no staging folder may be left behind"
+
+
+def test_exported_qdq_graph_is_valid_and_runs(tiny_run):
+    path = tiny_run / "export" / "student_qdq_trt.onnx"
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 12 and ops.count("DequantizeLinear") == 24  # 2 layers x 6 Linear
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(3, 500, size=(3, 20))
+    out = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    assert out.shape == (3, 2) and np.isfinite(out).all()
+
+
+def test_report_files_exist(tiny_run):
+    report = json.loads((tiny_run / "validate" / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["fp32-pytorch", "student-pytorch", "fp32-onnx", "qdq-trt-flavour", "qdq-cpu-flavour"]
+    assert report["fallback_reason"] == "the config names no evaluation data"
+    assert (tiny_run / "validate" / "plot.png").stat().st_size > 1000
+    assert "No task metric" in (tiny_run / "validate" / "report.md").read_text()
+
+
+def test_existing_run_folder_is_not_overwritten(write_config, cli, tiny_run):
+    before = (tiny_run / "manifest.json").read_bytes()
+    result = cli("run", write_config(), "--out", tiny_run)
+    assert result.exit_code == 1
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert (tiny_run / "manifest.json").read_bytes() == before
+
+
+def test_resume_skips_verified_stages_and_reruns_tampered_ones(write_config, cli, tmp_path):
+    config = write_config()
+    run = tmp_path / "run"
+    assert cli("run", config, "--out", run, "--quiet").exit_code == 0
+    first = manifest_of(run)["stages"]
+    (run / "export" / "teacher_fp32.onnx").write_bytes(b"corrupted")
+    result = cli("run", config, "--out", run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "[quantize] artifacts verified, skipping" in result.output
+    assert "[export] running" in result.output
+    second = manifest_of(run)["stages"]
+    assert second["export"]["artifacts"] == first["export"]["artifacts"]
+    assert second["quantize"]["seconds"] == first["quantize"]["seconds"]
+
+
+def test_changed_config_section_reruns_its_stage_on_resume(write_config, cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli("run", write_config(), "--out", run, "--quiet").exit_code == 0
+    changed = write_config({"quant": {"activations": {"init": "minmax"}}}, name="changed.yaml")
+    result = cli("run", changed, "--out", run, "--resume")
+    assert result.exit_code == 0
+    assert "[calibrate] artifacts verified, skipping" in result.output
+    assert "[quantize] running" in result.output
+
+
+def test_trt_export_without_tensorrt_keeps_onnx_and_says_how_to_build_later(write_config, cli, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here: the unavailable path cannot be shown")
+    except ImportError:
+        pass
+    run = tmp_path / "run"
+    result = cli("run", write_config(), "--out", run, "--export", "trt", "--quiet")
+    assert result.exit_code == 3
+    line = result.stderr.strip()
+    assert "TensorRT is not installed" in line and "--resume --export trt" in line and len(line.splitlines()) == 1
+    assert (run / "export" / "student_qdq_trt.onnx").is_file()
+    assert manifest_of(run)["stages"]["build"]["status"] == "unavailable"
+
+
+def _stable_artifacts(run: Path) -> dict[str, str]:
+    stages = manifest_of(run)["stages"]
+    return {rel: digest for name in STAGES_WITH_STABLE_ARTIFACTS for rel, digest in stages[name]["artifacts"].items()}
+
+
+def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(write_config, tmp_path):
+    """Kill the process while the quantize stage learns, resume, and compare every artifact's sha256."""
+    config = write_config({"quant": {"learn": {"steps": 400}}, "calib": {"samples": 64}})
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run([*command, "--out", str(reference)], check=True, timeout=600)
+
+    process = subprocess.Popen([*command, "--out", str(killed)], start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        manifest = killed / "manifest.json"
+        if manifest.is_file() and '"quantize": {\n      "status": "running"' in manifest.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the quantize stage never started")
+    time.sleep(1.0)  # well inside the learning loop
+    assert process.poll() is None, "the run finished before it could be killed: make the stage longer"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert manifest_of(killed)["stages"]["quantize"]["status"] == "running"
+    assert not (killed / "quantize").exists() and (killed / ".tmp-quantize").exists()
+
+    subprocess.run([*command, "--out", str(killed), "--resume"], check=True, timeout=600)
+    assert _stable_artifacts(killed) == _stable_artifacts(reference)
+    assert not (killed / ".tmp-quantize").exists()
