@@ -2,13 +2,16 @@
 
 ``contract.safetensors`` holds, for each quantized layer ``L``: ``L.weight_int`` (int8 container, also
 for int4/int2, layout ``[out, in]``), ``L.weight_scale`` (``[out]`` or ``[out, in // group]``),
-``L.input_scale`` (scalar; absent for 16-bit activations) and ``L.bias``; and ``float.<name>`` for every
-other backbone tensor (embeddings, norms, heads: Quadapter scales already folded in).
+``L.input_scale`` (scalar; absent for 16-bit activations), ``L.bias``, and ``L.input_multiplier``
+(``[in]``, only for a Quadapter that cannot be folded: exported as a Mul before the quantizer); and
+``float.<name>`` for every other backbone tensor (embeddings, norms, heads: Quadapter scales already folded in).
 ``contract.json`` describes the layers. No exporter re-derives a scale.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calib.models import TaskModel
+from calib.quadapter import FixedMultiplier, fold_quadapters
 from calib.student import build_student, quant_layers
-from pipeline.config import QuantConfig
+from pipeline.config import QuadapterConfig, QuantConfig
 
 CONTRACT_TENSORS = "contract.safetensors"
 CONTRACT_META = "contract.json"
@@ -51,17 +55,22 @@ class Contract:
 
 @torch.no_grad()
 def build_contract(student: TaskModel) -> Contract:
-    """Read the integers and scales out of the student's quantizers."""
+    """Fold the Quadapters, then read the integers and scales out of the student's quantizers."""
+    student = copy.deepcopy(student)
+    fold_quadapters(student.backbone, student.quadapter_groups)
     layers = quant_layers(student)
     tensors: dict[str, torch.Tensor] = {}
     specs = []
     for name, layer in layers.items():
         wq = layer.weight_quantizer
-        tensors[f"{name}.weight_int"] = wq.to_int(layer.weight).to(torch.int8)
+        tensors[f"{name}.weight_int"] = wq.to_int(layer.effective_weight()).to(torch.int8)
         scale = wq.scale.detach().float()
         tensors[f"{name}.weight_scale"] = scale.reshape(scale.shape[0], -1).squeeze(-1).contiguous()
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().clone()
+        multiplier = layer.input_multiplier()
+        if multiplier is not None:
+            tensors[f"{name}.input_multiplier"] = multiplier.detach().float().clone()
         if layer.input_quantizer is not None:
             tensors[f"{name}.input_scale"] = layer.input_quantizer.scale.detach().float().reshape(()).clone()
         specs.append(
@@ -117,10 +126,13 @@ def float_state_dict(contract: Contract) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> TaskModel:
     """Rebuild the PyTorch student from a contract: the same fake-quantized function the exporters encode."""
-    student = build_student(teacher, quant)
+    student = build_student(teacher, dataclasses.replace(quant, quadapter=QuadapterConfig(enabled=False)))
     student.backbone.load_state_dict(float_state_dict(contract), strict=False)
     for spec in contract.layers:
         layer = student.backbone.get_submodule(spec.name)
+        multiplier = contract.tensors.get(f"{spec.name}.input_multiplier")
+        if multiplier is not None:
+            layer.quadapter = FixedMultiplier(multiplier)
         layer.weight.copy_(dequantized_weight(contract, spec))
         scale = contract.tensors[f"{spec.name}.weight_scale"]
         shape = (spec.out_features, -1, 1) if spec.group_size else (spec.out_features, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from calib.models import TaskModel, TaskOutput
+from calib.placement import BLOCK_PATTERN
+from calib.quadapter import ChannelScale
 from calib.student import quant_layers
 from pipeline.config import LearnConfig
 
@@ -37,9 +40,9 @@ def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, mask: t
 def hidden_loss(
     student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over layers of the masked MSE, each normalised by the teacher's mean square."""
+    """Mean over the given layers of the masked MSE, each normalised by the teacher's mean square."""
     terms = []
-    for s, t in zip(student[1:], teacher[1:]):
+    for s, t in zip(student, teacher):
         err = _masked_mean((s - t).pow(2), mask)
         terms.append(err / _masked_mean(t.pow(2), mask).clamp(min=1e-12))
     return torch.stack(terms).mean()
@@ -51,19 +54,41 @@ def distillation_loss(
     """The configured weighted sum of output and hidden-state terms."""
     loss = config.kl_weight * output_loss(kind, student.output, teacher.output, mask)
     if config.hidden_mse_weight and student.hidden_states is not None:
-        loss = loss + config.hidden_mse_weight * hidden_loss(student.hidden_states, teacher.hidden_states, mask)
+        loss = loss + config.hidden_mse_weight * hidden_loss(
+            student.hidden_states[1:],
+            teacher.hidden_states[1:],
+            mask,  # [0] is the float embedding output
+        )
     return loss
 
 
-def learnable_parameters(student: TaskModel) -> list[torch.nn.Parameter]:
-    """Turn on LSQ for every quantizer's step size; returns the parameters to optimise."""
-    params = []
-    for layer in quant_layers(student).values():
-        for quantizer in (layer.weight_quantizer, layer.input_quantizer):
-            if quantizer is not None:
-                quantizer.set_learnable(True)
-                params.append(quantizer.scale)
-    return params
+def learnable_parameters(
+    student: TaskModel, which: tuple[str, ...], layer_names: list[str] | None = None
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Switch on gradients for what ``which`` names (step-sizes, quadapter, weights), optionally only in
+    ``layer_names``; returns (positive parameters to keep above zero, unconstrained parameters)."""
+    positive: dict[int, torch.nn.Parameter] = {}
+    free: list[torch.nn.Parameter] = []
+    for name, layer in quant_layers(student).items():
+        if layer_names is not None and name not in layer_names:
+            continue
+        if "step-sizes" in which:
+            for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+                if quantizer is not None:
+                    positive[id(quantizer.scale)] = quantizer.scale
+        if "quadapter" in which and isinstance(layer.quadapter, ChannelScale):
+            positive[id(layer.quadapter.scale)] = layer.quadapter.scale
+        if "weights" in which:
+            free.append(layer.weight)
+    for param in [*positive.values(), *free]:
+        param.requires_grad_(True)
+    return list(positive.values()), free
+
+
+def block_of(layer_name: str) -> str:
+    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``."""
+    match = BLOCK_PATTERN.search(layer_name)
+    return layer_name[: match.end() - 1]
 
 
 @dataclass
@@ -74,6 +99,55 @@ class LearnResult:
     stopped_early: str | None = None
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _optimize(
+    positive: list[torch.nn.Parameter],
+    free: list[torch.nn.Parameter],
+    loss_fn: LossFn,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    config: LearnConfig,
+    result: LearnResult,
+    description: str,
+    show_progress: bool,
+) -> bool:
+    """AdamW + cosine schedule; False when learning had to stop (NaN or divergence: last good state kept)."""
+    params = [*positive, *free]
+    # Adam's steps are about lr in absolute size whatever the gradient's: each tensor gets a learning rate
+    # relative to its own magnitude, so lr means "fraction per step" for a 1e-4 step size and a 1.0 scale alike.
+    groups = [{"params": [p], "lr": config.lr * float(p.detach().abs().mean().clamp(min=1e-12))} for p in params]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    good_state = [p.detach().clone() for p in params]
+    first = None
+    progress = tqdm(range(steps), desc=description, disable=not show_progress)
+    for step in progress:
+        input_ids, mask = batches[step % len(batches)]
+        loss = loss_fn(input_ids, mask)
+        value = loss.item()
+        first = value if first is None else first
+        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(first, 1e-12):
+            with torch.no_grad():
+                for p, saved in zip(params, good_state):
+                    p.copy_(saved)
+            result.stopped_early = f"{description}: loss became {value:.4g} at step {step}; kept the last good state"
+            progress.write(result.stopped_early)
+            return False
+        good_state = [p.detach().clone() for p in params]  # these parameters gave a finite loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            for p in positive:
+                p.clamp_(min=1e-8)
+        result.losses.append(value)
+        progress.set_postfix(loss=f"{value:.5f}")
+    return True
+
+
 def learn_quantizers(
     teacher: TaskModel,
     student: TaskModel,
@@ -81,47 +155,56 @@ def learn_quantizers(
     config: LearnConfig,
     show_progress: bool = True,
 ) -> LearnResult:
-    """AdamW + cosine schedule over ``config.steps`` steps, cycling through ``batches``.
+    """Distil the teacher into the student for ``config.steps`` steps, cycling through ``batches``.
 
-    On a NaN or diverging loss the last good state is restored and learning stops with a reason.
+    ``end-to-end``: every learnable parameter at once on the output (+ hidden-state) loss.
+    ``block-wise``: block by block in order, each on its own output's MSE (``steps`` split evenly).
     """
     result = LearnResult()
-    params = learnable_parameters(student)
-    if config.steps == 0 or not params:
+    if config.steps == 0:
         return result
-    # Adam's steps are about lr in absolute size whatever the gradient's: each step size gets a learning rate
-    # relative to its own magnitude, so that lr means "fraction per step" for a 1e-4 scale and a 1.0 scale alike.
-    groups = [{"params": [p], "lr": config.lr * float(p.detach().abs().mean())} for p in params]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    want_hidden = config.hidden_mse_weight > 0
-    good_state = [p.detach().clone() for p in params]
-    progress = tqdm(range(config.steps), desc="quantize: learning step sizes", disable=not show_progress)
-    for step in progress:
-        input_ids, mask = batches[step % len(batches)]
-        with torch.no_grad():
-            target = teacher.run(mask, input_ids=input_ids, output_hidden_states=want_hidden)
-        loss = distillation_loss(
-            teacher.kind, student.run(mask, input_ids=input_ids, output_hidden_states=want_hidden), target, mask, config
-        )
-        value = loss.item()
-        if not math.isfinite(value) or (result.losses and value > DIVERGENCE_FACTOR * result.losses[0]):
+    want_hidden = config.hidden_mse_weight > 0 or config.mode == "block-wise"
+    teacher_cache: dict[int, TaskOutput] = {}
+
+    def teacher_out(input_ids: torch.Tensor, mask: torch.Tensor) -> TaskOutput:
+        key = id(input_ids)  # batches are fixed tensors: the teacher's outputs are computed once each
+        if key not in teacher_cache:
             with torch.no_grad():
-                for p, saved in zip(params, good_state):
-                    p.copy_(saved)
-            result.stopped_early = f"loss became {value:.4g} at step {step}: kept the last state with a finite loss"
-            progress.write(f"quantize: {result.stopped_early}")
-            break
-        good_state = [p.detach().clone() for p in params]  # these parameters gave a finite loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(min=1e-8)
-        result.losses.append(value)
-        progress.set_postfix(loss=f"{value:.4f}")
-    for p in params:
-        p.requires_grad_(False)
-    return result
+                teacher_cache[key] = teacher.run(mask, input_ids=input_ids, output_hidden_states=want_hidden)
+        return teacher_cache[key]
+
+    try:
+        if config.mode == "end-to-end":
+            positive, free = learnable_parameters(student, config.params)
+
+            def loss_fn(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                out = student.run(mask, input_ids=input_ids, output_hidden_states=want_hidden)
+                return distillation_loss(teacher.kind, out, teacher_out(input_ids, mask), mask, config)
+
+            _optimize(
+                positive, free, loss_fn, batches, config.steps, config, result, "quantize: learning", show_progress
+            )
+            return result
+        blocks: dict[str, list[str]] = {}
+        for name in quant_layers(student):
+            blocks.setdefault(block_of(name), []).append(name)
+        per_block = max(1, config.steps // len(blocks))
+        for index, (block, names) in enumerate(blocks.items()):
+            positive, free = learnable_parameters(student, config.params, names)
+
+            def block_loss(input_ids: torch.Tensor, mask: torch.Tensor, index: int = index) -> torch.Tensor:
+                out = student.run(mask, input_ids=input_ids, output_hidden_states=True)
+                target = teacher_out(input_ids, mask).hidden_states[index + 1]
+                return hidden_loss((out.hidden_states[index + 1],), (target,), mask)
+
+            ok = _optimize(
+                positive, free, block_loss, batches, per_block, config, result, f"quantize: {block}", show_progress
+            )
+            for param in [*positive, *free]:
+                param.requires_grad_(False)
+            if not ok:
+                break
+        return result
+    finally:
+        for param in student.parameters():
+            param.requires_grad_(False)

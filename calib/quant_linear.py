@@ -30,8 +30,22 @@ class QuantLinear(nn.Module):
         wq = quant.weights
         self.weight_quantizer = TensorQuantizer(wq.bits, wq.granularity, wq.group_size)
         self.input_quantizer = TensorQuantizer(8) if quant.activations.bits == 8 else None
+        # A calib.quadapter.ChannelScale shared by the layer's group (or FixedMultiplier from a contract).
+        self.quadapter: nn.Module | None = None
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees: ``W * a`` along the input axis under a Quadapter."""
+        factor = None if self.quadapter is None else self.quadapter.weight_factor()
+        return self.weight if factor is None else self.weight * factor
+
+    def input_multiplier(self) -> torch.Tensor | None:
+        """``1 / a``, the Quadapter's factor on the input (exported as a Mul where it cannot be folded)."""
+        return None if self.quadapter is None else self.quadapter.input_multiplier()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multiplier = self.input_multiplier()
+        if multiplier is not None:
+            x = x * multiplier
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+        return F.linear(x, self.weight_quantizer(self.effective_weight()), self.bias)

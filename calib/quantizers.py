@@ -46,6 +46,7 @@ class TensorQuantizer(nn.Module):
         self.qmax = 2 ** (bits - 1) - 1
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.observer: RangeObserver | None = None
+        self.enabled = True  # False passes tensors through in float (for equivalence checks and ablations)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -90,6 +91,8 @@ class TensorQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.observe(x)
+            return x
+        if not self.enabled:
             return x
         grouped = self._grouped(x)
         scale = self.scale

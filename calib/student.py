@@ -1,4 +1,4 @@
-"""The quantized student: the FP teacher with fake quantizers, and their range initialisation."""
+"""The quantized student: the FP teacher with fake quantizers (and Quadapters), and their initialisation."""
 
 from __future__ import annotations
 
@@ -9,15 +9,22 @@ import torch
 
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
+from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
 from calib.quant_linear import QuantLinear
 from calib.range_init import RangeObserver
 from pipeline.config import QuantConfig
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
 
 def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
-    """A deep copy of the teacher with every block Linear swapped for a QuantLinear."""
+    """A deep copy of the teacher with every block Linear swapped for a QuantLinear (plus Quadapters)."""
     student = copy.deepcopy(teacher)
-    insert_quantizers(student.backbone, quant)
+    names = insert_quantizers(student.backbone, quant)
+    student.quadapter_groups = []
+    if quant.quadapter.enabled:
+        student.quadapter_groups = quadapter_groups(student.backbone, names, quant.quadapter.positions)
+        attach_quadapters(student.backbone, student.quadapter_groups)
     for param in student.parameters():
         param.requires_grad_(False)
     return student
@@ -28,16 +35,49 @@ def quant_layers(model: TaskModel) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.backbone.named_modules() if isinstance(m, QuantLinear)}
 
 
+def quadapter_owners(model: TaskModel) -> dict[int, list[QuantLinear]]:
+    """Layers grouped by the Quadapter they share (keyed by its id)."""
+    owners: dict[int, list[QuantLinear]] = {}
+    for layer in quant_layers(model).values():
+        if layer.quadapter is not None:
+            owners.setdefault(id(layer.quadapter), []).append(layer)
+    return owners
+
+
 @torch.no_grad()
-def init_ranges(
-    student: TaskModel,
-    quant: QuantConfig,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-) -> None:
-    """Weights from themselves; activations by observing the calibration batches (ids, mask)."""
+def _input_channel_absmax(student: TaskModel, layers: list[QuantLinear], batches: Batches) -> list[torch.Tensor]:
+    """Per-input-channel max |x| of each layer's (undivided) input over the batches."""
+    maxima = [torch.zeros(layer.in_features) for layer in layers]
+
+    def hook(index: int):
+        def record(_module, args) -> None:
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1])
+            maxima[index] = torch.maximum(maxima[index], x.amax(dim=0))
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for input_ids, attention_mask in batches:
+            student.run(attention_mask, input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+@torch.no_grad()
+def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> None:
+    """Quadapter scales (SmoothQuant) first, then weights from themselves, then activations from the batches."""
+    batches = list(batches)
     layers = quant_layers(student)
+    owners = quadapter_owners(student)
+    if owners and quant.quadapter.init == "smoothquant":
+        firsts = [group[0] for group in owners.values()]
+        for group, absmax in zip(owners.values(), _input_channel_absmax(student, firsts, batches)):
+            smoothquant_init(group, absmax, quant.quadapter.alpha)
     for layer in layers.values():
-        layer.weight_quantizer.init_from_tensor(layer.weight, quant.weights.init)
+        layer.weight_quantizer.init_from_tensor(layer.effective_weight(), quant.weights.init)
         if layer.input_quantizer is not None:
             layer.input_quantizer.observer = RangeObserver(quant.activations.init, quant.activations.percentile)
     for input_ids, attention_mask in batches:

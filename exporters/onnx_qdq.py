@@ -10,7 +10,9 @@ Two flavours of the same quantized function:
   (measured: signed int8 leaves half the MatMuls unfused). The activation grid is shifted by 128 into
   uint8 with zero-point 128: ``u8 = s8 + 128`` with the same scale, so every value is the same.
 
-The weight integers and all scales come from the contract: nothing here re-derives a number.
+A Quadapter that could not be folded (post-LN inputs) arrives as ``input_multiplier`` and becomes one
+Mul per group before the activation quantizer. The weight integers and all scales come from the
+contract: nothing here re-derives a number.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def quantize_graph(float_model: onnx.ModelProto, contract: Contract, flavour: Fl
     initializers = {init.name: init for init in graph.initializer}
     new_inits: list[TensorProto] = []
     new_nodes: dict[str, list[onnx.NodeProto]] = {}
+    multiplied: dict[tuple[str, bytes], str] = {}  # (source, multiplier bytes) -> Mul output: one Mul per group
     for spec in contract.layers:
         weight_name = weight_initializer_name(spec.name)
         matmul = matmul_by_weight.get(weight_name)
@@ -122,6 +125,15 @@ def quantize_graph(float_model: onnx.ModelProto, contract: Contract, flavour: Fl
         inits, dq, weight_out = _weight_dq(spec, contract)
         new_inits += inits
         before = [dq]
+        multiplier = contract.tensors.get(f"{spec.name}.input_multiplier")
+        if multiplier is not None:
+            key = (matmul.input[0], multiplier.numpy().tobytes())
+            if key not in multiplied:
+                name = f"{spec.name}.input_multiplier"
+                new_inits.append(numpy_helper.from_array(multiplier.numpy().astype(np.float32), name))
+                before.append(helper.make_node("Mul", [matmul.input[0], name], [f"{name}_out"], name=f"{name}_Mul"))
+                multiplied[key] = f"{name}_out"
+            matmul.input[0] = multiplied[key]
         if spec.act_bits == 8:
             a_inits, a_nodes, act_out = _activation_qdq(spec, contract, matmul.input[0], flavour)
             new_inits += a_inits

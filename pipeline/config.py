@@ -106,11 +106,30 @@ class ActivationQuant:
     percentile: float = 99.99
 
 
+QuadapterPositions = Literal["foldable", "all"]
+QuadapterInit = Literal["ones", "smoothquant"]
+Learnable = Literal["step-sizes", "quadapter", "weights"]
+LearnMode = Literal["end-to-end", "block-wise"]
+
+
+@dataclass(frozen=True)
+class QuadapterConfig:
+    """Learned per-channel activation scales folded into neighbouring weights (``positions: all`` adds
+    a Mul where no fold is exact, e.g. BERT's post-LN inputs)."""
+
+    enabled: bool = False
+    positions: QuadapterPositions = "foldable"
+    init: QuadapterInit = "smoothquant"
+    alpha: float = 0.5
+
+
 @dataclass(frozen=True)
 class LearnConfig:
     """Quantizer learning by distillation from the teacher on the calibration inputs."""
 
     steps: int = 0
+    mode: LearnMode = "end-to-end"
+    params: tuple[Learnable, ...] = ("step-sizes", "quadapter")
     lr: float = 1e-3
     weight_decay: float = 0.0
     kl_weight: float = 1.0
@@ -123,6 +142,7 @@ class QuantConfig:
 
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
+    quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
 
 
@@ -298,6 +318,10 @@ def _check_values(config: PipelineConfig, source: str) -> None:
     learn = config.quant.learn
     if learn.steps < 0:
         fail("quant.learn.steps", "0 or more", learn.steps)
+    if not 0.0 <= config.quant.quadapter.alpha <= 1.0:
+        fail("quant.quadapter.alpha", "a number between 0 and 1", config.quant.quadapter.alpha)
+    if not learn.params:
+        fail("quant.learn.params", "at least one of step-sizes, quadapter, weights", [])
     if learn.lr <= 0:
         fail("quant.learn.lr", "a positive number", learn.lr)
     c = config.calib

@@ -14,7 +14,7 @@ from calib.inputs import random_tokens
 from calib.student import build_student, init_ranges
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph
-from pipeline.config import ActivationQuant, QuantConfig, WeightQuant
+from pipeline.config import ActivationQuant, QuadapterConfig, QuantConfig, WeightQuant
 from tests.models import tiny_teacher
 
 W8A8 = QuantConfig()
@@ -22,6 +22,7 @@ W4A8_G32 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", grou
 W4A16_G32 = QuantConfig(
     weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
 )
+W8A8_QUADAPTER = QuantConfig(quadapter=QuadapterConfig(enabled=True, positions="all"))
 # Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
 # and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
 MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
@@ -44,7 +45,9 @@ def _run(graph, ids, mask):
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
-@pytest.mark.parametrize("quant", [W8A8, W4A8_G32, W4A16_G32], ids=["W8A8", "W4A8g32", "W4A16g32"])
+@pytest.mark.parametrize(
+    "quant", [W8A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER], ids=["W8A8", "W4A8g32", "W4A16g32", "W8A8quadapter"]
+)
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = _student_and_graphs(family, quant, tmp_path)
     tokens = random_tokens(8, 20, teacher.backbone.config.vocab_size, seed=7)

@@ -1,0 +1,65 @@
+"""Quantizer learning: it lowers the distillation loss, in both modes, and survives a NaN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from calib.inputs import random_tokens
+from calib.learn import learn_quantizers
+from calib.student import build_student, init_ranges, quant_layers
+from pipeline.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
+from tests.models import tiny_teacher
+
+W4 = QuantConfig(weights=WeightQuant(bits=4, init="minmax"), quadapter=QuadapterConfig(enabled=True))
+
+
+def _setup(family="gpt2"):
+    teacher = tiny_teacher(family, hidden=64)
+    student = build_student(teacher, W4)
+    batches = random_tokens(32, 16, 512, seed=0).batches(8)
+    init_ranges(student, W4, batches)
+    return teacher, student, batches
+
+
+@pytest.mark.parametrize("mode", ["end-to-end", "block-wise"])
+def test_learning_lowers_the_loss_and_freezes_everything_afterwards(mode):
+    teacher, student, batches = _setup()
+    before = {n: layer.weight_quantizer.scale.clone() for n, layer in quant_layers(student).items()}
+    result = learn_quantizers(teacher, student, batches, LearnConfig(steps=40, lr=1e-2, mode=mode), False)
+    assert result.stopped_early is None and len(result.losses) == 40
+    window = 4 if mode == "end-to-end" else 2  # block-wise: compare within the last block's run
+    assert sum(result.losses[-window:]) < sum(result.losses[-20 : -20 + window])
+    assert any(not torch.equal(before[n], layer.weight_quantizer.scale) for n, layer in quant_layers(student).items())
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_weights_are_learned_only_when_asked():
+    teacher, student, batches = _setup()
+    weights = {n: layer.weight.clone() for n, layer in quant_layers(student).items()}
+    learn_quantizers(teacher, student, batches, LearnConfig(steps=5, lr=1e-2), False)
+    assert all(torch.equal(weights[n], layer.weight) for n, layer in quant_layers(student).items())
+    learn_quantizers(teacher, student, batches, LearnConfig(steps=5, lr=1e-2, params=("weights",)), False)
+    assert any(not torch.equal(weights[n], layer.weight) for n, layer in quant_layers(student).items())
+
+
+def test_a_nan_loss_stops_learning_and_keeps_the_last_good_state():
+    teacher, student, batches = _setup()
+    layer = next(iter(quant_layers(student).values()))
+    calls = {"n": 0}
+    original = layer.forward
+
+    def poisoned(x):
+        calls["n"] += 1
+        out = original(x)
+        return out * float("nan") if calls["n"] > 3 else out
+
+    layer.forward = poisoned
+    good = layer.weight_quantizer.scale.clone()
+    result = learn_quantizers(teacher, student, batches, LearnConfig(steps=10, lr=1e-2), False)
+    assert result.stopped_early and "nan" in result.stopped_early
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    assert torch.isfinite(layer.weight_quantizer.scale).all()
+    assert not torch.equal(layer.weight_quantizer.scale, good)  # three good steps were kept
