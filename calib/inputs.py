@@ -10,20 +10,68 @@ from dataclasses import dataclass
 
 import torch
 
+from calib.models import TaskModel, TaskOutput
+
 
 @dataclass
-class TokenBatch:
-    """Token ids and the attention mask, both int64 ``[samples, seq_len]``."""
+class Batch:
+    """One batch of model inputs: token ids or word embeddings (``[b, s, hidden]``), and the mask."""
 
-    input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
 
-    def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Split into (ids, mask) batches in order."""
+    def run(self, model: TaskModel, output_hidden_states: bool = False) -> TaskOutput:
+        """Forward ``model`` on this batch."""
+        return model.run(
+            self.attention_mask,
+            input_ids=self.input_ids,
+            inputs_embeds=self.inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+
+
+@dataclass
+class CalibrationSet:
+    """Every calibration sample: int64 ids or float embeddings, with an int64 ``[samples, seq_len]`` mask."""
+
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.attention_mask)
+
+    def batches(self, batch_size: int) -> list[Batch]:
+        """Split into batches in order."""
+
+        def cut(tensor: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if tensor is None else tensor[i : i + batch_size]
+
         return [
-            (self.input_ids[i : i + batch_size], self.attention_mask[i : i + batch_size])
-            for i in range(0, len(self.input_ids), batch_size)
+            Batch(cut(self.attention_mask, i), cut(self.input_ids, i), cut(self.inputs_embeds, i))
+            for i in range(0, len(self), batch_size)
         ]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The set as named tensors (for safetensors)."""
+        named = {
+            "attention_mask": self.attention_mask,
+            "input_ids": self.input_ids,
+            "inputs_embeds": self.inputs_embeds,
+        }
+        return {k: v.contiguous() for k, v in named.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> CalibrationSet:
+        """Inverse of :meth:`tensors`."""
+        return cls(tensors["attention_mask"], tensors.get("input_ids"), tensors.get("inputs_embeds"))
+
+
+def varied_mask(batch: int, seq_len: int, min_len: int, rng: torch.Generator) -> torch.Tensor:
+    """int64 ``[batch, seq_len]`` mask with lengths uniform in ``[min_len, seq_len]`` (padding on the right)."""
+    lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=rng)
+    return (torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
 
 
 def random_tokens(
@@ -34,15 +82,24 @@ def random_tokens(
     special_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     min_len_fraction: float = 0.25,
-) -> TokenBatch:
+) -> CalibrationSet:
     """Uniform ids over the non-special vocabulary; lengths uniform in [min_len_fraction*seq_len, seq_len]."""
     generator = torch.Generator().manual_seed(seed)
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     allowed[list(special_ids)] = False
     pool = allowed.nonzero().squeeze(-1)
     ids = pool[torch.randint(len(pool), (samples, seq_len), generator=generator)]
-    shortest = max(1, int(seq_len * min_len_fraction))
-    lengths = torch.randint(shortest, seq_len + 1, (samples,), generator=generator)
-    mask = (torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    mask = varied_mask(samples, seq_len, max(1, int(seq_len * min_len_fraction)), generator)
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
-    return TokenBatch(ids, mask)
+    return CalibrationSet(mask, input_ids=ids)
+
+
+def gaussian_embeds(
+    samples: int, seq_len: int, table: torch.Tensor, seed: int, min_len_fraction: float = 0.25
+) -> CalibrationSet:
+    """Word embeddings drawn per channel from N(mean, std) of the embedding table; lengths varied."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(samples, seq_len, table.shape[1], generator=generator)
+    embeds = noise * table.std(0) + table.mean(0)
+    mask = varied_mask(samples, seq_len, max(1, int(seq_len * min_len_fraction)), generator)
+    return CalibrationSet(mask, inputs_embeds=embeds * mask.unsqueeze(-1))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calib.inputs import Batch
 from calib.models import TaskModel, TaskOutput
 from calib.placement import BLOCK_PATTERN
 from calib.quadapter import ChannelScale
@@ -91,6 +92,23 @@ def block_of(layer_name: str) -> str:
     return layer_name[: match.end() - 1]
 
 
+def relative_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with each tensor's learning rate relative to its own magnitude.
+
+    Adam's steps are about ``lr`` in absolute size whatever the gradient's, so ``lr`` here means "fraction
+    per step" for a 1e-4 step size, a 1.0 Quadapter scale and a weight alike.
+    """
+    groups = [{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp(min=1e-12))} for p in params]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def clamp_positive(params: list[torch.nn.Parameter]) -> None:
+    """Keep step sizes and Quadapter scales strictly positive after an update."""
+    with torch.no_grad():
+        for p in params:
+            p.clamp_(min=1e-8)
+
+
 @dataclass
 class LearnResult:
     """Loss history and whether learning stopped early."""
@@ -99,14 +117,14 @@ class LearnResult:
     stopped_early: str | None = None
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Batch], torch.Tensor]
 
 
 def _optimize(
     positive: list[torch.nn.Parameter],
     free: list[torch.nn.Parameter],
     loss_fn: LossFn,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[Batch],
     steps: int,
     config: LearnConfig,
     result: LearnResult,
@@ -115,17 +133,13 @@ def _optimize(
 ) -> bool:
     """AdamW + cosine schedule; False when learning had to stop (NaN or divergence: last good state kept)."""
     params = [*positive, *free]
-    # Adam's steps are about lr in absolute size whatever the gradient's: each tensor gets a learning rate
-    # relative to its own magnitude, so lr means "fraction per step" for a 1e-4 step size and a 1.0 scale alike.
-    groups = [{"params": [p], "lr": config.lr * float(p.detach().abs().mean().clamp(min=1e-12))} for p in params]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = relative_adamw(params, config.lr, config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     good_state = [p.detach().clone() for p in params]
     first = None
     progress = tqdm(range(steps), desc=description, disable=not show_progress)
     for step in progress:
-        input_ids, mask = batches[step % len(batches)]
-        loss = loss_fn(input_ids, mask)
+        loss = loss_fn(batches[step % len(batches)])
         value = loss.item()
         first = value if first is None else first
         if not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(first, 1e-12):
@@ -140,9 +154,7 @@ def _optimize(
         loss.backward()
         optimizer.step()
         schedule.step()
-        with torch.no_grad():
-            for p in positive:
-                p.clamp_(min=1e-8)
+        clamp_positive(positive)
         result.losses.append(value)
         progress.set_postfix(loss=f"{value:.5f}")
     return True
@@ -151,7 +163,7 @@ def _optimize(
 def learn_quantizers(
     teacher: TaskModel,
     student: TaskModel,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[Batch],
     config: LearnConfig,
     show_progress: bool = True,
 ) -> LearnResult:
@@ -166,20 +178,20 @@ def learn_quantizers(
     want_hidden = config.hidden_mse_weight > 0 or config.mode == "block-wise"
     teacher_cache: dict[int, TaskOutput] = {}
 
-    def teacher_out(input_ids: torch.Tensor, mask: torch.Tensor) -> TaskOutput:
-        key = id(input_ids)  # batches are fixed tensors: the teacher's outputs are computed once each
+    def teacher_out(batch: Batch) -> TaskOutput:
+        key = id(batch)  # batches are fixed: the teacher's outputs are computed once each
         if key not in teacher_cache:
             with torch.no_grad():
-                teacher_cache[key] = teacher.run(mask, input_ids=input_ids, output_hidden_states=want_hidden)
+                teacher_cache[key] = batch.run(teacher, output_hidden_states=want_hidden)
         return teacher_cache[key]
 
     try:
         if config.mode == "end-to-end":
             positive, free = learnable_parameters(student, config.params)
 
-            def loss_fn(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                out = student.run(mask, input_ids=input_ids, output_hidden_states=want_hidden)
-                return distillation_loss(teacher.kind, out, teacher_out(input_ids, mask), mask, config)
+            def loss_fn(batch: Batch) -> torch.Tensor:
+                out = batch.run(student, output_hidden_states=want_hidden)
+                return distillation_loss(teacher.kind, out, teacher_out(batch), batch.attention_mask, config)
 
             _optimize(
                 positive, free, loss_fn, batches, config.steps, config, result, "quantize: learning", show_progress
@@ -192,10 +204,10 @@ def learn_quantizers(
         for index, (block, names) in enumerate(blocks.items()):
             positive, free = learnable_parameters(student, config.params, names)
 
-            def block_loss(input_ids: torch.Tensor, mask: torch.Tensor, index: int = index) -> torch.Tensor:
-                out = student.run(mask, input_ids=input_ids, output_hidden_states=True)
-                target = teacher_out(input_ids, mask).hidden_states[index + 1]
-                return hidden_loss((out.hidden_states[index + 1],), (target,), mask)
+            def block_loss(batch: Batch, index: int = index) -> torch.Tensor:
+                out = batch.run(student, output_hidden_states=True)
+                target = teacher_out(batch).hidden_states[index + 1]
+                return hidden_loss((out.hidden_states[index + 1],), (target,), batch.attention_mask)
 
             ok = _optimize(
                 positive, free, block_loss, batches, per_block, config, result, f"quantize: {block}", show_progress

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
+from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
 from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
@@ -14,7 +15,7 @@ from calib.quant_linear import QuantLinear
 from calib.range_init import RangeObserver
 from pipeline.config import QuantConfig
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[Batch]
 
 
 def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
@@ -58,8 +59,8 @@ def _input_channel_absmax(student: TaskModel, layers: list[QuantLinear], batches
 
     handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        for input_ids, attention_mask in batches:
-            student.run(attention_mask, input_ids=input_ids)
+        for batch in batches:
+            batch.run(student)
     finally:
         for handle in handles:
             handle.remove()
@@ -80,11 +81,41 @@ def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> Non
         layer.weight_quantizer.init_from_tensor(layer.effective_weight(), quant.weights.init)
         if layer.input_quantizer is not None:
             layer.input_quantizer.observer = RangeObserver(quant.activations.init, quant.activations.percentile)
-    for input_ids, attention_mask in batches:
-        student.run(attention_mask, input_ids=input_ids)
+    for batch in batches:
+        batch.run(student)
     for layer in layers.values():
         q = layer.input_quantizer
         if q is not None:
             bound = q.observer.result(q.qmin, q.qmax)
             q.observer = None
             q.init_scale(bound)
+
+
+def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.Tensor]:
+    """The learned part of the student: step sizes, Quadapter scales and (after QAT) the weights."""
+    state = {}
+    for name, layer in quant_layers(student).items():
+        for part in ("weight_quantizer", "input_quantizer"):
+            quantizer = getattr(layer, part)
+            if quantizer is not None:
+                state[f"{name}.{part}.scale"] = quantizer.scale.detach().clone()
+        if layer.quadapter is not None:
+            state[f"{name}.quadapter.scale"] = layer.quadapter.scale.detach().clone()
+        if include_weights:
+            state[f"{name}.weight"] = layer.weight.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def load_student_state(student: TaskModel, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`student_state` (quantizer scales take their saved shapes)."""
+    layers = quant_layers(student)
+    for key, value in state.items():
+        name, _, part = key.rpartition(".")
+        layer_name, _, owner = name.rpartition(".")
+        if owner in ("weight_quantizer", "input_quantizer"):
+            getattr(layers[layer_name], owner).set_scale(value)
+        elif owner == "quadapter":
+            layers[layer_name].quadapter.scale.copy_(value)
+        else:
+            layers[name].weight.copy_(value)

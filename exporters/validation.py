@@ -82,7 +82,7 @@ def build_eval_inputs(
         batches = _tokenize(tokenizer, data.texts_a, data.texts_b or None, seq_len)
         return EvalInputs(batches, targets=data.targets, metric=spec.metric, source=spec.data), None
     tokens = random_tokens(config.validate.samples, seq_len, vocab_size, config.calib.seed + GENERATED_SEED_OFFSET)
-    batches = [(ids.numpy(), mask.numpy()) for ids, mask in tokens.batches(EVAL_BATCH)]
+    batches = [(b.input_ids.numpy(), b.attention_mask.numpy()) for b in tokens.batches(EVAL_BATCH)]
     return EvalInputs(batches, source="generated random tokens"), reason
 
 

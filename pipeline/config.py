@@ -21,7 +21,8 @@ from pipeline.errors import ConfigError
 Family = Literal["bert", "gpt2", "llama"]
 TaskKind = Literal["embedding", "classification", "causal-lm"]
 Metric = Literal["spearman", "accuracy", "matthews", "perplexity"]
-CalibMethod = Literal["random-tokens"]
+CalibMethod = Literal["zsaq", "random-tokens", "gaussian-embeds", "teacher-sampled", "real-data"]
+GeneratorKind = Literal["soft-tokens", "lm-adapter"]
 WeightGranularity = Literal["per-channel", "per-group"]
 RangeInit = Literal["minmax", "percentile", "mse"]
 ExportFormat = Literal["onnx", "trt", "triton"]
@@ -77,14 +78,91 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
-class CalibConfig:
-    """Data-free calibration inputs. ``random-tokens`` is the uniform-token-id baseline."""
+class GeneratorConfig:
+    """The ZSAQ generator: pseudo-inputs in the teacher's word-embedding space (``inputs_embeds``).
 
-    method: CalibMethod = "random-tokens"
+    ``soft-tokens``: noise -> per-position logits over the (restricted) vocabulary -> Gumbel-softmax with
+    the temperature annealed from ``temperature[0]`` to ``temperature[1]`` -> times the embedding matrix.
+    ``lm-adapter``: a pre-trained causal LM (``model``; default: the teacher itself when it is one) samples
+    text once; an adapter MLP of width ``adapter_size`` maps its hidden states (plus noise) into the
+    embedding space. ``learn_lm: false`` (default) trains the adapter only: on a CPU, back-propagating
+    through the LM every step costs more than the whole rest, and ZSAQ found the generator's size barely
+    matters.
+    """
+
+    kind: GeneratorKind = "soft-tokens"
+    model: ModelSource | None = None
+    adapter_size: int = 256
+    noise_dim: int = 64
+    temperature: tuple[float, float] = (1.0, 0.3)
+    min_len: int = 16
+    batch_size: int = 8
+    lr: float = 1e-3
+    learn_lm: bool = False
+    restrict_vocab: bool = True
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Terms the generator minimises besides the ascent, to keep inputs plausible to the teacher.
+
+    ``confidence``: the teacher's output entropy (confident predictions); ``balance``: for classifiers, the
+    KL from the batch's mean prediction to uniform; ``embedding_stats``: distance of the generated
+    embeddings' per-channel mean / std from those of the teacher's own word-embedding table.
+    """
+
+    confidence: float = 0.0
+    balance: float = 0.0
+    embedding_stats: float = 0.1
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """Sharpness-aware generation (arXiv 2510.07018): match each batch's student gradient with that of its
+    neighbours in embedding space (a copy moved by ``radius`` x its norm in a random direction)."""
+
+    enabled: bool = False
+    weight: float = 0.1
+    radius: float = 0.05
+
+
+@dataclass(frozen=True)
+class SamSgaConfig:
+    """The minimax game: generator ascent steps (SGA) against student SAM descent steps, per round.
+
+    The student's learnable parameters, learning rate and loss weights are those of ``quant.learn``.
+    ``sam: false`` swaps SAM for plain AdamW; ``adversarial: false`` freezes the generator (no ascent).
+    ``adaptive`` scales SAM's perturbation by each parameter's magnitude (ASAM), since step sizes,
+    Quadapter scales and weights differ by orders of magnitude.
+    """
+
+    rounds: int = 150
+    generator_steps: int = 1
+    student_steps: int = 1
+    rho: float = 0.05
+    adaptive: bool = True
+    sam: bool = True
+    adversarial: bool = True
+    checkpoint_every: int = 25
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Data-free calibration. ``zsaq`` trains a generator against the student (SAM-SGA); the others are
+    baselines: uniform ``random-tokens``, ``gaussian-embeds`` (the embedding table's per-channel
+    statistics), ``teacher-sampled`` (sequences a causal-LM teacher samples itself, as LLM-QAT does) and
+    ``real-data`` (reads ``real_data``: an upper bound for benchmarks only, flagged in every report)."""
+
+    method: CalibMethod = "zsaq"
     samples: int = 256
     seq_len: int = 128
     batch_size: int = 16
     seed: int = 0
+    real_data: str | None = None
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sam_sga: SamSgaConfig = field(default_factory=SamSgaConfig)
+    priors: PriorConfig = field(default_factory=PriorConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
 
 
 @dataclass(frozen=True)
@@ -328,6 +406,26 @@ def _check_values(config: PipelineConfig, source: str) -> None:
     for name in ("samples", "seq_len", "batch_size"):
         if getattr(c, name) < 1:
             fail(f"calib.{name}", "a positive integer", getattr(c, name))
+    if c.generator.model is not None:
+        sources = [k for k in ("id", "path", "package", "random") if getattr(c.generator.model, k) is not None]
+        if len(sources) != 1:
+            fail("calib.generator.model", "exactly one of id, path, package, random", sources or "none")
+    if c.method == "real-data" and c.real_data is None:
+        fail("calib.real_data", "a task data file when calib.method is real-data", None)
+    g = c.generator
+    if not 1 <= g.min_len <= c.seq_len:
+        fail("calib.generator.min_len", f"between 1 and calib.seq_len ({c.seq_len})", g.min_len)
+    if min(g.temperature) <= 0:
+        fail("calib.generator.temperature", "two positive numbers [start, end]", list(g.temperature))
+    for name in ("adapter_size", "noise_dim", "batch_size"):
+        if getattr(g, name) < 1:
+            fail(f"calib.generator.{name}", "a positive integer", getattr(g, name))
+    sga = c.sam_sga
+    for name in ("rounds", "generator_steps", "student_steps", "checkpoint_every"):
+        if getattr(sga, name) < 1:
+            fail(f"calib.sam_sga.{name}", "a positive integer", getattr(sga, name))
+    if sga.rho <= 0:
+        fail("calib.sam_sga.rho", "a positive number", sga.rho)
     if config.task.kind == "classification" and config.task.num_labels < 2:
         fail("task.num_labels", "2 or more", config.task.num_labels)
     if config.task.kind == "causal-lm" and config.model.random is not None and config.model.random.family == "bert":
@@ -353,10 +451,17 @@ def _resolve_paths(config: PipelineConfig, base_dir: Path) -> PipelineConfig:
     model = config.model
     if model.path is not None:
         model = dataclasses.replace(model, path=resolve(model.path))
+    calib = config.calib
+    if calib.real_data is not None:
+        calib = dataclasses.replace(calib, real_data=resolve(calib.real_data))
+    gen_model = calib.generator.model
+    if gen_model is not None and gen_model.path is not None:
+        gen_model = dataclasses.replace(gen_model, path=resolve(gen_model.path))
+        calib = dataclasses.replace(calib, generator=dataclasses.replace(calib.generator, model=gen_model))
     task = config.task
     if task.eval is not None:
         task = dataclasses.replace(task, eval=dataclasses.replace(task.eval, data=resolve(task.eval.data)))
-    return dataclasses.replace(config, model=model, task=task)
+    return dataclasses.replace(config, model=model, task=task, calib=calib)
 
 
 def with_export_formats(config: PipelineConfig, extra: tuple[str, ...]) -> PipelineConfig:

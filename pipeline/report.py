@@ -22,7 +22,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Validation report: {report['model']} ({report['scheme']})",
         "",
-        f"- Inputs: {report['inputs']}",
+        f"- Calibration (data-free unless flagged): {report['calibration']}",
+        f"- Evaluation inputs: {report['inputs']}",
     ]
     if report.get("fallback_reason"):
         lines.append(f"- No task metric: {report['fallback_reason']}; agreement is measured on generated inputs.")

@@ -78,7 +78,7 @@ def main(config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: in
     teacher = TaskModel(load_backbone(config.model, config.task), config.task.kind).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_location(config.model))
     vocab = teacher.backbone.config.vocab_size
-    specials, pad = special_token_ids(resolve_location(config.model))
+    specials, pad = special_token_ids(tokenizer)
     tokens = random_tokens(samples, config.calib.seq_len, vocab, config.calib.seed, specials, pad)
     batches = tokens.batches(config.calib.batch_size)
     fp_value, fp_outputs = evaluate(config, teacher, tokenizer, vocab)

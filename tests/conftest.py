@@ -14,7 +14,7 @@ from pipeline.cli import main
 TINY: dict[str, Any] = {
     "model": {"random": {"family": "bert"}},
     "task": {"kind": "classification"},
-    "calib": {"samples": 32, "seq_len": 32, "batch_size": 16},
+    "calib": {"method": "random-tokens", "samples": 32, "seq_len": 32, "batch_size": 16},
     "validate": {"shapes": [[1, 32], [4, 32]], "repeats": 2, "warmup": 1, "samples": 16},
 }
 

@@ -10,7 +10,7 @@ from calib.contract import load_contract
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph, required_opset
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.quantize import load_teacher
+from pipeline.stages.teacher import load_teacher
 
 TEACHER_ONNX = "teacher_fp32.onnx"
 STUDENT_ONNX = {"trt": "student_qdq_trt.onnx", "cpu": "student_qdq_cpu.onnx"}

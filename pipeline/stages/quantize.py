@@ -8,29 +8,18 @@ import torch
 from safetensors.torch import load_file
 
 from calib.contract import build_contract, save_contract
-from calib.inputs import TokenBatch
+from calib.inputs import CalibrationSet
 from calib.learn import learn_quantizers
-from calib.models import TaskModel, load_saved_backbone
-from calib.student import build_student, init_ranges, quant_layers
+from calib.student import build_student, init_ranges, load_student_state, quant_layers
 from pipeline.config import PipelineConfig
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.calibrate import INPUTS_FILE
-from pipeline.stages.teacher import MODEL_DIR
+from pipeline.stages.calibrate import INPUTS_FILE, STUDENT_STATE
+from pipeline.stages.teacher import load_teacher
 
 
-def load_teacher(ctx: StageContext) -> TaskModel:
-    """The teacher saved by the teacher stage, with its task head, in eval mode."""
-    backbone = load_saved_backbone(ctx.input_dir("teacher") / MODEL_DIR, ctx.config.task)
-    teacher = TaskModel(backbone, ctx.config.task.kind).eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    return teacher
-
-
-def load_calibration_inputs(ctx: StageContext) -> TokenBatch:
+def load_calibration_inputs(ctx: StageContext) -> CalibrationSet:
     """The inputs the calibrate stage wrote."""
-    tensors = load_file(str(ctx.input_dir("calibrate") / INPUTS_FILE))
-    return TokenBatch(tensors["input_ids"], tensors["attention_mask"])
+    return CalibrationSet.from_tensors(load_file(str(ctx.input_dir("calibrate") / INPUTS_FILE)))
 
 
 def quant_label(config: PipelineConfig) -> str:
@@ -53,7 +42,11 @@ class QuantizeStage(Stage):
         teacher = load_teacher(ctx)
         batches = load_calibration_inputs(ctx).batches(config.calib.batch_size)
         student = build_student(teacher, config.quant)
-        init_ranges(student, config.quant, batches)
+        state_file = ctx.input_dir("calibrate") / STUDENT_STATE
+        if state_file.is_file():  # zsaq: SAM-SGA already learned the quantizers
+            load_student_state(student, load_file(str(state_file)))
+        else:
+            init_ranges(student, config.quant, batches)
         result = learn_quantizers(teacher, student, batches, config.quant.learn, ctx.show_progress)
         save_contract(build_contract(student), ctx.out)
         summary: dict[str, Any] = {

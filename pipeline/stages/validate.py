@@ -7,7 +7,6 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from calib.contract import load_contract, load_student
 from exporters.runners import OrtRunner, TorchRunner
@@ -15,9 +14,10 @@ from exporters.validation import build_eval_inputs, validate_models
 from pipeline.errors import ThresholdFailed
 from pipeline.report import write_report
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.calibrate import REAL_DATA_FLAG
 from pipeline.stages.export import STUDENT_ONNX, TEACHER_ONNX
-from pipeline.stages.quantize import load_teacher, quant_label
-from pipeline.stages.teacher import MODEL_DIR
+from pipeline.stages.quantize import quant_label
+from pipeline.stages.teacher import MODEL_DIR, load_teacher, load_teacher_tokenizer
 
 STUDENT = "student-pytorch"
 FP32_ONNX = "fp32-onnx"
@@ -40,10 +40,7 @@ class ValidateStage(Stage):
         teacher = load_teacher(ctx)
         student = load_student(teacher, config.quant, load_contract(ctx.input_dir("quantize")))
         teacher_dir = ctx.input_dir("teacher") / MODEL_DIR
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = load_teacher_tokenizer(ctx)
         vocab = teacher.backbone.config.vocab_size
         inputs, fallback = build_eval_inputs(config, tokenizer, vocab)
         if fallback:
@@ -82,6 +79,7 @@ class ValidateStage(Stage):
             "inputs": inputs.source,
             "fallback_reason": fallback,
             "reference": STUDENT,
+            "calibration": config.calib.method + (f" ({REAL_DATA_FLAG})" if config.calib.method == "real-data" else ""),
             "threads": threads,
             "repeats": config.validate.repeats,
             "shapes": [list(s) for s in config.validate.shapes],

@@ -1,0 +1,44 @@
+"""Sharpness-aware minimisation (SAM, arXiv 2010.01412) around any base optimiser.
+
+One step: take the gradient g at w, move to w + e with e = rho * g / ||g|| (ASAM, arXiv 2102.11600, with
+``adaptive``: e = rho * |w|^2 g / || |w| g ||), take the gradient there, come back to w, and let the base
+optimiser step with that second gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class SAM:
+    """Wraps ``base`` (built over ``params``); :meth:`step` runs the two forward/backward passes."""
+
+    def __init__(self, params: list[torch.nn.Parameter], base: torch.optim.Optimizer, rho: float, adaptive: bool):
+        self.params, self.base, self.rho, self.adaptive = params, base, rho, adaptive
+
+    @torch.no_grad()
+    def perturbation(self) -> list[torch.Tensor]:
+        """``e`` for the current gradients (zeros where a parameter has none)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        scaled = [g * p.abs() if self.adaptive else g for g, p in zip(grads, self.params)]
+        norm = torch.sqrt(sum((s * s).sum() for s in scaled)).clamp(min=1e-12)
+        return [self.rho * s * (p.abs() if self.adaptive else 1.0) / norm for s, p in zip(scaled, self.params)]
+
+    def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
+        """One SAM step on ``loss_fn`` (called twice); returns the loss at the unperturbed point."""
+        self.base.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        offsets = self.perturbation()
+        with torch.no_grad():
+            for p, e in zip(self.params, offsets):
+                p.add_(e)
+        self.base.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        with torch.no_grad():
+            for p, e in zip(self.params, offsets):
+                p.sub_(e)
+        self.base.step()
+        return loss.item()

@@ -1,0 +1,207 @@
+"""SAM-SGA (ZSAQ, arXiv 2310.13315): a minimax game between a generator and the quantized student.
+
+Each round the generator takes stochastic gradient *ascent* steps on the teacher-student discrepancy
+(it looks for the inputs on which the student is worst), minus priors that keep its inputs plausible to
+the teacher; then the student takes SAM steps *descending* the same discrepancy on fresh samples.
+Nothing here assumes one process: under torch.distributed each rank runs the same loop on its own
+samples, and the caller wraps the student's optimiser step (gradients are plain ``.grad`` tensors).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from calib.inputs import Batch
+from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw
+from calib.models import TaskModel, TaskOutput
+from calib.sam import SAM
+from pipeline.config import CalibConfig, LearnConfig
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class GameHistory:
+    """Per-round losses (what the plot shows) and the seconds spent on sharpness-aware generation."""
+
+    generator_discrepancy: list[float] = field(default_factory=list)
+    student_discrepancy: list[float] = field(default_factory=list)
+    prior: list[float] = field(default_factory=list)
+    sharpness: list[float] = field(default_factory=list)
+    sharpness_seconds: float = 0.0
+    generator_seconds: float = 0.0
+    student_seconds: float = 0.0
+
+
+def prior_loss(
+    kind: str, teacher: TaskOutput, batch: Batch, table_stats: tuple[torch.Tensor, torch.Tensor], priors
+) -> torch.Tensor:  # noqa: ANN001,E501
+    """Plausibility terms the generator minimises (see :class:`pipeline.config.PriorConfig`)."""
+    total = torch.zeros(())
+    if kind != "embedding" and (priors.confidence or priors.balance):
+        probs = F.softmax(teacher.output, dim=-1)
+        if priors.confidence:
+            total = total + priors.confidence * -(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()
+        if priors.balance and kind == "classification":
+            mean = probs.mean(0)
+            total = total + priors.balance * (mean * (mean.clamp(min=1e-12) * len(mean)).log()).sum()
+    if priors.embedding_stats and batch.inputs_embeds is not None:
+        mean, std = table_stats
+        valid = batch.inputs_embeds[batch.attention_mask.bool()]
+        scale = std.pow(2).mean()
+        gap = (valid.mean(0) - mean).pow(2).mean() + (valid.std(0) - std).pow(2).mean()
+        total = total + priors.embedding_stats * gap / scale
+    return total
+
+
+class SamSga:
+    """Holds both players, their optimisers and the history; :meth:`play` runs rounds."""
+
+    def __init__(
+        self,
+        teacher: TaskModel,
+        student: TaskModel,
+        generator: torch.nn.Module,
+        calib: CalibConfig,
+        learn: LearnConfig,
+        rng: torch.Generator,
+    ) -> None:
+        self.teacher, self.student, self.generator = teacher, student, generator
+        self.calib, self.learn, self.rng = calib, learn, rng
+        self.positive, self.free = learnable_parameters(student, learn.params)
+        self.student_params = [*self.positive, *self.free]
+        self.student_optimizer = relative_adamw(self.student_params, learn.lr, learn.weight_decay)
+        sga = calib.sam_sga
+        self.sam = SAM(self.student_params, self.student_optimizer, sga.rho, sga.adaptive) if sga.sam else None
+        self.generator_params = [p for p in generator.parameters() if p.requires_grad]
+        self.generator_optimizer = torch.optim.Adam(self.generator_params, lr=calib.generator.lr)
+        table = teacher.backbone.get_input_embeddings().weight.detach()
+        self.table_stats = (table.mean(0), table.std(0))
+        self.want_hidden = learn.hidden_mse_weight > 0
+        self.history = GameHistory()
+        self.round = 0
+
+    def _discrepancy(self, batch: Batch, teacher_out: TaskOutput) -> torch.Tensor:
+        student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
+        return distillation_loss(self.teacher.kind, student_out, teacher_out, batch.attention_mask, self.learn)
+
+    def _sharpness_term(self, batch: Batch, teacher_out: TaskOutput) -> torch.Tensor:
+        """1 - cos between the student gradients of this batch and of its neighbours in embedding space."""
+        embeds = batch.inputs_embeds
+        direction = torch.randn(embeds.shape, generator=self.rng)
+        direction = F.normalize(direction, dim=-1) * embeds.norm(dim=-1, keepdim=True) * self.calib.sharpness.radius
+        neighbour = Batch(batch.attention_mask, inputs_embeds=embeds + direction * batch.attention_mask.unsqueeze(-1))
+        with torch.no_grad():
+            neighbour_teacher = neighbour.run(self.teacher, output_hidden_states=self.want_hidden)
+        grads = []
+        for sample, target in ((batch, teacher_out), (neighbour, neighbour_teacher)):
+            loss = self._discrepancy(sample, target)
+            grads.append(
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self.student_params, create_graph=True)])
+            )
+        return 1.0 - F.cosine_similarity(grads[0], grads[1], dim=0)
+
+    def generator_step(self) -> None:
+        """One ascent step: maximise the discrepancy, minimise the priors (and the sharpness term)."""
+        started = time.perf_counter()
+        batch = self.generator.sample(self.calib.generator.batch_size, self.rng)
+        teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
+        discrepancy = self._discrepancy(batch, teacher_out)
+        prior = prior_loss(self.teacher.kind, teacher_out, batch, self.table_stats, self.calib.priors)
+        objective = -discrepancy + prior
+        if self.calib.sharpness.enabled:
+            sharp_started = time.perf_counter()
+            sharpness = self._sharpness_term(batch, teacher_out)
+            objective = objective + self.calib.sharpness.weight * sharpness
+            self.history.sharpness.append(sharpness.item())
+            self.history.sharpness_seconds += time.perf_counter() - sharp_started
+        grads = torch.autograd.grad(objective, self.generator_params)
+        for param, grad in zip(self.generator_params, grads):
+            param.grad = grad
+        self.generator_optimizer.step()
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        self.history.generator_discrepancy.append(discrepancy.item())
+        self.history.prior.append(prior.item())
+        self.history.generator_seconds += time.perf_counter() - started
+
+    def student_step(self) -> None:
+        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples."""
+        started = time.perf_counter()
+        with torch.no_grad():
+            batch = self.generator.sample(self.calib.generator.batch_size, self.rng)
+            teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
+
+        def loss_fn() -> torch.Tensor:
+            return self._discrepancy(batch, teacher_out)
+
+        if self.sam is not None:
+            value = self.sam.step(loss_fn)
+        else:
+            self.student_optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            self.student_optimizer.step()
+            value = loss.item()
+        if not math.isfinite(value):
+            raise PipelineError(
+                f"calibrate: the discrepancy became {value} in round {self.round}; "
+                "lower quant.learn.lr or calib.generator.lr (the last checkpoint is kept for --resume)"
+            )
+        clamp_positive(self.positive)
+        self.history.student_discrepancy.append(value)
+        self.history.student_seconds += time.perf_counter() - started
+
+    def play(self, rounds: int, checkpoint: Callable[[], None] | None = None, show_progress: bool = True) -> None:
+        """Run rounds from the current one up to ``rounds``; ``checkpoint`` is called every N rounds."""
+        sga = self.calib.sam_sga
+        progress = tqdm(range(self.round, rounds), desc="calibrate: SAM-SGA", initial=self.round, total=rounds,
+                        disable=not show_progress)  # fmt: skip
+        for _ in progress:
+            self.generator.set_progress(self.round / max(rounds - 1, 1))
+            if sga.adversarial:
+                for _ in range(sga.generator_steps):
+                    self.generator_step()
+            for _ in range(sga.student_steps):
+                self.student_step()
+            self.round += 1
+            postfix = {"student": f"{self.history.student_discrepancy[-1]:.4f}"}
+            if self.history.generator_discrepancy:
+                postfix["generator"] = f"{self.history.generator_discrepancy[-1]:.4f}"
+            progress.set_postfix(postfix)
+            if checkpoint is not None and self.round % sga.checkpoint_every == 0 and self.round < rounds:
+                checkpoint()
+        for param in self.student_params:
+            param.requires_grad_(False)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed game needs (tensors, numbers and lists only: loads with weights_only)."""
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        history = {k: v for k, v in vars(self.history).items()}
+        return {
+            "round": self.round,
+            "generator": self.generator.state_dict(),
+            "student": {names[id(p)]: p.detach().clone() for p in self.student_params},
+            "student_optimizer": self.student_optimizer.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "rng": self.rng.get_state(),
+            "history": history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.round = state["round"]
+        self.generator.load_state_dict(state["generator"])
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for name, value in state["student"].items():
+                params[name].copy_(value)
+        self.student_optimizer.load_state_dict(state["student_optimizer"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.rng.set_state(state["rng"])
+        self.history = GameHistory(**state["history"])

@@ -1,0 +1,91 @@
+"""ZSAQ calibration end to end: build the generator, initialise the student on its first samples, play
+SAM-SGA (with checkpoints), and hand back the calibration set the generator ends up producing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from calib.generators import LMAdapterGenerator, SoftTokenGenerator, embedding_table
+from calib.inputs import Batch, CalibrationSet
+from calib.models import TaskModel, load_backbone
+from calib.sam_sga import SamSga
+from calib.sampling import sample_sequences
+from calib.student import build_student, init_ranges
+from pipeline.config import PipelineConfig, TaskConfig
+from pipeline.errors import ConfigError
+
+LM_POOL = 64  # sequences the lm-adapter's LM samples once
+
+
+def build_generator(config: PipelineConfig, teacher: TaskModel, special_ids: tuple[int, ...]) -> torch.nn.Module:
+    """The configured generator, deterministic under ``calib.seed``."""
+    calib, gen = config.calib, config.calib.generator
+    torch.manual_seed(calib.seed)
+    table = embedding_table(teacher)
+    if gen.kind == "soft-tokens":
+        allowed = torch.ones(len(table), dtype=torch.bool)
+        if gen.restrict_vocab and special_ids:
+            allowed[list(special_ids)] = False
+        return SoftTokenGenerator(
+            table, allowed.nonzero().squeeze(-1), calib.seq_len, gen.min_len, gen.noise_dim, gen.adapter_size,
+            gen.temperature,
+        )  # fmt: skip
+    if gen.model is not None:
+        lm = load_backbone(gen.model, TaskConfig(kind="causal-lm"))
+    elif teacher.kind == "causal-lm":
+        lm = teacher.backbone  # a decoder generates for itself
+    else:
+        raise ConfigError("calib.generator.model: the lm-adapter generator needs a causal LM for this teacher")
+    pool = sample_sequences(lm, LM_POOL, calib.seq_len, calib.seed)
+    trainable_lm = None
+    features = torch.empty(0)
+    if gen.learn_lm:
+        trainable_lm = lm if lm is not teacher.backbone else None
+        if trainable_lm is None:
+            raise ConfigError("calib.generator.learn_lm: the teacher itself cannot learn; name a generator model")
+        trainable_lm.requires_grad_(True)
+    else:
+        with torch.no_grad():
+            features = torch.cat(
+                [
+                    lm(input_ids=pool[i : i + 16], output_hidden_states=True).hidden_states[-1]
+                    for i in range(0, LM_POOL, 16)
+                ]
+            )
+        torch.manual_seed(calib.seed)
+    return LMAdapterGenerator(pool, features, table, gen.min_len, gen.noise_dim, gen.adapter_size, trainable_lm)
+
+
+@torch.no_grad()
+def generated_set(generator: torch.nn.Module, samples: int, batch_size: int, rng: torch.Generator) -> CalibrationSet:
+    """``samples`` detached pseudo-inputs from the generator."""
+    batches: list[Batch] = [generator.sample(min(batch_size, samples - i), rng) for i in range(0, samples, batch_size)]
+    return CalibrationSet(
+        torch.cat([b.attention_mask for b in batches]), inputs_embeds=torch.cat([b.inputs_embeds for b in batches])
+    )
+
+
+def calibrate_zsaq(
+    config: PipelineConfig,
+    teacher: TaskModel,
+    special_ids: tuple[int, ...],
+    checkpoint_path: Path,
+    save_checkpoint: Callable[[dict, Path], None],
+    show_progress: bool = True,
+) -> tuple[SamSga, CalibrationSet]:
+    """Play SAM-SGA, resuming from ``checkpoint_path`` when it exists; returns the game and the final set."""
+    calib = config.calib
+    rng = torch.Generator().manual_seed(calib.seed)
+    generator = build_generator(config, teacher, special_ids)
+    student = build_student(teacher, config.quant)
+    init_ranges(
+        student, config.quant, generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
+    )
+    game = SamSga(teacher, student, generator, calib, config.quant.learn, rng)
+    if checkpoint_path.is_file():
+        game.load_state_dict(torch.load(checkpoint_path, weights_only=True))
+    game.play(calib.sam_sga.rounds, lambda: save_checkpoint(game.state_dict(), checkpoint_path), show_progress)
+    return game, generated_set(generator, calib.samples, calib.batch_size, rng)

@@ -1,0 +1,126 @@
+"""The generator: differentiable through both models, ascent raises the discrepancy, the game is seeded."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from calib.generators import SoftTokenGenerator, embedding_table
+from calib.sam_sga import SamSga
+from calib.student import build_student, init_ranges
+from calib.zsaq import build_generator, generated_set
+from pipeline.config import (
+    CalibConfig,
+    GeneratorConfig,
+    ModelSource,
+    PipelineConfig,
+    PriorConfig,
+    QuantConfig,
+    RandomModel,
+    SamSgaConfig,
+    SharpnessConfig,
+    TaskConfig,
+    WeightQuant,
+)
+from tests.models import tiny_teacher
+
+W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
+
+
+def _game(family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4):
+    teacher = tiny_teacher(family)
+    task = TaskConfig(kind=teacher.kind)
+    calib = CalibConfig(
+        samples=16, seq_len=16, batch_size=8, seed=seed,
+        generator=GeneratorConfig(kind=kind, batch_size=4, min_len=4, lr=1e-2),
+        sam_sga=SamSgaConfig(rounds=rounds, adversarial=adversarial, checkpoint_every=2),
+        sharpness=SharpnessConfig(enabled=sharpness),
+        priors=PriorConfig(embedding_stats=0.0),  # the pure game: no plausibility terms
+    )  # fmt: skip
+    config = PipelineConfig(model=ModelSource(random=RandomModel(family=family)), task=task, calib=calib, quant=W4)
+    rng = torch.Generator().manual_seed(seed)
+    generator = build_generator(config, teacher, ())
+    student = build_student(teacher, W4)
+    init_ranges(student, W4, generated_set(generator, 16, 8, rng).batches(8))
+    return SamSga(teacher, student, generator, calib, config.quant.learn, rng), config
+
+
+@pytest.mark.parametrize(("family", "kind"), [("bert", "soft-tokens"), ("gpt2", "lm-adapter")])
+def test_generator_gradient_reaches_its_parameters_through_both_models(family, kind):
+    game, _ = _game(family, kind)
+    batch = game.generator.sample(4, torch.Generator().manual_seed(1))
+    teacher_out = batch.run(game.teacher)
+    student_out = batch.run(game.student)
+    params = [p for p in game.generator.parameters() if p.requires_grad]
+    (g_teacher,) = torch.autograd.grad(teacher_out.output.pow(2).sum(), params[:1], retain_graph=True)
+    (g_student,) = torch.autograd.grad(student_out.output.pow(2).sum(), params[:1], retain_graph=True)
+    assert g_teacher.abs().sum() > 0 and g_student.abs().sum() > 0
+    discrepancy = game._discrepancy(batch, batch.run(game.teacher, output_hidden_states=True))
+    grads = torch.autograd.grad(discrepancy, params)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_ascent_increases_the_discrepancy_on_a_fixed_student():
+    game, _ = _game()
+    probe = torch.Generator()
+
+    def discrepancy() -> float:
+        probe.manual_seed(123)  # the same noise each time: only the generator's parameters change
+        with torch.no_grad():
+            batch = game.generator.sample(16, probe)
+            return game._discrepancy(batch, batch.run(game.teacher, output_hidden_states=True)).item()
+
+    before = discrepancy()
+    for _ in range(30):
+        game.generator_step()  # the student never steps here
+    assert discrepancy() > 1.1 * before
+
+
+def test_student_steps_lower_the_discrepancy_on_a_fixed_generator():
+    game, _ = _game(adversarial=False)
+    probe = torch.Generator()
+
+    def discrepancy() -> float:
+        probe.manual_seed(7)
+        with torch.no_grad():
+            batch = game.generator.sample(16, probe)
+            return game._discrepancy(batch, batch.run(game.teacher, output_hidden_states=True)).item()
+
+    before = discrepancy()
+    game.play(25, show_progress=False)
+    assert discrepancy() < before
+
+
+def test_the_game_is_deterministic_and_resumes_from_its_state():
+    full, _ = _game(seed=3)
+    checkpoints = []
+    full.play(4, checkpoint=lambda: checkpoints.append(copy.deepcopy(full.state_dict())), show_progress=False)
+    assert [c["round"] for c in checkpoints] == [2]  # every 2 rounds, not after the last
+    resumed, _ = _game(seed=3)
+    resumed.load_state_dict(checkpoints[0])
+    resumed.play(4, show_progress=False)
+    assert resumed.history.student_discrepancy == full.history.student_discrepancy
+    for a, b in zip(resumed.student_params, full.student_params):
+        assert torch.equal(a, b)
+
+
+def test_sharpness_aware_generation_adds_a_term_and_reports_its_cost():
+    game, _ = _game(sharpness=True)
+    game.play(2, show_progress=False)
+    assert len(game.history.sharpness) == 2 and all(0.0 <= v <= 2.0 for v in game.history.sharpness)
+    assert game.history.sharpness_seconds > 0
+
+
+def test_soft_tokens_temperature_anneals():
+    teacher = tiny_teacher()
+    gen = SoftTokenGenerator(embedding_table(teacher), torch.arange(100), 8, 2, 4, 16, (1.0, 0.25))
+    gen.set_progress(0.5)
+    assert gen.temperature == pytest.approx(0.5)
+    gen.set_progress(1.0)
+    assert gen.temperature == pytest.approx(0.25)
+    batch = gen.sample(3, torch.Generator().manual_seed(0))
+    assert batch.inputs_embeds.shape == (3, 8, 64) and (batch.attention_mask.sum(1) >= 2).all()
+    assert dataclasses.is_dataclass(batch)
