@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from calib.models import TaskModel
 from calib.quadapter import FixedMultiplier, fold_quadapters
+from calib.quant_embedding import QuantEmbedding
 from calib.student import build_student, quant_layers
 from pipeline.config import QuadapterConfig, QuantConfig
 
@@ -47,6 +48,7 @@ class Contract:
 
     tensors: dict[str, torch.Tensor]
     layers: list[LayerSpec]
+    embedding: str | None = None  # the quantized word-embedding table's module name, if any
 
     def layer(self, name: str) -> LayerSpec:
         """The spec of one layer by name."""
@@ -85,10 +87,16 @@ def build_contract(student: TaskModel) -> Contract:
             )
         )
     quantized = {f"{n}." for n in layers}
+    embedding = next((n for n, m in student.backbone.named_modules() if isinstance(m, QuantEmbedding)), None)
+    if embedding is not None:
+        table = student.backbone.get_submodule(embedding)
+        tensors[f"{embedding}.weight_int"] = table.weight_quantizer.to_int(table.weight).to(torch.int8)
+        tensors[f"{embedding}.weight_scale"] = table.weight_quantizer.scale.detach().float().reshape(-1).clone()
+        quantized.add(f"{embedding}.")
     for pname, value in student.backbone.state_dict().items():
         if not any(pname.startswith(prefix) for prefix in quantized):
             tensors[f"float.{pname}"] = value.detach().clone().contiguous()
-    return Contract(tensors, specs)
+    return Contract(tensors, specs, embedding)
 
 
 def save_contract(contract: Contract, folder: Path) -> list[Path]:
@@ -96,7 +104,11 @@ def save_contract(contract: Contract, folder: Path) -> list[Path]:
     tensors_path = folder / CONTRACT_TENSORS
     meta_path = folder / CONTRACT_META
     save_file(contract.tensors, str(tensors_path))
-    meta = {"layout": "weight [out, in]", "layers": [asdict(spec) for spec in contract.layers]}
+    meta = {
+        "layout": "weight [out, in]",
+        "layers": [asdict(spec) for spec in contract.layers],
+        "embedding": contract.embedding,
+    }
     meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return [tensors_path, meta_path]
 
@@ -105,7 +117,7 @@ def load_contract(folder: Path) -> Contract:
     """Read a contract the quantize stage wrote."""
     meta = json.loads((folder / CONTRACT_META).read_text(encoding="utf-8"))
     tensors = load_file(str(folder / CONTRACT_TENSORS))
-    return Contract(tensors, [LayerSpec(**spec) for spec in meta["layers"]])
+    return Contract(tensors, [LayerSpec(**spec) for spec in meta["layers"]], meta.get("embedding"))
 
 
 def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
@@ -116,6 +128,12 @@ def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
         groups = q.reshape(spec.out_features, -1, spec.group_size) * scale.unsqueeze(-1)
         return groups.reshape(spec.out_features, spec.in_features)
     return q * scale.unsqueeze(-1)
+
+
+def dequantized_embedding(contract: Contract) -> torch.Tensor:
+    """The word-embedding table the student uses: ``weight_int * weight_scale`` per row."""
+    q = contract.tensors[f"{contract.embedding}.weight_int"].float()
+    return q * contract.tensors[f"{contract.embedding}.weight_scale"].unsqueeze(-1)
 
 
 def float_state_dict(contract: Contract) -> dict[str, torch.Tensor]:
@@ -141,4 +159,8 @@ def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> 
             layer.bias.copy_(contract.tensors[f"{spec.name}.bias"])
         if layer.input_quantizer is not None:
             layer.input_quantizer.set_scale(contract.tensors[f"{spec.name}.input_scale"])
+    if contract.embedding is not None:
+        table = student.backbone.get_submodule(contract.embedding)
+        table.weight.copy_(dequantized_embedding(contract))
+        table.weight_quantizer.set_scale(contract.tensors[f"{contract.embedding}.weight_scale"].unsqueeze(-1))
     return student

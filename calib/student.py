@@ -11,6 +11,7 @@ from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
 from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
+from calib.quant_embedding import QuantEmbedding
 from calib.quant_linear import QuantLinear
 from calib.range_init import RangeObserver
 from pipeline.config import QuantConfig
@@ -22,6 +23,10 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
     """A deep copy of the teacher with every block Linear swapped for a QuantLinear (plus Quadapters)."""
     student = copy.deepcopy(teacher)
     names = insert_quantizers(student.backbone, quant)
+    if quant.embedding_bits is not None:
+        student.backbone.set_input_embeddings(
+            QuantEmbedding(student.backbone.get_input_embeddings(), quant.embedding_bits)
+        )
     student.quadapter_groups = []
     if quant.quadapter.enabled:
         student.quadapter_groups = quadapter_groups(student.backbone, names, quant.quadapter.positions)

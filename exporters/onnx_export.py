@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch import nn
 
-from calib.contract import Contract, dequantized_weight, float_state_dict
+from calib.contract import Contract, dequantized_embedding, dequantized_weight, float_state_dict
 from calib.models import TaskModel
 from calib.placement import quantizable_layers
 from calib.quant_linear import linear_weight
@@ -60,6 +60,9 @@ def contract_export_model(teacher: TaskModel, contract: Contract) -> TaskModel:
     """The student's float skeleton: contract float tensors, and dequantized weights on the named MatMuls."""
     model = copy.deepcopy(teacher)
     model.backbone.load_state_dict(float_state_dict(contract), strict=False)
+    if contract.embedding is not None:
+        with torch.no_grad():
+            model.backbone.get_submodule(contract.embedding).weight.copy_(dequantized_embedding(contract))
     for spec in contract.layers:
         bias = contract.tensors.get(f"{spec.name}.bias")
         _swap(model.backbone, spec.name, ExportLinear(dequantized_weight(contract, spec), bias))

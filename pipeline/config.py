@@ -220,16 +220,23 @@ class QuantConfig:
 
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
+    # Word-embedding table, weight-only per row; None keeps it in float (the default: see README).
+    embedding_bits: int | None = None
     quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Which artifacts to produce beyond the student (``--export`` on the command line adds to these)."""
+    """Which artifacts to produce beyond the student (``--export`` on the command line adds to these).
+
+    ``int4_accuracy_level`` is MatMulNBits' compute mode in the CPU flavour: 0 computes in float on the
+    dequantized int4 weights (exactly the student's function); 4 quantizes activations to int8 per block
+    on the fly (faster, no longer bit-identical to the student)."""
 
     formats: tuple[ExportFormat, ...] = ("onnx",)
     opset: int = 17
+    int4_accuracy_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -388,6 +395,8 @@ def _check_values(config: PipelineConfig, source: str) -> None:
             fail("quant.weights.granularity", "per-channel for 8-bit weights", w.granularity)
     elif w.group_size is not None:
         fail("quant.weights.group_size", "no value unless granularity is per-group", w.group_size)
+    if config.quant.embedding_bits not in (None, 8):
+        fail("quant.embedding_bits", "8 or nothing (float embeddings)", config.quant.embedding_bits)
     a = config.quant.activations
     if a.bits not in (8, 16):
         fail("quant.activations.bits", "8 or 16", a.bits)
@@ -438,6 +447,12 @@ def _check_values(config: PipelineConfig, source: str) -> None:
         fail("validate.repeats", "a positive integer", v.repeats)
     if v.min_agreement is not None and not 0.0 <= v.min_agreement <= 1.0:
         fail("validate.min_agreement", "a fraction between 0 and 1", v.min_agreement)
+    if config.export.int4_accuracy_level not in (0, 1, 2, 3, 4):
+        fail(
+            "export.int4_accuracy_level",
+            "0, 1, 2, 3 or 4 (MatMulNBits accuracy_level)",
+            config.export.int4_accuracy_level,
+        )
     if config.export.opset < 17:
         fail("export.opset", "17 or newer (per-channel QuantizeLinear/DequantizeLinear)", config.export.opset)
 

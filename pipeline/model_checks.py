@@ -42,6 +42,12 @@ def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig
                 raise ConfigError(
                     f"{source}: validate.shapes[{i}]: expected a sequence length of at most {limit}, got {seq}"
                 )
+    tied = getattr(model_config, "tie_word_embeddings", False) and config.task.kind == "causal-lm"
+    if config.quant.embedding_bits is not None and tied:
+        raise ConfigError(
+            f"{source}: quant.embedding_bits: expected nothing for a model whose LM head shares the embedding "
+            f"table (it would quantize the head too), got {config.quant.embedding_bits}"
+        )
     group = config.quant.weights.group_size
     if group:
         for width in sorted(layer_widths(model_config)):

@@ -36,15 +36,21 @@ class ExportStage(Stage):
         skeleton_path = ctx.out / ".student_float.onnx"
         float_graph = export_onnx(contract_export_model(teacher, contract), skeleton_path, opset)
         skeleton_path.unlink()
-        summary: dict[str, Any] = {"teacher": TEACHER_ONNX, "opset": max(opset, required_opset(contract))}
+        summary: dict[str, Any] = {
+            "teacher": TEACHER_ONNX,
+            "teacher_megabytes": round((ctx.out / TEACHER_ONNX).stat().st_size / 2**20, 2),
+            "opset": max(opset, required_opset(contract)),
+        }
         try:
             for flavour, filename in STUDENT_ONNX.items():
-                graph = quantize_graph(float_graph, contract, flavour)
+                graph = quantize_graph(float_graph, contract, flavour, ctx.config.export.int4_accuracy_level)
                 onnx.save(graph, str(ctx.out / filename))
                 summary[flavour] = {
                     "file": filename,
                     "quantize_linear": count_ops(graph, "QuantizeLinear"),
                     "dequantize_linear": count_ops(graph, "DequantizeLinear"),
+                    "matmul_nbits": count_ops(graph, "MatMulNBits"),
+                    "megabytes": round((ctx.out / filename).stat().st_size / 2**20, 2),
                 }
         except ExportUnsupported as exc:
             for filename in STUDENT_ONNX.values():

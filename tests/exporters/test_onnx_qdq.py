@@ -23,6 +23,7 @@ W4A16_G32 = QuantConfig(
     weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
 )
 W8A8_QUADAPTER = QuantConfig(quadapter=QuadapterConfig(enabled=True, positions="all"))
+W4A8_G32_EMB8 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32), embedding_bits=8)
 # Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
 # and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
 MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
@@ -46,7 +47,9 @@ def _run(graph, ids, mask):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize(
-    "quant", [W8A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER], ids=["W8A8", "W4A8g32", "W4A16g32", "W8A8quadapter"]
+    "quant",
+    [W8A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8],
+    ids=["W8A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8"],
 )
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = _student_and_graphs(family, quant, tmp_path)
@@ -97,6 +100,16 @@ def test_int4_groups_use_opset_21_blocked_dequantize(tmp_path):
         assert {a.name: a.i for a in node.attribute} == {"axis": 0, "block_size": 32}
     int4 = [i for i in graph.graph.initializer if i.data_type == TensorProto.INT4]
     assert len(int4) == 2 * len(contract.layers)  # weights and their zero points
+
+
+def test_cpu_flavour_uses_ort_contrib_ops_for_int4_and_the_embedding_table(tmp_path):
+    _, _, contract, graphs = _student_and_graphs("bert", W4A8_G32_EMB8, tmp_path)
+    ops = [n.op_type for n in graphs["cpu"].graph.node]
+    assert ops.count("MatMulNBits") == len(contract.layers) and ops.count("GatherBlockQuantized") == 1
+    trt_ops = [n.op_type for n in graphs["trt"].graph.node]
+    assert "MatMulNBits" not in trt_ops and "GatherBlockQuantized" not in trt_ops
+    size = {flavour: len(graph.SerializeToString()) for flavour, graph in graphs.items()}
+    assert abs(size["cpu"] - size["trt"]) / size["trt"] < 0.1  # the same int4 / int8 storage either way
 
 
 def test_two_bit_weights_are_refused_with_a_reason(tmp_path):
