@@ -72,11 +72,12 @@ def calibrate_zsaq(
     config: PipelineConfig,
     teacher: TaskModel,
     special_ids: tuple[int, ...],
-    checkpoint_path: Path,
-    save_checkpoint: Callable[[dict, Path], None],
+    checkpoint_path: Path | None = None,
+    save_checkpoint: Callable[[dict, Path], None] | None = None,
     show_progress: bool = True,
 ) -> tuple[SamSga, CalibrationSet]:
-    """Play SAM-SGA, resuming from ``checkpoint_path`` when it exists; returns the game and the final set."""
+    """Play SAM-SGA, resuming from ``checkpoint_path`` when it exists (and saving there every N rounds
+    through ``save_checkpoint``); returns the game and the final calibration set."""
     calib = config.calib
     rng = torch.Generator().manual_seed(calib.seed)
     generator = build_generator(config, teacher, special_ids)
@@ -85,7 +86,10 @@ def calibrate_zsaq(
         student, config.quant, generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
     )
     game = SamSga(teacher, student, generator, calib, config.quant.learn, rng)
-    if checkpoint_path.is_file():
-        game.load_state_dict(torch.load(checkpoint_path, weights_only=True))
-    game.play(calib.sam_sga.rounds, lambda: save_checkpoint(game.state_dict(), checkpoint_path), show_progress)
+    checkpoint = None
+    if checkpoint_path is not None and save_checkpoint is not None:
+        if checkpoint_path.is_file():
+            game.load_state_dict(torch.load(checkpoint_path, weights_only=True))
+        checkpoint = lambda: save_checkpoint(game.state_dict(), checkpoint_path)  # noqa: E731
+    game.play(calib.sam_sga.rounds, checkpoint, show_progress)
     return game, generated_set(generator, calib.samples, calib.batch_size, rng)

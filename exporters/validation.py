@@ -147,3 +147,16 @@ def validate_models(
             )
         )
     return reports
+
+
+def evaluate_torch(model, config: PipelineConfig, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:  # noqa: ANN001
+    """Task metric of one PyTorch task model on prepared inputs, and its flattened outputs (for agreement)."""
+    import torch
+
+    from exporters.runners import TorchRunner
+
+    runner = TorchRunner("model", model, 0, torch.get_num_threads())
+    outs_a = [runner(ids, mask) for ids, mask in inputs.batches_a]
+    outs_b = [runner(ids, mask) for ids, mask in inputs.batches_b]
+    flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+    return task_metric(inputs, outs_a, outs_b), flat

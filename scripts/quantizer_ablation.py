@@ -8,12 +8,10 @@ the same evaluation (the validate stage's code) on the task data named in the co
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from transformers import AutoTokenizer
 
@@ -22,12 +20,10 @@ from calib.learn import learn_quantizers
 from calib.models import TaskModel, load_backbone, resolve_location
 from calib.student import build_student, init_ranges
 from exporters.metrics import cosine_rows
-from exporters.runners import TorchRunner
-from exporters.validation import build_eval_inputs, task_metric
+from exporters.validation import build_eval_inputs, evaluate_torch
 from pipeline.config import (
     ActivationQuant,
     LearnConfig,
-    PipelineConfig,
     QuadapterConfig,
     QuantConfig,
     WeightQuant,
@@ -53,18 +49,6 @@ def variants(bits: int, steps: int, positions: str) -> dict[str, QuantConfig]:
     }
 
 
-def evaluate(config: PipelineConfig, model: TaskModel, tokenizer, vocab: int) -> tuple[float, np.ndarray]:  # noqa: ANN001
-    """The config's task metric for one PyTorch model, and its raw outputs on the first text column."""
-    inputs, fallback = build_eval_inputs(config, tokenizer, vocab)
-    if fallback:
-        raise click.ClickException(f"the ablation needs task data: {fallback}")
-    runner = TorchRunner("model", model, 0, torch.get_num_threads())
-    outs_a = [runner(ids, mask) for ids, mask in inputs.batches_a]
-    outs_b = [runner(ids, mask) for ids, mask in inputs.batches_b]
-    flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
-    return task_metric(inputs, outs_a, outs_b), flat
-
-
 @click.command()
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--bits", "bit_widths", multiple=True, type=int, default=(8, 4), show_default=True)
@@ -81,7 +65,10 @@ def main(config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: in
     specials, pad = special_token_ids(tokenizer)
     tokens = random_tokens(samples, config.calib.seq_len, vocab, config.calib.seed, specials, pad)
     batches = tokens.batches(config.calib.batch_size)
-    fp_value, fp_outputs = evaluate(config, teacher, tokenizer, vocab)
+    inputs, fallback = build_eval_inputs(config, tokenizer, vocab)
+    if fallback:
+        raise click.ClickException(f"the ablation needs task data: {fallback}")
+    fp_value, fp_outputs = evaluate_torch(teacher, config, inputs)
     rows = [("FP32", "—", f"{fp_value:.2f}", "1.0000", "—")]
     click.echo(f"FP32: {rows[0][2]}")
     for bits in bit_widths:
@@ -92,7 +79,7 @@ def main(config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: in
             init_ranges(student, quant, batches)
             learn_quantizers(teacher, student, batches, quant.learn, show_progress=True)
             minutes = (time.perf_counter() - started) / 60
-            value, outputs = evaluate(dataclasses.replace(config, quant=quant), student, tokenizer, vocab)
+            value, outputs = evaluate_torch(student, config, inputs)
             cosine = float(cosine_rows(outputs, fp_outputs).mean())
             rows.append((name, f"W{bits}A8", f"{value:.2f}", f"{cosine:.4f}", f"{minutes:.1f}"))
             click.echo(f"W{bits}A8 {name}: {value:.2f}, cosine to FP {cosine:.4f} ({minutes:.1f} min)")

@@ -1,0 +1,123 @@
+"""Data-free calibration benchmark: ZSAQ (SAM-SGA) against the baselines, per bit width, over seeds.
+
+Every method quantizes the same teacher with the same quantizer and the same number of student steps:
+ZSAQ's student steps come from the SAM-SGA game; each baseline distils (LSQ, the quantize stage's loop)
+for as many steps on its own fixed inputs ("QAT on random inputs" in ZSAQ's tables). Usage:
+
+    python scripts/bench_calibration.py configs/bench/sst2.yaml --bits 4 --bits 8 --seeds 0 1 2 \\
+        --methods zsaq random-tokens gaussian-embeds --out docs/bench_calibration_sst2.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+from transformers import AutoTokenizer
+
+from calib.generators import embedding_table
+from calib.inputs import gaussian_embeds, random_tokens
+from calib.learn import learn_quantizers
+from calib.models import TaskModel, load_backbone, resolve_location
+from calib.student import build_student, init_ranges
+from calib.zsaq import calibrate_zsaq
+from exporters.validation import build_eval_inputs, evaluate_torch
+from pipeline.config import PipelineConfig, load_config
+from pipeline.stages.calibrate import special_token_ids
+
+METHODS = ("zsaq", "random-tokens", "gaussian-embeds")
+
+
+def quantize_with(method: str, config: PipelineConfig, teacher: TaskModel, specials: tuple[int, ...], pad: int):  # noqa: ANN201
+    """The quantized student a method produces (same quantizer, same student-step budget)."""
+    calib = config.calib
+    steps = calib.sam_sga.rounds * calib.sam_sga.student_steps
+    if method == "zsaq":
+        game, _ = calibrate_zsaq(config, teacher, specials)
+        return game.student
+    table = embedding_table(teacher)
+    if method == "random-tokens":
+        samples = random_tokens(calib.samples, calib.seq_len, len(table), calib.seed, specials, pad)
+    else:
+        samples = gaussian_embeds(calib.samples, calib.seq_len, table, calib.seed)
+    batches = samples.batches(calib.generator.batch_size)
+    torch.manual_seed(calib.seed)
+    student = build_student(teacher, config.quant)
+    init_ranges(student, config.quant, batches)
+    learn = dataclasses.replace(config.quant.learn, steps=steps)
+    learn_quantizers(teacher, student, batches, learn, show_progress=True)
+    return student
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+@click.command()
+@click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--bits", "bit_widths", multiple=True, type=int, default=(4, 8), show_default=True)
+@click.option("--seeds", "seeds", multiple=True, type=int, default=(0, 1, 2), show_default=True)
+@click.option("--methods", "methods", multiple=True, type=click.Choice(METHODS), default=METHODS)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def main(
+    config_path: Path, bit_widths: tuple[int, ...], seeds: tuple[int, ...], methods: tuple[str, ...], out: Path
+) -> None:  # noqa: E501
+    """Write a Markdown table (FP, each method x bit width, mean ± std over seeds) and a JSON of every run."""
+    base = load_config(config_path)
+    teacher = TaskModel(load_backbone(base.model, base.task), base.task.kind).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_location(base.model))
+    specials, pad = special_token_ids(tokenizer)
+    inputs, fallback = build_eval_inputs(base, tokenizer, teacher.backbone.config.vocab_size)
+    if fallback:
+        raise click.ClickException(f"the benchmark needs task data: {fallback}")
+    fp_metric, _ = evaluate_torch(teacher, base, inputs)
+    runs = []
+    for bits in bit_widths:
+        for method in methods:
+            for seed in seeds:
+                quant = dataclasses.replace(base.quant, weights=dataclasses.replace(base.quant.weights, bits=bits))
+                calib = dataclasses.replace(base.calib, seed=seed, method=method)
+                config = dataclasses.replace(base, quant=quant, calib=calib)
+                started = time.perf_counter()
+                student = quantize_with(method, config, teacher, specials, pad)
+                minutes = (time.perf_counter() - started) / 60
+                metric, _ = evaluate_torch(student, config, inputs)
+                runs.append({"bits": bits, "method": method, "seed": seed, "metric": metric, "minutes": minutes})
+                click.echo(f"W{bits}A8 {method} seed {seed}: {metric:.2f} ({minutes:.1f} min)")
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    metric_name = base.task.eval.metric
+    lines = [f"| method | scheme | {metric_name} (mean ± std) | seeds | minutes / run |", "|---|---|---|---|---|"]
+    lines.append(f"| FP32 teacher | — | {fp_metric:.2f} | — | — |")
+    for bits in bit_widths:
+        for method in methods:
+            picked = [r for r in runs if r["bits"] == bits and r["method"] == method]
+            minutes = statistics.mean(r["minutes"] for r in picked)
+            lines.append(
+                f"| {method} | W{bits}A8 | {_mean_std([r['metric'] for r in picked])} | {len(picked)} | {minutes:.1f} |"
+            )
+    sga = base.calib.sam_sga
+    lines += [
+        "",
+        f"Model {base.model.describe()}, task data {base.task.eval.data} (evaluation only). Every method: "
+        f"{sga.rounds} student steps, weights per-{base.quant.weights.granularity} {base.quant.weights.init}, "
+        f"int8 activations, learnable {', '.join(base.quant.learn.params)}, calibration seq_len "
+        f"{base.calib.seq_len}, generator batch {base.calib.generator.batch_size}. Peak RSS {peak_gib:.2f} GiB.",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"fp": fp_metric, "runs": runs}, indent=2) + "\n")
+    click.echo(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
