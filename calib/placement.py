@@ -18,6 +18,12 @@ from calib.quant_linear import QuantLinear
 from pipeline.config import QuantConfig
 
 BLOCK_PATTERN = re.compile(r"(^|\.)(layer|h|layers)\.\d+\.")
+# Layers of one block that read the same tensor: they share one input quantizer, so the exported graph
+# quantizes that tensor once (and TensorRT can fuse Q, K and V into one GEMM, which needs one scale).
+SHARED_INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "bert": (("attention.self.query", "attention.self.key", "attention.self.value"),),
+    "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+}
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -36,4 +42,21 @@ def insert_quantizers(model: nn.Module, quant: QuantConfig) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, QuantLinear(getattr(parent, child), quant))
+    _share_input_quantizers(model, names)
     return names
+
+
+def _share_input_quantizers(model: nn.Module, names: list[str]) -> None:
+    """Give the layers of each :data:`SHARED_INPUTS` group the first one's input quantizer."""
+    groups = SHARED_INPUTS.get(getattr(getattr(model, "config", None), "model_type", ""), ())
+    present = set(names)
+    for name in names:
+        for group in groups:
+            if not name.endswith("." + group[0]):
+                continue
+            block = name[: -len(group[0])]
+            members = [block + leaf for leaf in group]
+            if set(members) <= present:
+                shared = model.get_submodule(members[0]).input_quantizer
+                for member in members[1:]:
+                    model.get_submodule(member).input_quantizer = shared

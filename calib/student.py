@@ -88,9 +88,8 @@ def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> Non
             layer.input_quantizer.observer = RangeObserver(quant.activations.init, quant.activations.percentile)
     for batch in batches:
         batch.run(student)
-    for layer in layers.values():
-        q = layer.input_quantizer
-        if q is not None:
+    for q in {id(layer.input_quantizer): layer.input_quantizer for layer in layers.values()}.values():
+        if q is not None:  # shared quantizers (Q, K, V) are finalised once
             bound = q.observer.result(q.qmin, q.qmax)
             q.observer = None
             q.init_scale(bound)

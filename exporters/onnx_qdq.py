@@ -218,6 +218,7 @@ def quantize_graph(
     new_nodes: dict[str, list[onnx.NodeProto]] = {}
     replaced: dict[str, onnx.NodeProto] = {}  # MatMul name -> the node that takes its place
     multiplied: dict[tuple[str, bytes], str] = {}  # (source, multiplier bytes) -> Mul output: one Mul per group
+    quantized: dict[tuple[str, bytes], str] = {}  # (source, input scale bytes) -> DequantizeLinear output
     for spec in contract.layers:
         weight_name = weight_initializer_name(spec.name)
         matmul = matmul_by_weight.get(weight_name)
@@ -235,10 +236,13 @@ def quantize_graph(
                 multiplied[key] = f"{name}_out"
             matmul.input[0] = multiplied[key]
         if spec.act_bits == 8:
-            a_inits, a_nodes, act_out = _activation_qdq(spec, contract, matmul.input[0], flavour)
-            new_inits += a_inits
-            before += a_nodes
-            matmul.input[0] = act_out
+            scale = contract.tensors[f"{spec.name}.input_scale"].numpy().tobytes()
+            key = (matmul.input[0], scale)
+            if key not in quantized:  # layers sharing an input and its scale share one Q/DQ pair
+                a_inits, a_nodes, quantized[key] = _activation_qdq(spec, contract, matmul.input[0], flavour)
+                new_inits += a_inits
+                before += a_nodes
+            matmul.input[0] = quantized[key]
         if flavour == "cpu" and spec.weight_bits == 4 and spec.group_size:
             inits, fused = _matmul_nbits(spec, contract, matmul, int4_accuracy_level)
             new_inits += inits

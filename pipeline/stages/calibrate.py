@@ -101,7 +101,8 @@ class CalibrateStage(Stage):
                 str(ctx.out / "generator.safetensors"),
             )
             history = vars(game.history)
-            (ctx.out / "history.json").write_text(json.dumps(history) + "\n", encoding="utf-8")
+            losses = {k: v for k, v in history.items() if isinstance(v, list)}  # timings go to the manifest
+            (ctx.out / "history.json").write_text(json.dumps(losses) + "\n", encoding="utf-8")
             plot_losses(history, ctx.out / "loss.png", f"SAM-SGA on {config.model.describe()}")
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             summary.update(

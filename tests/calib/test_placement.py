@@ -53,3 +53,12 @@ def test_every_block_linear_is_quantized_and_nothing_else(family):
         for m in student.backbone.modules()
         if isinstance(m, (nn.Embedding, nn.LayerNorm))
     )
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_layers_reading_one_tensor_share_one_input_quantizer(family):
+    student = build_student(tiny_teacher(family), QuantConfig())
+    layers = [m for m in student.backbone.modules() if isinstance(m, QuantLinear)]
+    distinct = {id(layer.input_quantizer) for layer in layers}
+    shared_per_block = {"bert": 2, "llama": 3, "gpt2": 0}[family]  # quantizers saved by sharing, per block
+    assert len(distinct) == len(layers) - 2 * shared_per_block
