@@ -107,5 +107,39 @@ def inspect(run_dir: Path, as_json: bool) -> None:
         click.echo(f"  {name}: {value}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--port", default=8000, show_default=True, help="HTTP port on 127.0.0.1.")
+@click.option("--threads", default=0, help="ONNX Runtime threads (default: all cores).")
+@click.option(
+    "--load-check",
+    is_flag=True,
+    help="Run the bounded loopback load check and the malformed requests, write RUN/serve/report.md, then stop.",
+)
+@click.option("--requests", default=200, show_default=True, help="Load check: requests per concurrency level.")
+@click.option("--time-limit", default=60.0, show_default=True, help="Load check: seconds per concurrency level.")
+@user_errors
+def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: int, time_limit: float) -> None:
+    """Serve a run's CPU student (raw text in) through a Triton server on 127.0.0.1 (needs the serve extra)."""
+    from exporters import triton_serve
+    from pipeline.errors import ThresholdFailed
+
+    triton_serve.require_pytriton()
+    model = triton_serve.load_served_model(run_dir, threads)
+    folder = run_dir / "serve"
+    with triton_serve.TextServer(model, port, folder / f"triton-{port}.log") as server:
+        if load_check:
+            report = triton_serve.load_check(server, requests, time_limit)
+            triton_serve.write_load_report(folder, report)
+            click.echo(triton_serve.render_load_markdown(report))
+            if not report["passed"]:
+                raise ThresholdFailed(f"serve: the load check failed; see {folder / 'report.md'}")
+            return
+        name = triton_serve.MODEL_NAME
+        click.echo(f"serving {name} at http://{server.url}/v2/models/{name} (log: {server.log_file}; Ctrl-C stops)")
+        server.wait()
+    click.echo("stopped")
+
+
 if __name__ == "__main__":
     main()

@@ -94,29 +94,34 @@ def main(
                 metric, _ = evaluate_torch(student, config, inputs)
                 runs.append({"bits": bits, "method": method, "seed": seed, "metric": metric, "minutes": minutes})
                 click.echo(f"W{bits}A8 {method} seed {seed}: {metric:.2f} ({minutes:.1f} min)")
+                write_table(out, base, fp_metric, runs)  # after every run: a stopped benchmark keeps its rows
+    click.echo(out.read_text())
+
+
+def write_table(out: Path, base: PipelineConfig, fp_metric: float, runs: list[dict]) -> None:
+    """Markdown table (FP, each method x bit width that ran, mean ± std over seeds) and a JSON of every run."""
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    metric_name = base.task.eval.metric
-    lines = [f"| method | scheme | {metric_name} (mean ± std) | seeds | minutes / run |", "|---|---|---|---|---|"]
+    lines = [
+        f"| method | scheme | {base.task.eval.metric} (mean ± std) | seeds | minutes / run |",
+        "|---|---|---|---|---|",
+    ]
     lines.append(f"| FP32 teacher | — | {fp_metric:.2f} | — | — |")
-    for bits in bit_widths:
-        for method in methods:
-            picked = [r for r in runs if r["bits"] == bits and r["method"] == method]
-            minutes = statistics.mean(r["minutes"] for r in picked)
-            lines.append(
-                f"| {method} | W{bits}A8 | {_mean_std([r['metric'] for r in picked])} | {len(picked)} | {minutes:.1f} |"
-            )
+    for bits, method in dict.fromkeys((r["bits"], r["method"]) for r in runs):
+        picked = [r for r in runs if r["bits"] == bits and r["method"] == method]
+        minutes = statistics.mean(r["minutes"] for r in picked)
+        values = _mean_std([r["metric"] for r in picked])
+        lines.append(f"| {method} | W{bits}A8 | {values} | {len(picked)} | {minutes:.1f} |")
     sga = base.calib.sam_sga
     lines += [
         "",
         f"Model {base.model.describe()}, task data {base.task.eval.data} (evaluation only). Every method: "
-        f"{sga.rounds} student steps, weights per-{base.quant.weights.granularity} {base.quant.weights.init}, "
+        f"{sga.rounds} student steps, weights {base.quant.weights.granularity} {base.quant.weights.init}, "
         f"int8 activations, learnable {', '.join(base.quant.learn.params)}, calibration seq_len "
         f"{base.calib.seq_len}, generator batch {base.calib.generator.batch_size}. Peak RSS {peak_gib:.2f} GiB.",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({"fp": fp_metric, "runs": runs}, indent=2) + "\n")
-    click.echo(out.read_text())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import onnx
+
 from exporters.tensorrt_build import ShapeRange, build_engine, require_tensorrt
+from exporters.trt_check import TrtIncompatible, require_trt_compatible
 from pipeline.config import PipelineConfig
 from pipeline.errors import StageUnavailable
 from pipeline.stages.base import Stage, StageContext
@@ -35,6 +38,10 @@ class BuildStage(Stage):
             raise StageUnavailable(f"build: {exc}; {hint}") from None
         if not onnx_path.is_file():
             raise StageUnavailable(f"build: no TensorRT-flavour graph to build ({ctx.input_dir('export')})")
+        try:
+            require_trt_compatible(onnx.load(str(onnx_path)))
+        except TrtIncompatible as exc:
+            raise StageUnavailable(f"build: {onnx_path.name} does not suit TensorRT: {exc}") from None
         batches = [b for b, _ in ctx.config.validate.shapes]
         seqs = [s for _, s in ctx.config.validate.shapes]
         shapes = ShapeRange(min=(1, 1), opt=(max(batches), max(seqs)), max=(max(batches), max(seqs)))

@@ -9,6 +9,7 @@ import onnx
 from calib.contract import load_contract
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph, required_opset
+from exporters.trt_check import check_trt_compatible
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.teacher import load_teacher
 
@@ -52,6 +53,11 @@ class ExportStage(Stage):
                     "matmul_nbits": count_ops(graph, "MatMulNBits"),
                     "megabytes": round((ctx.out / filename).stat().st_size / 2**20, 2),
                 }
+                if flavour == "trt":
+                    problems = check_trt_compatible(graph)
+                    summary["trt"]["tensorrt_check"] = problems or "ok"
+                    for problem in problems:
+                        ctx.log(f"[export] TensorRT check: {problem}")
         except ExportUnsupported as exc:
             for filename in STUDENT_ONNX.values():
                 (ctx.out / filename).unlink(missing_ok=True)

@@ -1,0 +1,249 @@
+"""Triton model repository: ``config.pbtxt`` files derived from the ONNX graph, and the versioned layout.
+
+The configs are written as protobuf text format by a small writer (the ``package`` stage must work without
+the ``serve`` extra); the tests parse every one with Triton's own ``ModelConfig`` protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from pipeline.errors import PipelineError
+
+PYTHON_MODEL = Path(__file__).with_name("triton_tokenizer_model.py")
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.BFLOAT16: "TYPE_BF16",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT8: "TYPE_INT8",
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
+TEXT_INPUT = "text"
+QUEUE_DELAY_US = 2000
+
+# Model names in the repository; the ensembles take raw text.
+ONNX_MODEL, PLAN_MODEL = "student_onnx", "student_trt"
+TOKENIZER_MODEL, POSTPROCESS_MODEL = "tokenizer", "postprocess"
+TEXT_ENSEMBLE = {ONNX_MODEL: "student_text", PLAN_MODEL: "student_text_trt"}
+
+
+class Enum(str):
+    """A protobuf enum value: written bare (``TYPE_FP32``), not quoted."""
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum | int | float):
+        return str(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def to_pbtxt(message: dict[str, Any], indent: int = 0) -> str:
+    """Protobuf text format of a message given as a dict (lists are repeated fields, dicts sub-messages)."""
+    pad = "  " * indent
+    lines = []
+    for key, value in message.items():
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(item, dict) for item in items):
+            for item in items:
+                lines += [f"{pad}{key} {{", to_pbtxt(item, indent + 1).rstrip("\n"), f"{pad}}}"]
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(item) for item in value)}]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as Triton declares it: the batch axis left out, -1 for dynamic axes."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+    def config(self) -> dict[str, Any]:
+        """The ``ModelInput`` / ``ModelOutput`` message."""
+        return {"name": self.name, "data_type": Enum(self.data_type), "dims": list(self.dims)}
+
+
+def _tensor_spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+    if not dims or dims[0] != -1:
+        raise PipelineError(f"package: {path.name}: '{value.name}' has no dynamic batch axis; Triton cannot batch it")
+    if tensor.elem_type not in ONNX_TO_TRITON:
+        raise PipelineError(f"package: {path.name}: '{value.name}' has an element type Triton configs do not map")
+    return TensorSpec(value.name, ONNX_TO_TRITON[tensor.elem_type], tuple(dims[1:]))
+
+
+def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of an ONNX graph, without loading its weights."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [_tensor_spec(v, path) for v in graph.input if v.name not in initializers]
+    return inputs, [_tensor_spec(v, path) for v in graph.output]
+
+
+def model_config(
+    name: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    max_batch_size: int,
+    kind: str,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A batched model with dynamic batching and one instance of ``kind`` (KIND_CPU, KIND_GPU)."""
+    return {
+        "name": name,
+        **fields,
+        "max_batch_size": max_batch_size,
+        "input": [t.config() for t in inputs],
+        "output": [t.config() for t in outputs],
+        "instance_group": [{"count": 1, "kind": Enum(kind)}],
+        "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
+    }
+
+
+def _parameters(values: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"key": key, "value": {"string_value": value}} for key, value in values.items()]
+
+
+def _ensemble_step(model: str, inputs: list[str], outputs: list[str]) -> dict[str, Any]:
+    return {
+        "model_name": model,
+        "model_version": -1,
+        "input_map": [{"key": name, "value": name} for name in inputs],
+        "output_map": [{"key": name, "value": name} for name in outputs],
+    }
+
+
+def serving_limits(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(max batch size, max tokens per text): the largest validated shape, which the TensorRT profile also uses."""
+    return max(b for b, _ in shapes), max(s for _, s in shapes)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer saved beside the teacher, or None when the model source had none (transformers 5 would
+    otherwise build an empty-vocabulary tokenizer from config.json alone)."""
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None
+
+
+def label_names(model_dir: Path, count: int) -> tuple[str, ...]:
+    """Class names from the model's ``id2label`` when it names all ``count`` classes, else LABEL_0, LABEL_1 ..."""
+    id2label = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+    if len(id2label) != count:
+        return tuple(f"LABEL_{i}" for i in range(count))
+    return tuple(id2label[str(i)] for i in range(count))
+
+
+@dataclass(frozen=True)
+class RepositorySpec:
+    """What goes into the repository: the graphs, the tokenizer folder and what the text models need."""
+
+    onnx_path: Path
+    plan: tuple[Path, Path] | None  # (engine, the ONNX graph it was built from)
+    tokenizer: Any  # a transformers tokenizer, or None when the model has none
+    task_kind: str
+    labels: tuple[str, ...]
+    max_batch_size: int
+    max_length: int
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    """``folder/config.pbtxt`` and the version folder ``folder/1``."""
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(to_pbtxt(config), encoding="utf-8")
+
+
+def _write_text_models(root: Path, spec: RepositorySpec, outputs: list[TensorSpec]) -> tuple[list[dict], list]:
+    """The tokenizer and, for classification, post-processing models; returns (steps after the graph, outputs)."""
+    ids = [TensorSpec(name, "TYPE_INT64", (-1,)) for name in ("input_ids", "attention_mask")]
+    text = [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))]
+    folder = root / TOKENIZER_MODEL
+    config = model_config(TOKENIZER_MODEL, text, ids, spec.max_batch_size, "KIND_CPU", backend="python")
+    params = {"mode": "tokenize", "max_length": str(spec.max_length)}
+    write_config(folder, {**config, "parameters": _parameters(params)})
+    spec.tokenizer.save_pretrained(str(folder / "1" / "tokenizer"))
+    shutil.copy(PYTHON_MODEL, folder / "1" / "model.py")
+    if spec.task_kind != "classification":
+        return [], outputs
+    (logits,) = outputs
+    final = [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("scores", "TYPE_FP32", logits.dims)]
+    folder = root / POSTPROCESS_MODEL
+    config = model_config(POSTPROCESS_MODEL, [logits], final, spec.max_batch_size, "KIND_CPU", backend="python")
+    params = {"mode": "classify", "labels": json.dumps(list(spec.labels))}
+    write_config(folder, {**config, "parameters": _parameters(params)})
+    shutil.copy(PYTHON_MODEL, folder / "1" / "model.py")
+    return [_ensemble_step(POSTPROCESS_MODEL, [logits.name], [t.name for t in final])], final
+
+
+def ensemble_config(
+    name: str, graph_model: str, graph: tuple[list, list], after: list[dict], outputs: list, batch: int
+):
+    """Raw text in: tokenizer, then the graph, then the steps ``after`` it; ``outputs`` are the ensemble's."""
+    inputs, graph_outputs = graph
+    steps = [
+        _ensemble_step(TOKENIZER_MODEL, [TEXT_INPUT], [t.name for t in inputs]),
+        _ensemble_step(graph_model, [t.name for t in inputs], [t.name for t in graph_outputs]),
+        *after,
+    ]
+    return {
+        "name": name,
+        "platform": "ensemble",
+        "max_batch_size": batch,
+        "input": [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,)).config()],
+        "output": [t.config() for t in outputs],
+        "ensemble_scheduling": {"step": steps},
+    }
+
+
+def write_repository(root: Path, spec: RepositorySpec) -> dict[str, Any]:
+    """Write the repository under ``root``; returns {"models": {name: platform or backend}, ...}."""
+    graphs = {ONNX_MODEL: graph_io(spec.onnx_path)}
+    config = model_config(ONNX_MODEL, *graphs[ONNX_MODEL], spec.max_batch_size, "KIND_CPU", platform="onnxruntime_onnx")
+    write_config(root / ONNX_MODEL, config)
+    shutil.copy(spec.onnx_path, root / ONNX_MODEL / "1" / "model.onnx")
+    models = {ONNX_MODEL: "onnxruntime_onnx"}
+    if spec.plan is not None:
+        engine, source = spec.plan
+        graphs[PLAN_MODEL] = graph_io(source)
+        config = model_config(
+            PLAN_MODEL, *graphs[PLAN_MODEL], spec.max_batch_size, "KIND_GPU", platform="tensorrt_plan"
+        )
+        write_config(root / PLAN_MODEL, config)
+        shutil.copy(engine, root / PLAN_MODEL / "1" / "model.plan")
+        models[PLAN_MODEL] = "tensorrt_plan"
+    summary: dict[str, Any] = {"models": models, "max_batch_size": spec.max_batch_size}
+    if spec.tokenizer is None:
+        summary["note"] = "the model has no tokenizer: no tokenizer model and no text ensemble (send token ids)"
+        return summary
+    after, outputs = _write_text_models(root, spec, graphs[ONNX_MODEL][1])
+    models[TOKENIZER_MODEL] = "python"
+    if after:
+        models[POSTPROCESS_MODEL] = "python"
+    for graph_model, graph in graphs.items():
+        name = TEXT_ENSEMBLE[graph_model]
+        write_config(root / name, ensemble_config(name, graph_model, graph, after, outputs, spec.max_batch_size))
+        models[name] = "ensemble"
+    return {**summary, "max_length": spec.max_length}
