@@ -67,7 +67,8 @@ def build_contract(student: TaskModel) -> Contract:
         wq = layer.weight_quantizer
         tensors[f"{name}.weight_int"] = wq.to_int(layer.effective_weight()).to(torch.int8)
         scale = wq.scale.detach().float()
-        tensors[f"{name}.weight_scale"] = scale.reshape(scale.shape[0], -1).squeeze(-1).contiguous()
+        scale = scale.reshape(scale.shape[0], -1)  # [out, groups] (one group per row included)
+        tensors[f"{name}.weight_scale"] = (scale if wq.group_size else scale.squeeze(-1)).contiguous()
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().clone()
         multiplier = layer.input_multiplier()

@@ -68,6 +68,20 @@ def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
         assert np.abs(got - ref).max() <= MAX_REL_DIFF * span, (flavour, np.abs(got - ref).max(), span)
 
 
+def test_one_group_per_row_keeps_its_group_axis(tmp_path):
+    """Group size equal to the layer width (hidden 64, groups of 64) is a valid per-group layout."""
+    teacher = tiny_teacher("gpt2")  # hidden 64, MLP 128: the attention layers have one group per row
+    quant = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=64))
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, random_tokens(8, 16, 512, seed=0).batches(8))
+    contract = build_contract(student)
+    tokens = random_tokens(2, 12, 512, seed=1)
+    with torch.no_grad():
+        expected = student(tokens.input_ids, tokens.attention_mask)
+        rebuilt = load_student(teacher, quant, contract)(tokens.input_ids, tokens.attention_mask)
+    assert torch.equal(expected, rebuilt)
+
+
 def test_trt_flavour_layout(tmp_path):
     _, _, contract, graphs = _student_and_graphs("bert", W8A8, tmp_path)
     graph = graphs["trt"]
