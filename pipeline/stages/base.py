@@ -42,10 +42,14 @@ class Stage:
         """``None`` when the stage runs for this config, else the reason it is skipped."""
         return None
 
+    def sections(self, config: PipelineConfig) -> tuple[str, ...]:
+        """The config sections this stage's output depends on (for this config)."""
+        return self.config_sections
+
     def fingerprint(self, config: PipelineConfig) -> str:
         """sha256 of the config sections this stage depends on: a changed one re-runs it on --resume."""
         data = config.to_dict()
-        picked = {key: data[key] for key in self.config_sections}
+        picked = {key: data[key] for key in self.sections(config)}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
     def run(self, ctx: StageContext) -> dict[str, Any]:

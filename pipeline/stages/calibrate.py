@@ -81,7 +81,11 @@ class CalibrateStage(Stage):
 
     name = "calibrate"
     requires = ("teacher",)
-    config_sections = ("model", "task", "calib", "quant")
+    config_sections = ("model", "task", "calib")
+
+    def sections(self, config: PipelineConfig) -> tuple[str, ...]:
+        """zsaq trains the quantized student, so its output also depends on ``quant``."""
+        return self.config_sections + (("quant",) if config.calib.method == "zsaq" else ())
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config, calib = ctx.config, ctx.config.calib
