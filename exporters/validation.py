@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from calib.inputs import random_tokens
 from exporters.eval_data import EvalSet, load_eval_set
 from exporters.metrics import accuracy, agreement, cosine_rows, matthews, spearman, token_nll
-from exporters.runners import measure_latency
+from exporters.runners import TorchRunner, measure_latency
 from pipeline.config import PipelineConfig
 
 EVAL_BATCH = 32
@@ -151,12 +152,7 @@ def validate_models(
 
 def evaluate_torch(model, config: PipelineConfig, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:  # noqa: ANN001
     """Task metric of one PyTorch task model on prepared inputs, and its flattened outputs (for agreement)."""
-    import torch
-
-    from exporters.runners import TorchRunner
-
     runner = TorchRunner("model", model, 0, torch.get_num_threads())
-    outs_a = [runner(ids, mask) for ids, mask in inputs.batches_a]
-    outs_b = [runner(ids, mask) for ids, mask in inputs.batches_b]
+    outs_a, outs_b = _run_all(runner, inputs.batches_a), _run_all(runner, inputs.batches_b)
     flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
     return task_metric(inputs, outs_a, outs_b), flat
