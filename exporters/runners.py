@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,19 +54,42 @@ class Latency:
     throughput: float
 
 
-def measure_latency(runner, batch: int, seq_len: int, warmup: int, repeats: int, vocab_size: int) -> Latency:  # noqa: ANN001
-    """Median and p90 over ``repeats`` timed calls after ``warmup`` untimed ones, on fixed random ids."""
+def _random_feed(batch: int, seq_len: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     ids = rng.integers(5, vocab_size, size=(batch, seq_len), dtype=np.int64)
-    mask = np.ones((batch, seq_len), dtype=np.int64)
-    for _ in range(warmup):
-        runner(ids, mask)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner(ids, mask)
-        times.append((time.perf_counter() - start) * 1000.0)
-    p50 = float(np.median(times))
+    return ids, np.ones((batch, seq_len), dtype=np.int64)
+
+
+def _summary(batch: int, seq_len: int, times_ms: list[float]) -> Latency:
+    p50 = float(np.median(times_ms))
     return Latency(
-        batch, seq_len, round(p50, 3), round(float(np.percentile(times, 90)), 3), round(batch * 1000.0 / p50, 2)
+        batch, seq_len, round(p50, 3), round(float(np.percentile(times_ms, 90)), 3), round(batch * 1000.0 / p50, 2)
     )
+
+
+def measure_latencies(
+    runners: Sequence, shapes: Sequence[tuple[int, int]], warmup: int, repeats: int, vocab_size: int, blocks: int = 4
+) -> dict[str, list[Latency]]:
+    """Median and p90 of ``repeats`` timed calls per runner and shape, on fixed random ids.
+
+    The runners take turns in ``blocks`` blocks per shape (A A A, B B B, A A A, ...), each opened by
+    ``warmup`` untimed calls: machine drift during the measurement then hits every model alike, so
+    ratios from one run are fair, and the untimed calls absorb the previous model's thread-pool
+    spinning (on 2 cores, interleaving single calls of two ONNX Runtime sessions doubled latencies).
+    """
+    result: dict[str, list[Latency]] = {runner.name: [] for runner in runners}
+    per_block = [repeats // blocks + (i < repeats % blocks) for i in range(blocks)]
+    for batch, seq_len in shapes:
+        ids, mask = _random_feed(batch, seq_len, vocab_size)
+        times: dict[str, list[float]] = {runner.name: [] for runner in runners}
+        for count in per_block:
+            for runner in runners:
+                for _ in range(warmup):
+                    runner(ids, mask)
+                for _ in range(count):
+                    start = time.perf_counter()
+                    runner(ids, mask)
+                    times[runner.name].append((time.perf_counter() - start) * 1000.0)
+        for runner in runners:
+            result[runner.name].append(_summary(batch, seq_len, times[runner.name]))
+    return result

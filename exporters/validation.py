@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from calib.inputs import random_tokens
 from exporters.eval_data import EvalSet, load_eval_set
 from exporters.metrics import accuracy, agreement, cosine_rows, matthews, spearman, token_nll
-from exporters.runners import TorchRunner, measure_latency
+from exporters.runners import TorchRunner, measure_latencies
 from pipeline.config import PipelineConfig
 
 EVAL_BATCH = 32
@@ -131,12 +131,10 @@ def validate_models(
     reference = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs[reference_name][0]])
     reports = []
     v = config.validate
+    latencies = measure_latencies(runners, v.shapes, v.warmup, v.repeats, vocab_size)
     for runner in runners:
         outs_a, outs_b = outputs[runner.name]
         flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
-        latency = [
-            asdict(measure_latency(runner, b, s, v.warmup, v.repeats, vocab_size)) for b, s in config.validate.shapes
-        ]
         reports.append(
             ModelReport(
                 name=runner.name,
@@ -144,7 +142,7 @@ def validate_models(
                 size_mb=round(runner.size_bytes / 2**20, 2),
                 metric=task_metric(inputs, outs_a, outs_b),
                 agreement=None if runner.name == reference_name else agreement(reference, flat, kind),
-                latency=latency,
+                latency=[asdict(lat) for lat in latencies[runner.name]],
             )
         )
     return reports

@@ -32,7 +32,7 @@ from pipeline.config import (
 from pipeline.stages.calibrate import special_token_ids
 
 
-def variants(bits: int, steps: int, positions: str) -> dict[str, QuantConfig]:
+def variants(bits: int, steps: int, positions: str, alpha: float) -> dict[str, QuantConfig]:
     """The ablation ladder for one weight bit width (activations int8 throughout)."""
     weights = WeightQuant(bits=bits, init="minmax")
     acts = ActivationQuant(bits=8, init="minmax")
@@ -44,7 +44,7 @@ def variants(bits: int, steps: int, positions: str) -> dict[str, QuantConfig]:
             weights=weights,
             activations=acts,
             learn=learn,
-            quadapter=QuadapterConfig(enabled=True, positions=positions, init="smoothquant"),
+            quadapter=QuadapterConfig(enabled=True, positions=positions, init="smoothquant", alpha=alpha),
         ),
     }
 
@@ -55,8 +55,11 @@ def variants(bits: int, steps: int, positions: str) -> dict[str, QuantConfig]:
 @click.option("--steps", type=int, default=200, show_default=True, help="Learning steps for +LSQ / +Quadapter.")
 @click.option("--samples", type=int, default=256, show_default=True)
 @click.option("--positions", type=click.Choice(["foldable", "all"]), default="all", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant alpha of the Quadapter init.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def main(config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: int, positions: str, out: Path) -> None:
+def main(
+    config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: int, positions: str, alpha: float, out: Path
+) -> None:
     """Run the ladder for each bit width and write a Markdown table."""
     config = load_config(config_path)
     teacher = TaskModel(load_backbone(config.model, config.task), config.task.kind).eval()
@@ -72,7 +75,7 @@ def main(config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: in
     rows = [("FP32", "—", f"{fp_value:.2f}", "1.0000", "—")]
     click.echo(f"FP32: {rows[0][2]}")
     for bits in bit_widths:
-        for name, quant in variants(bits, steps, positions).items():
+        for name, quant in variants(bits, steps, positions, alpha).items():
             started = time.perf_counter()
             torch.manual_seed(config.calib.seed)
             student = build_student(teacher, quant)
@@ -92,7 +95,7 @@ def main(config_path: Path, bit_widths: tuple[int, ...], steps: int, samples: in
     note = (
         f"\nModel {config.model.describe()}; calibration: {samples} random-token sequences of {config.calib.seq_len}; "
         f"weights per-channel, activations per-tensor int8 (min-max init); learning: {steps} steps, lr 1e-2, "
-        f"KL/MSE distillation; Quadapter positions: {positions}, SmoothQuant init (alpha 0.5).\n"
+        f"KL/MSE distillation; Quadapter positions: {positions}, SmoothQuant init (alpha {alpha}).\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n" + note, encoding="utf-8")

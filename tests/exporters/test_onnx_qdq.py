@@ -126,6 +126,19 @@ def test_cpu_flavour_uses_ort_contrib_ops_for_int4_and_the_embedding_table(tmp_p
     assert abs(size["cpu"] - size["trt"]) / size["trt"] < 0.1  # the same int4 / int8 storage either way
 
 
+def test_cpu_flavour_runs_int8_layers_as_one_integer_kernel_with_the_bias(tmp_path):
+    _, _, contract, graphs = _student_and_graphs("bert", W8A8, tmp_path)
+    nodes = graphs["cpu"].graph.node
+    fused = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == len(contract.layers)
+    assert all(n.input[6] for n in fused)  # every bias Add went into the kernel
+    adds = {flavour: sum(n.op_type == "Add" for n in graph.graph.node) for flavour, graph in graphs.items()}
+    assert adds["trt"] - adds["cpu"] == len(contract.layers)
+    assert not [n for n in nodes if n.op_type == "DequantizeLinear"]  # nothing left for ORT to fuse
+    shared = {n.input[0] for n in fused}  # Q, K and V read one QuantizeLinear
+    assert len(shared) == sum(n.op_type == "QuantizeLinear" for n in nodes) == len(contract.layers) - 2 * 2
+
+
 def test_two_bit_weights_are_refused_with_a_reason(tmp_path):
     teacher = tiny_teacher("bert")
     quant = QuantConfig(weights=WeightQuant(bits=2))
