@@ -141,5 +141,47 @@ def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: in
     click.echo("stopped")
 
 
+@main.command()
+@click.option(
+    "--check",
+    "check_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Compare int8/FP32 and int4/FP32 speed-ups with this baseline file; exit 4 on a regression.",
+)
+@click.option(
+    "--record",
+    "record_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Store this machine's speed-ups in this baseline file (other machines' entries are kept).",
+)
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime threads (part of the baseline key).")
+@click.option("--repeats", default=40, show_default=True, help="Timed calls per model and shape.")
+@user_errors
+def bench(check_path: Path | None, record_path: Path | None, threads: int, repeats: int) -> None:
+    """Latency regression check on a small fixed model: speed-ups over FP32, measured side by side."""
+    from pipeline import latency_check
+    from pipeline.errors import ConfigError, ThresholdFailed
+
+    if (check_path is None) == (record_path is None):
+        raise ConfigError("bench: give exactly one of --check BASELINE.json or --record BASELINE.json")
+    if repeats < 4:
+        raise ConfigError(f"bench: --repeats must be at least 4 (one per measuring block), got {repeats}")
+    path = check_path or record_path
+    baseline = latency_check.read_baseline(path)
+    if check_path is not None:  # fail before measuring when there is nothing to compare with
+        latency_check.baseline_entry(baseline, latency_check.machine_key(threads), str(check_path))
+    measured = latency_check.measure(threads, repeats)
+    if record_path is not None:
+        latency_check.record(measured, baseline, record_path)
+        click.echo(latency_check.render(measured, baseline))
+        click.echo(f"recorded: {record_path}")
+        return
+    failures = latency_check.compare(measured, baseline, str(check_path))
+    click.echo(latency_check.render(measured, baseline))
+    if failures:
+        raise ThresholdFailed("latency regression: " + "; ".join(failures))
+    click.echo("latency check passed")
+
+
 if __name__ == "__main__":
     main()
