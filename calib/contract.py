@@ -5,7 +5,8 @@ for int4/int2, layout ``[out, in]``), ``L.weight_scale`` (``[out]`` or ``[out, i
 ``L.input_scale`` (scalar; absent for 16-bit activations), ``L.bias``, and ``L.input_multiplier``
 (``[in]``, only for a Quadapter that cannot be folded: exported as a Mul before the quantizer); and
 ``float.<name>`` for every other backbone tensor (embeddings, norms, heads: Quadapter scales already folded in).
-``contract.json`` describes the layers. No exporter re-derives a scale.
+With ``quant.attention_matmuls``, ``A.query_scale``, ``A.key_scale``, ``A.probs_scale`` and ``A.value_scale``
+(scalars) for each attention module ``A``. ``contract.json`` describes the layers. No exporter re-derives a scale.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from calib.models import TaskModel
 from calib.quadapter import FixedMultiplier, fold_quadapters
+from calib.quant_attention import ROLES
 from calib.quant_embedding import QuantEmbedding
-from calib.student import build_student, quant_layers
+from calib.student import attention_quantizers, build_student, quant_layers
 from pipeline.config import QuadapterConfig, QuantConfig
 
 CONTRACT_TENSORS = "contract.safetensors"
@@ -49,6 +51,7 @@ class Contract:
     tensors: dict[str, torch.Tensor]
     layers: list[LayerSpec]
     embedding: str | None = None  # the quantized word-embedding table's module name, if any
+    attention: list[str] = dataclasses.field(default_factory=list)  # attention modules with quantized matmuls
 
     def layer(self, name: str) -> LayerSpec:
         """The spec of one layer by name."""
@@ -94,10 +97,15 @@ def build_contract(student: TaskModel) -> Contract:
         tensors[f"{embedding}.weight_int"] = table.weight_quantizer.to_int(table.weight).to(torch.int8)
         tensors[f"{embedding}.weight_scale"] = table.weight_quantizer.scale.detach().float().reshape(-1).clone()
         quantized.add(f"{embedding}.")
+    attention = attention_quantizers(student)
+    for name, group in attention.items():
+        for role in ROLES:
+            tensors[f"{name}.{role}_scale"] = group.quantizer(role).scale.detach().float().reshape(()).clone()
+        quantized.add(f"{name}.attn_quantizers.")
     for pname, value in student.backbone.state_dict().items():
         if not any(pname.startswith(prefix) for prefix in quantized):
             tensors[f"float.{pname}"] = value.detach().clone().contiguous()
-    return Contract(tensors, specs, embedding)
+    return Contract(tensors, specs, embedding, list(attention))
 
 
 def save_contract(contract: Contract, folder: Path) -> list[Path]:
@@ -109,6 +117,7 @@ def save_contract(contract: Contract, folder: Path) -> list[Path]:
         "layout": "weight [out, in]",
         "layers": [asdict(spec) for spec in contract.layers],
         "embedding": contract.embedding,
+        "attention": contract.attention,
     }
     meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return [tensors_path, meta_path]
@@ -118,7 +127,8 @@ def load_contract(folder: Path) -> Contract:
     """Read a contract the quantize stage wrote."""
     meta = json.loads((folder / CONTRACT_META).read_text(encoding="utf-8"))
     tensors = load_file(str(folder / CONTRACT_TENSORS))
-    return Contract(tensors, [LayerSpec(**spec) for spec in meta["layers"]], meta.get("embedding"))
+    layers = [LayerSpec(**spec) for spec in meta["layers"]]
+    return Contract(tensors, layers, meta.get("embedding"), meta.get("attention", []))
 
 
 def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
@@ -164,4 +174,7 @@ def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> 
         table = student.backbone.get_submodule(contract.embedding)
         table.weight.copy_(dequantized_embedding(contract))
         table.weight_quantizer.set_scale(contract.tensors[f"{contract.embedding}.weight_scale"].unsqueeze(-1))
+    for name, group in attention_quantizers(student).items():
+        for role in ROLES:
+            group.quantizer(role).set_scale(contract.tensors[f"{name}.{role}_scale"])
     return student

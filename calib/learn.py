@@ -14,7 +14,8 @@ from calib.inputs import Batch
 from calib.models import TaskModel, TaskOutput
 from calib.placement import BLOCK_PATTERN
 from calib.quadapter import ChannelScale
-from calib.student import quant_layers
+from calib.quant_attention import ROLES
+from calib.student import attention_quantizers, quant_layers
 from pipeline.config import LearnConfig
 
 # A loss this many times the first one (or NaN/inf) counts as divergence.
@@ -81,15 +82,20 @@ def learnable_parameters(
             positive[id(layer.quadapter.scale)] = layer.quadapter.scale
         if "weights" in which:
             free.append(layer.weight)
+    if "step-sizes" in which:
+        blocks = None if layer_names is None else {block_of(name) for name in layer_names}
+        for name, group in attention_quantizers(student).items():
+            if blocks is None or block_of(name) in blocks:
+                positive.update({id(group.quantizer(r).scale): group.quantizer(r).scale for r in ROLES})
     for param in [*positive.values(), *free]:
         param.requires_grad_(True)
     return list(positive.values()), free
 
 
-def block_of(layer_name: str) -> str:
-    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``."""
+def block_of(layer_name: str) -> str | None:
+    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``; None outside the blocks (``lm_head``)."""
     match = BLOCK_PATTERN.search(layer_name)
-    return layer_name[: match.end() - 1]
+    return layer_name[: match.end() - 1] if match else None
 
 
 def relative_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -198,8 +204,9 @@ def learn_quantizers(
             )
             return result
         blocks: dict[str, list[str]] = {}
-        for name in quant_layers(student):
-            blocks.setdefault(block_of(name), []).append(name)
+        for name in quant_layers(student):  # a layer outside the blocks (LM head) keeps its initial ranges
+            if block_of(name) is not None:
+                blocks.setdefault(block_of(name), []).append(name)
         per_block = max(1, config.steps // len(blocks))
         for index, (block, names) in enumerate(blocks.items()):
             positive, free = learnable_parameters(student, config.params, names)

@@ -3,8 +3,10 @@
 Every ``nn.Linear`` / ``Conv1D`` inside a numbered transformer block (BERT ``encoder.layer.N``,
 GPT-2 ``transformer.h.N``, Llama ``model.layers.N``) gets an input and a weight quantizer. Norms,
 softmax, activations and residual adds stay in float; embeddings, the pooler and the task head
-(classifier, LM head) stay in float too: they are a small share of the compute, and the head's
-outputs are what the user reads.
+(classifier, LM head) stay in float by default: they are a small share of an encoder's compute, and
+the head's outputs are what the user reads. ``quant.embedding_bits`` and ``quant.lm_head`` change that
+(a decoder's LM head is a large share of its weights); ``quant.attention_matmuls`` adds the attention
+matmuls (:mod:`calib.quant_attention`).
 """
 
 from __future__ import annotations
@@ -26,18 +28,23 @@ SHARED_INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Qualified names of the layers the student quantizes, in module order."""
-    return [
+def quantizable_layers(model: nn.Module, lm_head: bool = False) -> list[str]:
+    """Qualified names of the layers the student quantizes, in module order (plus ``lm_head`` if asked)."""
+    names = [
         name
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, Conv1D)) and BLOCK_PATTERN.search(name)
     ]
+    if lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        names.append("lm_head")
+    return names
 
 
 def insert_quantizers(model: nn.Module, quant: QuantConfig) -> list[str]:
-    """Swap each quantizable layer for a :class:`QuantLinear` in place; returns their names."""
-    names = quantizable_layers(model)
+    """Swap each quantizable layer for a :class:`QuantLinear` in place; returns their names.
+
+    A tied LM head (GPT-2) keeps sharing the embedding table in float: its QuantLinear holds its own copy."""
+    names = quantizable_layers(model, quant.lm_head)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -11,8 +11,10 @@ from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
 from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
+from calib.quant_attention import ROLES, AttentionQuantizers, attach_attention_quantizers
 from calib.quant_embedding import QuantEmbedding
 from calib.quant_linear import QuantLinear
+from calib.quantizers import TensorQuantizer
 from calib.range_init import RangeObserver
 from pipeline.config import QuantConfig
 
@@ -23,6 +25,8 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
     """A deep copy of the teacher with every block Linear swapped for a QuantLinear (plus Quadapters)."""
     student = copy.deepcopy(teacher)
     names = insert_quantizers(student.backbone, quant)
+    if quant.attention_matmuls:
+        attach_attention_quantizers(student.backbone)
     if quant.embedding_bits is not None:
         student.backbone.set_input_embeddings(
             QuantEmbedding(student.backbone.get_input_embeddings(), quant.embedding_bits)
@@ -39,6 +43,23 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
 def quant_layers(model: TaskModel) -> dict[str, QuantLinear]:
     """The student's quantized layers by qualified name (relative to the backbone)."""
     return {n: m for n, m in model.backbone.named_modules() if isinstance(m, QuantLinear)}
+
+
+def attention_quantizers(model: TaskModel) -> dict[str, AttentionQuantizers]:
+    """The attention modules' matmul-input quantizers by attention module name (empty when switched off)."""
+    return {
+        n[: -len(".attn_quantizers")]: m
+        for n, m in model.backbone.named_modules()
+        if isinstance(m, AttentionQuantizers)
+    }
+
+
+def activation_quantizers(model: TaskModel) -> list[TensorQuantizer]:
+    """Every activation quantizer once (Q, K and V share theirs): layer inputs, then attention matmul inputs."""
+    found = {id(layer.input_quantizer): layer.input_quantizer for layer in quant_layers(model).values()}
+    for group in attention_quantizers(model).values():
+        found.update({id(q): q for q in (group.quantizer(role) for role in ROLES)})
+    return [q for q in found.values() if q is not None]
 
 
 def quadapter_owners(model: TaskModel) -> dict[int, list[QuantLinear]]:
@@ -84,15 +105,15 @@ def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> Non
             smoothquant_init(group, absmax, quant.quadapter.alpha)
     for layer in layers.values():
         layer.weight_quantizer.init_from_tensor(layer.effective_weight(), quant.weights.init)
-        if layer.input_quantizer is not None:
-            layer.input_quantizer.observer = RangeObserver(quant.activations.init, quant.activations.percentile)
+    activations = activation_quantizers(student)
+    for q in activations:
+        q.observer = RangeObserver(quant.activations.init, quant.activations.percentile)
     for batch in batches:
         batch.run(student)
-    for q in {id(layer.input_quantizer): layer.input_quantizer for layer in layers.values()}.values():
-        if q is not None:  # shared quantizers (Q, K, V) are finalised once
-            bound = q.observer.result(q.qmin, q.qmax)
-            q.observer = None
-            q.init_scale(bound)
+    for q in activations:
+        bound = q.observer.result(q.qmin, q.qmax)
+        q.observer = None
+        q.init_scale(bound)
 
 
 def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.Tensor]:
@@ -107,6 +128,9 @@ def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.
             state[f"{name}.quadapter.scale"] = layer.quadapter.scale.detach().clone()
         if include_weights:
             state[f"{name}.weight"] = layer.weight.detach().clone()
+    for name, group in attention_quantizers(student).items():
+        for role in ROLES:
+            state[f"{name}.attn_quantizers.{role}.scale"] = group.quantizer(role).scale.detach().clone()
     return state
 
 
@@ -114,7 +138,12 @@ def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.
 def load_student_state(student: TaskModel, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`student_state` (quantizer scales take their saved shapes)."""
     layers = quant_layers(student)
+    attention = attention_quantizers(student)
     for key, value in state.items():
+        if ".attn_quantizers." in key:
+            name, _, rest = key.partition(".attn_quantizers.")
+            attention[name].quantizer(rest.removesuffix(".scale")).set_scale(value)
+            continue
         name, _, part = key.rpartition(".")
         layer_name, _, owner = name.rpartition(".")
         if owner in ("weight_quantizer", "input_quantizer"):

@@ -59,6 +59,8 @@ def teacher_export_model(teacher: TaskModel) -> TaskModel:
 def contract_export_model(teacher: TaskModel, contract: Contract) -> TaskModel:
     """The student's float skeleton: contract float tensors, and dequantized weights on the named MatMuls."""
     model = copy.deepcopy(teacher)
+    if contract.attention:  # the attention matmuls must appear as plain MatMuls for their Q/DQ
+        model.backbone.set_attn_implementation("eager")
     model.backbone.load_state_dict(float_state_dict(contract), strict=False)
     if contract.embedding is not None:
         with torch.no_grad():

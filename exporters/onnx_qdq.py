@@ -90,11 +90,10 @@ class QuantizedInput:
 
 
 def _activation_quantize(
-    spec: LayerSpec, contract: Contract, source: str, flavour: Flavour
+    base: str, scale_value: np.ndarray, source: str, flavour: Flavour
 ) -> tuple[list[TensorProto], onnx.NodeProto, QuantizedInput]:
-    """QuantizeLinear on the layer's input, with the contract's scale."""
-    base = f"{spec.name}.input"
-    scale = contract.tensors[f"{spec.name}.input_scale"].numpy().astype(np.float32).reshape(())
+    """QuantizeLinear of ``source`` with a contract scale (uint8 zero point 128 in the CPU flavour)."""
+    scale = scale_value.astype(np.float32).reshape(())
     zero = np.array(128, dtype=np.uint8) if flavour == "cpu" else np.array(0, dtype=np.int8)
     inits = [numpy_helper.from_array(scale, f"{base}_scale"), numpy_helper.from_array(zero, f"{base}_zero_point")]
     q = QuantizedInput(f"{base}_quantized", f"{base}_scale", f"{base}_zero_point")
@@ -116,10 +115,48 @@ def _activation_dequantize(q: QuantizedInput) -> tuple[onnx.NodeProto, str]:
     return node, out
 
 
+def _attention_matmul_pairs(graph: onnx.GraphProto, modules: list[str]) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """The (QK^T, AV) MatMuls of each attention module, in graph order (the exporter keeps module order).
+
+    They are the MatMuls with no constant input; AV is the one whose first input comes from Softmax."""
+    constants = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    dynamic = [n for n in graph.node if n.op_type == "MatMul" and not constants.intersection(n.input)]
+    if len(dynamic) != 2 * len(modules):
+        raise ValueError(f"expected {2 * len(modules)} attention MatMuls in the float graph, found {len(dynamic)}")
+    pairs = list(zip(dynamic[0::2], dynamic[1::2]))
+    for _, av in pairs:
+        source = producers.get(av.input[0])
+        while source is not None and source.op_type in ("Cast", "Dropout", "Identity"):
+            source = producers.get(source.input[0])
+        if source is None or source.op_type != "Softmax":
+            raise ValueError(f"attention MatMul {av.name} does not read a Softmax output")
+    return pairs
+
+
+def _quantize_attention(
+    graph: onnx.GraphProto, contract: Contract, flavour: Flavour
+) -> tuple[list[TensorProto], dict[str, list[onnx.NodeProto]]]:
+    """Q/DQ on the four attention matmul inputs of every module in ``contract.attention``."""
+    inits: list[TensorProto] = []
+    before: dict[str, list[onnx.NodeProto]] = {}
+    for module, (qk, av) in zip(contract.attention, _attention_matmul_pairs(graph, contract.attention)):
+        for matmul, roles in ((qk, ("query", "key")), (av, ("probs", "value"))):
+            nodes = []
+            for index, role in enumerate(roles):
+                scale = contract.tensors[f"{module}.{role}_scale"].numpy()
+                q_inits, q_node, q = _activation_quantize(f"{module}.{role}", scale, matmul.input[index], flavour)
+                dq_node, matmul.input[index] = _activation_dequantize(q)
+                inits += q_inits
+                nodes += [q_node, dq_node]
+            before[matmul.name] = nodes
+    return inits, before
+
+
 def _constants(graph: onnx.GraphProto) -> set[str]:
-    """Initializer names, and outputs of the Identity nodes the exporter puts on de-duplicated initializers."""
+    """Initializer names, and outputs of Identity / Transpose nodes on them (de-duplicated or tied weights)."""
     names = {init.name for init in graph.initializer}
-    return names | {n.output[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in names}
+    return names | {n.output[0] for n in graph.node if n.op_type in ("Identity", "Transpose") and n.input[0] in names}
 
 
 def _bias_add(graph: onnx.GraphProto, matmul: onnx.NodeProto, constants: set[str]) -> onnx.NodeProto | None:
@@ -273,6 +310,8 @@ def quantize_graph(
     quantized: dict[tuple[str, bytes], QuantizedInput] = {}  # (source, scale bytes): layers sharing an input share it
     dequantized: dict[str, str] = {}  # QuantizeLinear output -> its DequantizeLinear output
     constants = _constants(graph)
+    if contract.attention:
+        new_inits, new_nodes = _quantize_attention(graph, contract, flavour)
     for spec in contract.layers:
         weight_name = weight_initializer_name(spec.name)
         matmul = matmul_by_weight.get(weight_name)
@@ -293,7 +332,10 @@ def quantize_graph(
         if spec.act_bits == 8:
             key = (matmul.input[0], contract.tensors[f"{spec.name}.input_scale"].numpy().tobytes())
             if key not in quantized:
-                a_inits, a_node, quantized[key] = _activation_quantize(spec, contract, matmul.input[0], flavour)
+                scale = contract.tensors[f"{spec.name}.input_scale"].numpy()
+                a_inits, a_node, quantized[key] = _activation_quantize(
+                    f"{spec.name}.input", scale, matmul.input[0], flavour
+                )
                 new_inits += a_inits
                 before.append(a_node)
             q = quantized[key]

@@ -222,6 +222,11 @@ class QuantConfig:
     activations: ActivationQuant = field(default_factory=ActivationQuant)
     # Word-embedding table, weight-only per row; None keeps it in float (the default: see README).
     embedding_bits: int | None = None
+    # Q/DQ on the inputs of the attention matmuls (QK^T, AV) for TensorRT's int8 attention; off by default:
+    # ONNX Runtime's CPU kernels gain little from it and the softmax output is the most fragile tensor.
+    attention_matmuls: bool = False
+    # The LM head (causal LMs) as a quantized layer; off by default, see README.
+    lm_head: bool = False
     quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
 
@@ -400,6 +405,10 @@ def _check_values(config: PipelineConfig, source: str) -> None:
     a = config.quant.activations
     if a.bits not in (8, 16):
         fail("quant.activations.bits", "8 or 16", a.bits)
+    if config.quant.attention_matmuls and a.bits != 8:
+        fail("quant.attention_matmuls", "false unless quant.activations.bits is 8", True)
+    if config.quant.lm_head and config.task.kind != "causal-lm":
+        fail("quant.lm_head", "false unless task.kind is causal-lm (only causal LMs have an LM head)", True)
     if not 50.0 < a.percentile <= 100.0:
         fail("quant.activations.percentile", "a number in (50, 100]", a.percentile)
     learn = config.quant.learn

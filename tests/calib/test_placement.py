@@ -62,3 +62,13 @@ def test_layers_reading_one_tensor_share_one_input_quantizer(family):
     distinct = {id(layer.input_quantizer) for layer in layers}
     shared_per_block = {"bert": 2, "llama": 3, "gpt2": 0}[family]  # quantizers saved by sharing, per block
     assert len(distinct) == len(layers) - 2 * shared_per_block
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_lm_head_is_quantized_only_when_asked(family):
+    teacher = tiny_teacher(family)
+    assert "lm_head" not in quantizable_layers(teacher.backbone)
+    student = build_student(teacher, QuantConfig(lm_head=True))
+    head = student.backbone.lm_head
+    assert isinstance(head, QuantLinear) and head.input_quantizer is not None
+    assert isinstance(teacher.backbone.lm_head, nn.Linear)  # the teacher keeps its float head

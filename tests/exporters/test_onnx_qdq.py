@@ -23,6 +23,8 @@ W4A16_G32 = QuantConfig(
     weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
 )
 W8A8_QUADAPTER = QuantConfig(quadapter=QuadapterConfig(enabled=True, positions="all"))
+W8A8_ATTENTION = QuantConfig(attention_matmuls=True)
+W8A8_LM_HEAD = QuantConfig(lm_head=True)
 W4A8_G32_EMB8 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32), embedding_bits=8)
 # Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
 # and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
@@ -48,8 +50,8 @@ def _run(graph, ids, mask):
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize(
     "quant",
-    [W8A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8],
-    ids=["W8A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8"],
+    [W8A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD],
+    ids=["W8A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead"],
 )
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = _student_and_graphs(family, quant, tmp_path)

@@ -36,6 +36,13 @@ BAD_CONFIGS = [
     ({"validate": {"min_agreement": 1.5}}, "validate.min_agreement", "between 0 and 1"),
     ({"export": {"formats": ["tflite"]}}, "export.formats[0]", "onnx, trt, triton"),
     ({"quant": {"learn": {"lr": -1}}}, "quant.learn.lr", "positive"),
+    (
+        {"quant": {"attention_matmuls": True, "activations": {"bits": 16}}},
+        "quant.attention_matmuls",
+        "false unless quant.activations.bits is 8",
+    ),
+    ({"quant": {"lm_head": True}}, "quant.lm_head", "false unless task.kind is causal-lm"),
+    ({"quant": {"lm_head": "yes"}}, "quant.lm_head", "true or false"),
 ]
 
 
