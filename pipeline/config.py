@@ -237,11 +237,15 @@ class ExportConfig:
 
     ``int4_accuracy_level`` is MatMulNBits' compute mode in the CPU flavour: 0 computes in float on the
     dequantized int4 weights (exactly the student's function); 4 quantizes activations to int8 per block
-    on the fly (faster, no longer bit-identical to the student)."""
+    on the fly (faster, no longer bit-identical to the student).
+
+    ``int4_weight_only`` lists group sizes for extra W4A16 CPU models of the teacher (round-to-nearest
+    per group, int8 embedding table): weight-only int4 needs no activation ranges, so no calibration."""
 
     formats: tuple[ExportFormat, ...] = ("onnx",)
     opset: int = 17
     int4_accuracy_level: int = 0
+    int4_weight_only: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -456,6 +460,9 @@ def _check_values(config: PipelineConfig, source: str) -> None:
         fail("validate.repeats", "a positive integer", v.repeats)
     if v.min_agreement is not None and not 0.0 <= v.min_agreement <= 1.0:
         fail("validate.min_agreement", "a fraction between 0 and 1", v.min_agreement)
+    for index, group in enumerate(config.export.int4_weight_only):
+        if group not in (32, 64, 128):
+            fail(f"export.int4_weight_only[{index}]", "32, 64 or 128", group)
     if config.export.int4_accuracy_level not in (0, 1, 2, 3, 4):
         fail(
             "export.int4_accuracy_level",

@@ -48,12 +48,12 @@ def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig
             f"{source}: quant.embedding_bits: expected nothing for a model whose LM head shares the embedding "
             f"table (it would quantize the head too), got {config.quant.embedding_bits}"
         )
-    group = config.quant.weights.group_size
-    if group:
-        for width in sorted(layer_widths(model_config)):
-            if width % group:
-                raise ConfigError(
-                    f"{source}: quant.weights.group_size: expected a divisor of every layer width "
-                    f"({', '.join(map(str, sorted(layer_widths(model_config))))}), got {group}"
-                )
+    groups = [("quant.weights.group_size", config.quant.weights.group_size)]
+    groups += [(f"export.int4_weight_only[{i}]", g) for i, g in enumerate(config.export.int4_weight_only)]
+    widths = sorted(layer_widths(model_config))
+    for key, group in groups:
+        if group and any(width % group for width in widths):
+            raise ConfigError(
+                f"{source}: {key}: expected a divisor of every layer width ({', '.join(map(str, widths))}), got {group}"
+            )
     return model_config

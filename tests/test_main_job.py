@@ -50,6 +50,10 @@ def test_readme_main_job_on_the_embedded_default(tmp_path):
     report = json.loads((out / "validate" / "report.json").read_text())
     rows = {row["name"]: row for row in report["models"]}
     assert rows["qdq-cpu-flavour"]["agreement"]["mean_cosine"] > 0.99
+    export = manifest["stages"]["export"]["summary"]
+    for group in (32, 128):  # int4 weight-only models: at most 30% of the FP32 file, and they run
+        assert export[f"w4a16_g{group}"]["fraction_of_fp32"] <= 0.30
+        assert rows[f"w4a16-g{group}-cpu"]["agreement"]["mean_cosine"] > 0.9
     if (REPO.parent / "shared" / "data" / "glue" / "STS-B" / "dev.tsv").is_file():
         assert report["metric_name"] == "spearman"
         assert rows["fp32-onnx"]["metric"] == pytest.approx(86.72, abs=0.05)  # the published all-MiniLM-L6-v2 figure

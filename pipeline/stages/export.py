@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import onnx
 
-from calib.contract import load_contract
+from calib.contract import build_contract, load_contract
+from calib.models import TaskModel
+from calib.student import build_student, init_ranges
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph, required_opset
 from exporters.trt_check import check_trt_compatible
+from pipeline.config import ActivationQuant, QuantConfig, WeightQuant
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.teacher import load_teacher
 
 TEACHER_ONNX = "teacher_fp32.onnx"
 STUDENT_ONNX = {"trt": "student_qdq_trt.onnx", "cpu": "student_qdq_cpu.onnx"}
+
+
+def int4_filename(group: int) -> str:
+    """The CPU model of the teacher with int4 weights in groups of ``group`` (W4A16, MatMulNBits)."""
+    return f"teacher_w4a16_g{group}_cpu.onnx"
+
+
+def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int, scratch: Path) -> onnx.ModelProto:
+    """Round-to-nearest int4 weights per group (min-max), int8 embedding rows unless tied to an LM head.
+
+    Weight-only quantization needs no activation ranges, hence no calibration inputs: the student path
+    is reused with 16-bit activations so the numbers still come from a contract."""
+    tied = teacher.kind == "causal-lm" and getattr(teacher.backbone.config, "tie_word_embeddings", False)
+    quant = QuantConfig(
+        weights=WeightQuant(bits=4, granularity="per-group", group_size=group),
+        activations=ActivationQuant(bits=16),
+        embedding_bits=None if tied else 8,
+    )
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, [])
+    contract = build_contract(student)
+    float_graph = export_onnx(contract_export_model(teacher, contract), scratch, opset)
+    scratch.unlink()
+    return quantize_graph(float_graph, contract, "cpu")
 
 
 def count_ops(model: onnx.ModelProto, *op_types: str) -> int:
@@ -63,4 +91,12 @@ class ExportStage(Stage):
                 (ctx.out / filename).unlink(missing_ok=True)
             summary["student"] = f"not exported: {exc}"
             ctx.log(f"[export] {summary['student']}")
+        for group in ctx.config.export.int4_weight_only:
+            path = ctx.out / int4_filename(group)
+            onnx.save(int4_weight_only_graph(teacher, group, opset, ctx.out / ".int4_float.onnx"), str(path))
+            summary[f"w4a16_g{group}"] = {
+                "file": path.name,
+                "megabytes": round(path.stat().st_size / 2**20, 2),
+                "fraction_of_fp32": round(path.stat().st_size / (ctx.out / TEACHER_ONNX).stat().st_size, 3),
+            }
         return summary

@@ -15,7 +15,7 @@ from pipeline.errors import ThresholdFailed
 from pipeline.report import write_report
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import REAL_DATA_FLAG
-from pipeline.stages.export import STUDENT_ONNX, TEACHER_ONNX
+from pipeline.stages.export import STUDENT_ONNX, TEACHER_ONNX, int4_filename
 from pipeline.stages.quantize import quant_label
 from pipeline.stages.teacher import MODEL_DIR, load_teacher, load_teacher_tokenizer
 
@@ -56,6 +56,8 @@ class ValidateStage(Stage):
             STUDENT_ONNX["trt"]: "qdq-trt-flavour",
             STUDENT_ONNX["cpu"]: "qdq-cpu-flavour",
         }
+        for group in config.export.int4_weight_only:
+            labels[int4_filename(group)] = f"w4a16-g{group}-cpu"
         for filename, label in labels.items():
             if (export_dir / filename).is_file():
                 runners.append(OrtRunner(label, export_dir / filename, threads))

@@ -31,11 +31,11 @@ def tiny_run(tmp_path_factory) -> Path:
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from tests.conftest import TINY
+    from tests.conftest import TINY, merge
 
     folder = tmp_path_factory.mktemp("tiny")
     config = folder / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config.write_text(yaml.safe_dump(merge(TINY, {"export": {"int4_weight_only": [32]}})))
     result = CliRunner().invoke(main, ["run", str(config), "--out", str(folder / "run"), "--quiet"])
     assert result.exit_code == 0, result.output
     return folder / "run"
@@ -77,10 +77,28 @@ def test_exported_qdq_graph_is_valid_and_runs(tiny_run):
     assert out.shape == (3, 2) and np.isfinite(out).all()
 
 
+def test_int4_weight_only_model_is_matmul_nbits_with_an_int8_embedding_table(tiny_run):
+    summary = manifest_of(tiny_run)["stages"]["export"]["summary"]["w4a16_g32"]
+    model = onnx.load(str(tiny_run / "export" / summary["file"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 6 and ops.count("GatherBlockQuantized") == 1
+    assert "QuantizeLinear" not in ops and summary["fraction_of_fp32"] < 0.5
+
+
 def test_report_files_exist(tiny_run):
     report = json.loads((tiny_run / "validate" / "report.json").read_text())
     names = [m["name"] for m in report["models"]]
-    assert names == ["fp32-pytorch", "student-pytorch", "fp32-onnx", "qdq-trt-flavour", "qdq-cpu-flavour"]
+    assert names == [
+        "fp32-pytorch",
+        "student-pytorch",
+        "fp32-onnx",
+        "qdq-trt-flavour",
+        "qdq-cpu-flavour",
+        "w4a16-g32-cpu",
+    ]
+    rows = {m["name"]: m for m in report["models"]}
+    assert rows["w4a16-g32-cpu"]["size_mb"] < 0.5 * rows["fp32-onnx"]["size_mb"]
+    assert rows["w4a16-g32-cpu"]["agreement"]["argmax_match"] > 0.5  # runs, and computes the same task
     assert report["fallback_reason"] == "the config names no evaluation data"
     assert (tiny_run / "validate" / "plot.png").stat().st_size > 1000
     assert "No task metric" in (tiny_run / "validate" / "report.md").read_text()
