@@ -121,28 +121,38 @@ class ModelReport:
     metric: float | None
     agreement: dict[str, float] | None
     latency: list[dict[str, Any]]
+    reference: str  # what the agreement figures compare with
 
 
 def validate_models(
-    runners: list, reference_name: str, inputs: EvalInputs, config: PipelineConfig, vocab_size: int, kind: str
+    runners: list,
+    reference_name: str,
+    inputs: EvalInputs,
+    config: PipelineConfig,
+    vocab_size: int,
+    kind: str,
+    references: dict[str, str] | None = None,
 ) -> list[ModelReport]:
-    """Run each runner on the inputs; agreement is measured against the runner named ``reference_name``."""
+    """Run each runner on the inputs; agreement is measured against the runner named ``reference_name``,
+    or the one ``references`` names for it (models that are not the student's exports)."""
     outputs = {r.name: (_run_all(r, inputs.batches_a), _run_all(r, inputs.batches_b)) for r in runners}
-    reference = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs[reference_name][0]])
+    flat = {name: np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs[0]]) for name, outs in outputs.items()}
+    references = references or {}
     reports = []
     v = config.validate
     latencies = measure_latencies(runners, v.shapes, v.warmup, v.repeats, vocab_size)
     for runner in runners:
         outs_a, outs_b = outputs[runner.name]
-        flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+        reference = references.get(runner.name, reference_name)
         reports.append(
             ModelReport(
                 name=runner.name,
                 runtime=runner.runtime,
                 size_mb=round(runner.size_bytes / 2**20, 2),
                 metric=task_metric(inputs, outs_a, outs_b),
-                agreement=None if runner.name == reference_name else agreement(reference, flat, kind),
+                agreement=None if runner.name == reference else agreement(flat[reference], flat[runner.name], kind),
                 latency=[asdict(lat) for lat in latencies[runner.name]],
+                reference=reference,
             )
         )
     return reports

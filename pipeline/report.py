@@ -28,7 +28,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("fallback_reason"):
         lines.append(f"- No task metric: {report['fallback_reason']}; agreement is measured on generated inputs.")
     lines += [
-        f"- Agreement is measured against: {report['reference']}",
+        f"- Agreement is measured against: {report['reference']}"
+        + (
+            " (rows marked * against fp32-pytorch)"
+            if any(r.get("reference", report["reference"]) != report["reference"] for r in report["models"])
+            else ""
+        ),
         f"- Threads: {report['threads']}; latency = median (p50) and p90 over {report['repeats']} runs after warm-up",
         "",
     ]
@@ -39,7 +44,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("|" + "---|" * len(header))
     for row in report["models"]:
         agree = row["agreement"] or {}
-        cells = [row["name"], row["runtime"], _fmt(row["size_mb"]), _fmt(row["metric"])]
+        marked = row["name"] + (" *" if row.get("reference", report["reference"]) != report["reference"] else "")
+        cells = [marked, row["runtime"], _fmt(row["size_mb"]), _fmt(row["metric"])]
         cells += [
             _fmt(100 * agree["argmax_match"]) + "%" if "argmax_match" in agree else "—",
             _fmt(agree.get("mean_cosine"), 5),
