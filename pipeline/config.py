@@ -246,6 +246,9 @@ class ExportConfig:
     opset: int = 17
     int4_accuracy_level: int = 0
     int4_weight_only: tuple[int, ...] = ()
+    # ONNX Runtime's dynamic int8 quantization of the FP32 graph: the data-free option users have today,
+    # validated beside the student as the bar it must beat.
+    ort_dynamic_baseline: bool = True
 
 
 @dataclass(frozen=True)

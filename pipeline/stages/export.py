@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnxruntime.quantization import quantize_dynamic
 
 from calib.contract import build_contract, load_contract
 from calib.models import TaskModel
@@ -18,6 +19,7 @@ from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.teacher import load_teacher
 
 TEACHER_ONNX = "teacher_fp32.onnx"
+ORT_DYNAMIC_ONNX = "teacher_ort_dynamic_int8.onnx"
 STUDENT_ONNX = {"trt": "student_qdq_trt.onnx", "cpu": "student_qdq_cpu.onnx"}
 
 
@@ -91,6 +93,13 @@ class ExportStage(Stage):
                 (ctx.out / filename).unlink(missing_ok=True)
             summary["student"] = f"not exported: {exc}"
             ctx.log(f"[export] {summary['student']}")
+        if ctx.config.export.ort_dynamic_baseline:
+            # per-channel int8 weights, activations quantized at run time (uint8, per tensor): ORT's own tool
+            quantize_dynamic(ctx.out / TEACHER_ONNX, ctx.out / ORT_DYNAMIC_ONNX, per_channel=True)
+            summary["ort_dynamic_int8"] = {
+                "file": ORT_DYNAMIC_ONNX,
+                "megabytes": round((ctx.out / ORT_DYNAMIC_ONNX).stat().st_size / 2**20, 2),
+            }
         for group in ctx.config.export.int4_weight_only:
             path = ctx.out / int4_filename(group)
             onnx.save(int4_weight_only_graph(teacher, group, opset, ctx.out / ".int4_float.onnx"), str(path))

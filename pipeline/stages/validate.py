@@ -15,12 +15,13 @@ from pipeline.errors import ThresholdFailed
 from pipeline.report import write_report
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import REAL_DATA_FLAG
-from pipeline.stages.export import STUDENT_ONNX, TEACHER_ONNX, int4_filename
+from pipeline.stages.export import ORT_DYNAMIC_ONNX, STUDENT_ONNX, TEACHER_ONNX, int4_filename
 from pipeline.stages.quantize import quant_label
 from pipeline.stages.teacher import MODEL_DIR, load_teacher, load_teacher_tokenizer
 
 STUDENT = "student-pytorch"
 FP32_ONNX = "fp32-onnx"
+ORT_DYNAMIC = "ort-dynamic-int8"
 
 
 def _folder_bytes(folder) -> int:  # noqa: ANN001
@@ -56,10 +57,13 @@ class ValidateStage(Stage):
             STUDENT_ONNX["trt"]: "qdq-trt-flavour",
             STUDENT_ONNX["cpu"]: "qdq-cpu-flavour",
         }
-        # The int4 weight-only models quantize the teacher, not the student: they agree with the FP teacher
-        # (and validate.min_agreement, a check of the student's exports, does not apply to them).
+        # The int4 weight-only models and ORT's dynamic int8 baseline quantize the teacher, not the student:
+        # they agree with the FP teacher (validate.min_agreement, a check of the student's exports, skips them).
         references = {f"w4a16-g{group}-cpu": "fp32-pytorch" for group in config.export.int4_weight_only}
         labels.update({int4_filename(group): label for group, label in zip(config.export.int4_weight_only, references)})
+        if config.export.ort_dynamic_baseline:
+            labels[ORT_DYNAMIC_ONNX] = ORT_DYNAMIC
+            references[ORT_DYNAMIC] = "fp32-pytorch"
         for filename, label in labels.items():
             if (export_dir / filename).is_file():
                 runners.append(OrtRunner(label, export_dir / filename, threads))

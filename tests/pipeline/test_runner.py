@@ -95,8 +95,11 @@ def test_report_files_exist(tiny_run):
         "qdq-trt-flavour",
         "qdq-cpu-flavour",
         "w4a16-g32-cpu",
+        "ort-dynamic-int8",
     ]
     rows = {m["name"]: m for m in report["models"]}
+    assert rows["ort-dynamic-int8"]["reference"] == "fp32-pytorch" == rows["w4a16-g32-cpu"]["reference"]
+    assert rows["qdq-cpu-flavour"]["reference"] == "student-pytorch"
     assert rows["w4a16-g32-cpu"]["size_mb"] < 0.5 * rows["fp32-onnx"]["size_mb"]
     assert rows["w4a16-g32-cpu"]["agreement"]["argmax_match"] > 0.5  # runs, and computes the same task
     assert report["fallback_reason"] == "the config names no evaluation data"
