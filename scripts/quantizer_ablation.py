@@ -34,9 +34,12 @@ from pipeline.config import (
 from pipeline.stages.calibrate import special_token_ids
 
 
-def variants(bits: int, steps: int, positions: str, alpha: float) -> dict[str, QuantConfig]:
-    """The ablation ladder for one weight bit width (activations int8 throughout)."""
-    weights = WeightQuant(bits=bits, init="minmax")
+def variants(bits: int, steps: int, positions: str, alpha: float, group_size: int | None) -> dict[str, QuantConfig]:
+    """The ablation ladder for one weight bit width (activations int8 throughout); int4 per group if asked."""
+    grouped = bits == 4 and group_size is not None
+    weights = WeightQuant(
+        bits=bits, granularity="per-group" if grouped else "per-channel", group_size=group_size if grouped else None
+    )
     acts = ActivationQuant(bits=8, init="minmax")
     learn = LearnConfig(steps=steps, lr=1e-2, params=("step-sizes", "quadapter"))
     return {
@@ -65,6 +68,7 @@ def _mean_std(values: list[float], digits: int) -> str:
 @click.option("--samples", type=int, default=256, show_default=True)
 @click.option("--positions", type=click.Choice(["foldable", "all"]), default="all", show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant alpha of the Quadapter init.")
+@click.option("--group-size", type=int, default=None, help="int4 weights in groups of this size (default per channel).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def main(
     config_path: Path,
@@ -74,6 +78,7 @@ def main(
     samples: int,
     positions: str,
     alpha: float,
+    group_size: int | None,
     out: Path,
 ) -> None:
     """Run the ladder for each bit width and seed and write a Markdown table (mean ± std over seeds)."""
@@ -92,7 +97,7 @@ def main(
         tokens = random_tokens(samples, config.calib.seq_len, vocab, seed, specials, pad)
         batches = tokens.batches(config.calib.batch_size)
         for bits in bit_widths:
-            for name, quant in variants(bits, steps, positions, alpha).items():
+            for name, quant in variants(bits, steps, positions, alpha, group_size).items():
                 started = time.perf_counter()
                 torch.manual_seed(seed)
                 student = build_student(teacher, quant)
@@ -117,7 +122,8 @@ def main(
         )
     note = (
         f"\nModel {config.model.describe()}; calibration: {samples} random-token sequences of {config.calib.seq_len}, "
-        f"seeds {', '.join(map(str, seeds))} (mean ± std over seeds); weights per-channel, activations per-tensor "
+        f"seeds {', '.join(map(str, seeds))} (mean ± std over seeds); weights "
+        f"{f'int4 in groups of {group_size}' if group_size else 'per-channel'}, activations per-tensor "
         f"int8 (min-max init); learning: {steps} steps, lr 1e-2, KL/MSE distillation; Quadapter positions: "
         f"{positions}, SmoothQuant init (alpha {alpha}).\n"
     )
