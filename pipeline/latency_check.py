@@ -42,7 +42,8 @@ SCHEMES = {
     ),
 }
 SHAPES = ((1, 128), (8, 128))
-DEFAULT_TOLERANCE = 0.25  # a speed-up may fall this fraction below the baseline before the check fails
+DEFAULT_TOLERANCE = 0.3  # a speed-up may fall this fraction below the baseline before the check fails (ratios
+# moved by up to ~20% between runs here when the shared machine was busy)
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimddp", "sve")
 
 
