@@ -205,8 +205,9 @@ def learn_quantizers(
             return result
         blocks: dict[str, list[str]] = {}
         for name in quant_layers(student):  # a layer outside the blocks (LM head) keeps its initial ranges
-            if block_of(name) is not None:
-                blocks.setdefault(block_of(name), []).append(name)
+            block = block_of(name)
+            if block is not None:
+                blocks.setdefault(block, []).append(name)
         per_block = max(1, config.steps // len(blocks))
         for index, (block, names) in enumerate(blocks.items()):
             positive, free = learnable_parameters(student, config.params, names)

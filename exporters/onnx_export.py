@@ -9,6 +9,7 @@ quantized graphs come out of the same function, so their structure is the same.
 from __future__ import annotations
 
 import copy
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -98,3 +99,10 @@ def export_onnx(model: TaskModel, path: Path, opset: int, example_seq_len: int =
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def contract_float_graph(teacher: TaskModel, contract: Contract, opset: int) -> onnx.ModelProto:
+    """The student's float skeleton (:func:`contract_export_model`) as a checked ONNX graph in memory,
+    the input of :func:`exporters.onnx_qdq.quantize_graph` (exported through a temporary file)."""
+    with tempfile.TemporaryDirectory(prefix="zsaq-export-") as tmp:
+        return export_onnx(contract_export_model(teacher, contract), Path(tmp) / "float.onnx", opset)

@@ -115,11 +115,12 @@ def _activation_dequantize(q: QuantizedInput) -> tuple[onnx.NodeProto, str]:
     return node, out
 
 
-def _attention_matmul_pairs(graph: onnx.GraphProto, modules: list[str]) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+def _attention_matmul_pairs(
+    graph: onnx.GraphProto, modules: list[str], constants: set[str]
+) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """The (QK^T, AV) MatMuls of each attention module, in graph order (the exporter keeps module order).
 
     They are the MatMuls with no constant input; AV is the one whose first input comes from Softmax."""
-    constants = _constants(graph)
     producers = {out: node for node in graph.node for out in node.output}
     dynamic = [n for n in graph.node if n.op_type == "MatMul" and not constants.intersection(n.input)]
     if len(dynamic) != 2 * len(modules):
@@ -135,12 +136,12 @@ def _attention_matmul_pairs(graph: onnx.GraphProto, modules: list[str]) -> list[
 
 
 def _quantize_attention(
-    graph: onnx.GraphProto, contract: Contract, flavour: Flavour
+    graph: onnx.GraphProto, contract: Contract, flavour: Flavour, constants: set[str]
 ) -> tuple[list[TensorProto], dict[str, list[onnx.NodeProto]]]:
     """Q/DQ on the four attention matmul inputs of every module in ``contract.attention``."""
     inits: list[TensorProto] = []
     before: dict[str, list[onnx.NodeProto]] = {}
-    for module, (qk, av) in zip(contract.attention, _attention_matmul_pairs(graph, contract.attention)):
+    for module, (qk, av) in zip(contract.attention, _attention_matmul_pairs(graph, contract.attention, constants)):
         for matmul, roles in ((qk, ("query", "key")), (av, ("probs", "value"))):
             nodes = []
             for index, role in enumerate(roles):
@@ -159,12 +160,14 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
     return names | {n.output[0] for n in graph.node if n.op_type in ("Identity", "Transpose") and n.input[0] in names}
 
 
-def _bias_add(graph: onnx.GraphProto, matmul: onnx.NodeProto, constants: set[str]) -> onnx.NodeProto | None:
+def _bias_add(
+    consumers: dict[str, list[onnx.NodeProto]], matmul: onnx.NodeProto, constants: set[str]
+) -> onnx.NodeProto | None:
     """The Add that puts a constant bias on the MatMul's output, when it is the output's only consumer."""
-    consumers = [n for n in graph.node if matmul.output[0] in n.input]
-    if len(consumers) != 1 or consumers[0].op_type != "Add":
+    users = consumers.get(matmul.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add":
         return None
-    add = consumers[0]
+    add = users[0]
     other = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
     return add if other in constants else None
 
@@ -310,8 +313,12 @@ def quantize_graph(
     quantized: dict[tuple[str, bytes], QuantizedInput] = {}  # (source, scale bytes): layers sharing an input share it
     dequantized: dict[str, str] = {}  # QuantizeLinear output -> its DequantizeLinear output
     constants = _constants(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     if contract.attention:
-        new_inits, new_nodes = _quantize_attention(graph, contract, flavour)
+        new_inits, new_nodes = _quantize_attention(graph, contract, flavour, constants)
     for spec in contract.layers:
         weight_name = weight_initializer_name(spec.name)
         matmul = matmul_by_weight.get(weight_name)
@@ -330,9 +337,9 @@ def quantize_graph(
             matmul.input[0] = multiplied[key]
         q = None
         if spec.act_bits == 8:
-            key = (matmul.input[0], contract.tensors[f"{spec.name}.input_scale"].numpy().tobytes())
+            scale = contract.tensors[f"{spec.name}.input_scale"].numpy()
+            key = (matmul.input[0], scale.tobytes())
             if key not in quantized:
-                scale = contract.tensors[f"{spec.name}.input_scale"].numpy()
                 a_inits, a_node, quantized[key] = _activation_quantize(
                     f"{spec.name}.input", scale, matmul.input[0], flavour
                 )
@@ -340,7 +347,7 @@ def quantize_graph(
                 before.append(a_node)
             q = quantized[key]
         if flavour == "cpu" and spec.weight_bits == 8 and q is not None:
-            add = _bias_add(graph, matmul, constants)
+            add = _bias_add(consumers, matmul, constants)
             inits, replaced[matmul.name] = _matmul_integer_to_float(spec, contract, q, matmul, add)
             new_inits += inits
             if add is not None:

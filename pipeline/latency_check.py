@@ -21,16 +21,15 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from calib.contract import build_contract
 from calib.inputs import random_tokens
 from calib.models import TaskModel, load_backbone
-from calib.student import build_student, init_ranges
-from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
-from exporters.onnx_qdq import Flavour, quantize_graph
+from exporters.onnx_export import export_onnx, teacher_export_model
+from exporters.onnx_qdq import Flavour
 from exporters.runners import OrtRunner, measure_latencies
 from pipeline.config import ActivationQuant, ModelSource, QuantConfig, RandomModel, TaskConfig, WeightQuant
 from pipeline.errors import ConfigError, StageUnavailable
 from pipeline.runfolder import atomic_write_text
+from pipeline.stages.export import round_to_nearest_graph
 
 CHECK_MODEL = RandomModel(
     family="bert", layers=6, hidden=384, heads=12, intermediate=1536, vocab_size=30522, max_positions=512, seed=0
@@ -83,13 +82,9 @@ def build_check_models(folder: Path, int8_flavour: Flavour = "cpu") -> dict[str,
     export_onnx(teacher_export_model(teacher), paths["fp32"], 17)
     batches = list(random_tokens(16, 128, CHECK_MODEL.vocab_size, seed=0).batches(8))
     for scheme, quant in SCHEMES.items():
-        student = build_student(teacher, quant)
-        init_ranges(student, quant, batches)
-        contract = build_contract(student)
-        float_graph = export_onnx(contract_export_model(teacher, contract), folder / f"{scheme}_float.onnx", 17)
         flavour = int8_flavour if scheme == "int8" else "cpu"
         paths[scheme] = folder / f"{scheme}_{flavour}.onnx"
-        onnx.save(quantize_graph(float_graph, contract, flavour), str(paths[scheme]))
+        onnx.save(round_to_nearest_graph(teacher, quant, batches, flavour, 17), str(paths[scheme]))
     return paths
 
 

@@ -27,13 +27,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("fallback_reason"):
         lines.append(f"- No task metric: {report['fallback_reason']}; agreement is measured on generated inputs.")
+    others = sorted({r["reference"] for r in report["models"]} - {report["reference"]})
     lines += [
         f"- Agreement is measured against: {report['reference']}"
-        + (
-            " (rows marked * against fp32-pytorch)"
-            if any(r.get("reference", report["reference"]) != report["reference"] for r in report["models"])
-            else ""
-        ),
+        + (f" (rows marked * against {', '.join(others)})" if others else ""),
         f"- Threads: {report['threads']}; latency = median (p50) and p90 over {report['repeats']} runs after warm-up",
         "",
     ]
@@ -44,7 +41,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("|" + "---|" * len(header))
     for row in report["models"]:
         agree = row["agreement"] or {}
-        marked = row["name"] + (" *" if row.get("reference", report["reference"]) != report["reference"] else "")
+        marked = row["name"] + (" *" if row["reference"] != report["reference"] else "")
         cells = [marked, row["runtime"], _fmt(row["size_mb"]), _fmt(row["metric"])]
         cells += [
             _fmt(100 * agree["argmax_match"]) + "%" if "argmax_match" in agree else "—",

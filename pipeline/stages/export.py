@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import onnx
 from onnxruntime.quantization import quantize_dynamic
 
 from calib.contract import build_contract, load_contract
+from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.student import build_student, init_ranges
-from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
-from exporters.onnx_qdq import ExportUnsupported, quantize_graph, required_opset
+from exporters.onnx_export import contract_float_graph, export_onnx, teacher_export_model
+from exporters.onnx_qdq import ExportUnsupported, Flavour, quantize_graph, required_opset
 from exporters.trt_check import check_trt_compatible
 from pipeline.config import ActivationQuant, QuantConfig, WeightQuant
 from pipeline.stages.base import Stage, StageContext
@@ -28,7 +28,17 @@ def int4_filename(group: int) -> str:
     return f"teacher_w4a16_g{group}_cpu.onnx"
 
 
-def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int, scratch: Path) -> onnx.ModelProto:
+def round_to_nearest_graph(
+    teacher: TaskModel, quant: QuantConfig, batches: list[Batch], flavour: Flavour, opset: int
+) -> onnx.ModelProto:
+    """A quantized graph with ranges initialised on ``batches`` and no learning (round to nearest)."""
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, batches)
+    contract = build_contract(student)
+    return quantize_graph(contract_float_graph(teacher, contract, opset), contract, flavour)
+
+
+def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int) -> onnx.ModelProto:
     """Round-to-nearest int4 weights per group (min-max), int8 embedding rows unless tied to an LM head.
 
     Weight-only quantization needs no activation ranges, hence no calibration inputs: the student path
@@ -39,12 +49,7 @@ def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int, scratch: 
         activations=ActivationQuant(bits=16),
         embedding_bits=None if tied else 8,
     )
-    student = build_student(teacher, quant)
-    init_ranges(student, quant, [])
-    contract = build_contract(student)
-    float_graph = export_onnx(contract_export_model(teacher, contract), scratch, opset)
-    scratch.unlink()
-    return quantize_graph(float_graph, contract, "cpu")
+    return round_to_nearest_graph(teacher, quant, [], "cpu", opset)
 
 
 def count_ops(model: onnx.ModelProto, *op_types: str) -> int:
@@ -64,9 +69,7 @@ class ExportStage(Stage):
         teacher = load_teacher(ctx)
         export_onnx(teacher_export_model(teacher), ctx.out / TEACHER_ONNX, opset)
         contract = load_contract(ctx.input_dir("quantize"))
-        skeleton_path = ctx.out / ".student_float.onnx"
-        float_graph = export_onnx(contract_export_model(teacher, contract), skeleton_path, opset)
-        skeleton_path.unlink()
+        float_graph = contract_float_graph(teacher, contract, opset)
         summary: dict[str, Any] = {
             "teacher": TEACHER_ONNX,
             "teacher_megabytes": round((ctx.out / TEACHER_ONNX).stat().st_size / 2**20, 2),
@@ -102,7 +105,7 @@ class ExportStage(Stage):
             }
         for group in ctx.config.export.int4_weight_only:
             path = ctx.out / int4_filename(group)
-            onnx.save(int4_weight_only_graph(teacher, group, opset, ctx.out / ".int4_float.onnx"), str(path))
+            onnx.save(int4_weight_only_graph(teacher, group, opset), str(path))
             summary[f"w4a16_g{group}"] = {
                 "file": path.name,
                 "megabytes": round(path.stat().st_size / 2**20, 2),
