@@ -17,11 +17,13 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     BertConfig,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from pipeline.config import ModelSource, RandomModel, TaskConfig
@@ -111,6 +113,12 @@ def _auto_class(kind: str) -> type:
     return {"embedding": AutoModel, "classification": AutoModelForSequenceClassification}.get(
         kind, AutoModelForCausalLM
     )
+
+
+def load_source_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped with the model (a GGUF file carries its own: ``gguf_file`` must be passed)."""
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoTokenizer.from_pretrained(resolve_location(source), **kwargs)
 
 
 def load_backbone(source: ModelSource, task: TaskConfig) -> PreTrainedModel:

@@ -154,16 +154,42 @@ def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: in
     type=click.Path(dir_okay=False, path_type=Path),
     help="Store this machine's speed-ups in this baseline file (other machines' entries are kept).",
 )
+@click.option(
+    "--table",
+    "table_spec",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Make the comparison table this spec describes (Markdown, CSV, PNG in --out; resumes from its cells).",
+)
+@click.option("--out", "table_out", type=click.Path(file_okay=False, path_type=Path), help="Folder for --table.")
+@click.option("--rows", "rows", multiple=True, help="With --table: run only these rows (repeatable; row keys).")
+@click.option("--tasks", "tasks", multiple=True, help="With --table: run only these tasks (repeatable).")
+@click.option("--seeds", "seeds", multiple=True, type=int, help="With --table: run only these seeds (repeatable).")
+@click.option("--render-only", is_flag=True, help="With --table: render from the cells present, run nothing.")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime threads (part of the baseline key).")
 @click.option("--repeats", default=40, show_default=True, help="Timed calls per model and shape.")
 @user_errors
-def bench(check_path: Path | None, record_path: Path | None, threads: int, repeats: int) -> None:
-    """Latency regression check on a small fixed model: speed-ups over FP32, measured side by side."""
-    from pipeline import latency_check
+def bench(  # noqa: PLR0913
+    check_path: Path | None,
+    record_path: Path | None,
+    table_spec: Path | None,
+    table_out: Path | None,
+    rows: tuple[str, ...],
+    tasks: tuple[str, ...],
+    seeds: tuple[int, ...],
+    render_only: bool,
+    threads: int,
+    repeats: int,
+) -> None:
+    """Latency regression check on a small fixed model (--check / --record), or the comparison table (--table)."""
     from pipeline.errors import ConfigError, ThresholdFailed
 
-    if (check_path is None) == (record_path is None):
-        raise ConfigError("bench: give exactly one of --check BASELINE.json or --record BASELINE.json")
+    if sum(p is not None for p in (check_path, record_path, table_spec)) != 1:
+        raise ConfigError("bench: give exactly one of --check BASELINE.json, --record BASELINE.json, --table SPEC.yaml")
+    if table_spec is not None:
+        _bench_table(table_spec, table_out, rows, tasks, seeds, render_only)
+        return
+    from pipeline import latency_check
+
     if repeats < 4:
         raise ConfigError(f"bench: --repeats must be at least 4 (one per measuring block), got {repeats}")
     path = check_path or record_path
@@ -181,6 +207,29 @@ def bench(check_path: Path | None, record_path: Path | None, threads: int, repea
     if failures:
         raise ThresholdFailed("latency regression: " + "; ".join(failures))
     click.echo("latency check passed")
+
+
+def _bench_table(  # noqa: PLR0913
+    spec_path: Path,
+    out: Path | None,
+    rows: tuple[str, ...],
+    tasks: tuple[str, ...],
+    seeds: tuple[int, ...],
+    render_only: bool,
+) -> None:
+    from pipeline import benchmark, benchmark_report
+    from pipeline.errors import ConfigError, PipelineError
+
+    if out is None:
+        raise ConfigError("bench --table: give --out FOLDER for the table and its cells")
+    spec = benchmark.load_spec(spec_path)
+    cells = [c for c in benchmark.planned_cells(spec, rows, tasks) if not seeds or c.seed in seeds]
+    failures = [] if render_only else benchmark.run_missing(spec, out, cells, latency=not rows or "fp32" in rows)
+    # the command that makes the whole table (runs with --rows / --tasks fill parts of the same cells)
+    table = benchmark_report.write_reports(spec, out, f"zsaq-pipeline bench --table {spec_path} --out {out}")
+    click.echo(table.read_text(encoding="utf-8"))
+    if failures:
+        raise PipelineError(f"bench: {len(failures)} cell(s) failed, first: {failures[0]}")
 
 
 if __name__ == "__main__":

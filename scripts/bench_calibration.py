@@ -19,12 +19,11 @@ from pathlib import Path
 
 import click
 import torch
-from transformers import AutoTokenizer
 
 from calib.generators import embedding_table
 from calib.inputs import gaussian_embeds, random_tokens
 from calib.learn import learn_quantizers
-from calib.models import TaskModel, load_backbone, resolve_location
+from calib.models import TaskModel, load_backbone, load_source_tokenizer
 from calib.student import build_student, init_ranges
 from calib.zsaq import calibrate_zsaq
 from exporters.validation import build_eval_inputs, evaluate_torch
@@ -75,7 +74,7 @@ def main(
     teacher = TaskModel(load_backbone(base.model, base.task), base.task.kind).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_location(base.model))
+    tokenizer = load_source_tokenizer(base.model)
     specials, pad = special_token_ids(tokenizer)
     inputs, fallback = build_eval_inputs(base, tokenizer, teacher.backbone.config.vocab_size)
     if fallback:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import click
 import torch
-from transformers import AutoTokenizer
 
 from calib.inputs import random_tokens
 from calib.learn import learn_quantizers
-from calib.models import TaskModel, load_backbone, resolve_location
+from calib.models import TaskModel, load_backbone, load_source_tokenizer
 from calib.student import build_student, init_ranges
 from exporters.metrics import cosine_rows
 from exporters.validation import build_eval_inputs, evaluate_torch
@@ -84,7 +83,7 @@ def main(
     """Run the ladder for each bit width and seed and write a Markdown table (mean ± std over seeds)."""
     config = load_config(config_path)
     teacher = TaskModel(load_backbone(config.model, config.task), config.task.kind).eval()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_location(config.model))
+    tokenizer = load_source_tokenizer(config.model)
     vocab = teacher.backbone.config.vocab_size
     specials, pad = special_token_ids(tokenizer)
     inputs, fallback = build_eval_inputs(config, tokenizer, vocab)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from tests.models import save_tiny_bert_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # beside the clone, as in CI
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ("the", "a", "movie", "film", "good", "bad", "great", "not", "is", "it", "and", ",", ".")
 needs_data = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data at {DATA}")
 
 
@@ -31,21 +32,7 @@ make_teacher = _load_script()
 @pytest.fixture
 def tiny_base(tmp_path: Path) -> Path:
     """A random 1-layer BERT with a small word vocabulary, saved as a model folder."""
-    words = sorted({"the", "a", "movie", "film", "good", "bad", "great", "not", "is", "it", "and", ",", "."})
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + words) + "\n", encoding="utf-8")
-    folder = tmp_path / "tiny-bert"
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(SPECIAL) + len(words),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert_folder(tmp_path / "tiny-bert", WORDS)
 
 
 def _run(*args: object):

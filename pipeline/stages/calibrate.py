@@ -41,16 +41,22 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase | None) -> tuple[tuple[
     return tuple(sorted(specials)), pad
 
 
-def _real_data(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase | None) -> CalibrationSet:
+def real_data_set(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase | None) -> CalibrationSet:
+    """``calib.samples`` examples drawn (seeded) from the task file ``calib.real_data``, tokenized as the
+    model reads them: sentence pairs together for a classifier, each sentence alone for an embedding model."""
     if tokenizer is None:
         raise ConfigError("calib.real_data: the model has no tokenizer to read task text")
     path = Path(config.calib.real_data)
     if not path.is_file():
         raise ConfigError(f"calib.real_data: no file at {path}")
-    data = load_eval_set(path, "accuracy", config.calib.samples)
+    data = load_eval_set(path, "accuracy", None)
+    pairs = bool(data.texts_b) and config.task.kind != "embedding"
+    texts = data.texts_a if pairs or not data.texts_b else data.texts_a + data.texts_b
+    generator = torch.Generator().manual_seed(config.calib.seed)
+    picked = torch.randperm(len(texts), generator=generator)[: config.calib.samples].tolist()
     enc = tokenizer(
-        data.texts_a, data.texts_b or None, padding="max_length", truncation=True,
-        max_length=config.calib.seq_len, return_tensors="pt",
+        [texts[i] for i in picked], [data.texts_b[i] for i in picked] if pairs else None,
+        padding="max_length", truncation=True, max_length=config.calib.seq_len, return_tensors="pt",
     )  # fmt: skip
     return CalibrationSet(enc["attention_mask"].long(), input_ids=enc["input_ids"].long())
 
@@ -130,7 +136,7 @@ class CalibrateStage(Stage):
             ids = sample_sequences(teacher.backbone, calib.samples, calib.seq_len, calib.seed)
             samples = CalibrationSet(torch.ones_like(ids), input_ids=ids)
         else:
-            samples = _real_data(config, tokenizer)
+            samples = real_data_set(config, tokenizer)
             summary["flag"] = REAL_DATA_FLAG
             ctx.log(f"[calibrate] {REAL_DATA_FLAG}")
         save_file(samples.tensors(), str(ctx.out / INPUTS_FILE))

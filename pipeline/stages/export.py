@@ -38,18 +38,22 @@ def round_to_nearest_graph(
     return quantize_graph(contract_float_graph(teacher, contract, opset), contract, flavour)
 
 
-def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int) -> onnx.ModelProto:
+def int4_weight_only_quant(teacher: TaskModel, group: int) -> QuantConfig:
     """Round-to-nearest int4 weights per group (min-max), int8 embedding rows unless tied to an LM head.
 
     Weight-only quantization needs no activation ranges, hence no calibration inputs: the student path
     is reused with 16-bit activations so the numbers still come from a contract."""
     tied = teacher.kind == "causal-lm" and getattr(teacher.backbone.config, "tie_word_embeddings", False)
-    quant = QuantConfig(
+    return QuantConfig(
         weights=WeightQuant(bits=4, granularity="per-group", group_size=group),
         activations=ActivationQuant(bits=16),
         embedding_bits=None if tied else 8,
     )
-    return round_to_nearest_graph(teacher, quant, [], "cpu", opset)
+
+
+def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int) -> onnx.ModelProto:
+    """The W4A16 CPU model of the teacher (:func:`int4_weight_only_quant`)."""
+    return round_to_nearest_graph(teacher, int4_weight_only_quant(teacher, group), [], "cpu", opset)
 
 
 def count_ops(model: onnx.ModelProto, *op_types: str) -> int:

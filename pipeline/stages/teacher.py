@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from calib.models import TaskModel, count_parameters, load_backbone, load_saved_backbone, resolve_location
+from calib.models import TaskModel, count_parameters, load_backbone, load_saved_backbone, load_source_tokenizer
 from pipeline.stages.base import Stage, StageContext
 
 MODEL_DIR = "model"
@@ -44,7 +44,7 @@ class TeacherStage(Stage):
         has_tokenizer = False
         if source.random is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(resolve_location(source))
+                tokenizer = load_source_tokenizer(source)
             except (OSError, ValueError):
                 ctx.log("[teacher] the model source has no tokenizer: validation runs on generated inputs")
             else:

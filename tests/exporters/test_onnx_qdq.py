@@ -18,6 +18,7 @@ from pipeline.config import ActivationQuant, QuadapterConfig, QuantConfig, Weigh
 from tests.models import tiny_teacher
 
 W8A8 = QuantConfig()
+W4A8 = QuantConfig(weights=WeightQuant(bits=4))  # int4 per channel
 W4A8_G32 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
 W4A16_G32 = QuantConfig(
     weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
@@ -50,8 +51,8 @@ def _run(graph, ids, mask):
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize(
     "quant",
-    [W8A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD],
-    ids=["W8A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead"],
+    [W8A8, W4A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD],
+    ids=["W8A8", "W4A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead"],
 )
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = _student_and_graphs(family, quant, tmp_path)
@@ -128,8 +129,9 @@ def test_cpu_flavour_uses_ort_contrib_ops_for_int4_and_the_embedding_table(tmp_p
     assert abs(size["cpu"] - size["trt"]) / size["trt"] < 0.1  # the same int4 / int8 storage either way
 
 
-def test_cpu_flavour_runs_int8_layers_as_one_integer_kernel_with_the_bias(tmp_path):
-    _, _, contract, graphs = _student_and_graphs("bert", W8A8, tmp_path)
+@pytest.mark.parametrize("quant", [W8A8, W4A8], ids=["W8A8", "W4A8 per channel"])
+def test_cpu_flavour_runs_int8_inputs_as_one_integer_kernel_with_the_bias(quant, tmp_path):
+    _, _, contract, graphs = _student_and_graphs("bert", quant, tmp_path)
     nodes = graphs["cpu"].graph.node
     fused = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(contract.layers)

@@ -1,0 +1,275 @@
+"""Render the comparison table from the benchmark's cell files: Markdown, CSV and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import statistics
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.benchmark import CELLS_DIR, LATENCY_CELL, BenchSpec, BenchTask, read_cells  # noqa: E402
+from pipeline.benchmark_rows import ROWS, Row, task_family  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runfolder import atomic_write_text  # noqa: E402
+
+LOWER_IS_BETTER = {"perplexity"}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _metric_text(values: list[float], planned: int) -> str:
+    mean, std = mean_std(values)
+    text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+    return text if len(values) == planned else f"{text} ({len(values)}/{planned} seeds)"
+
+
+class TableData:
+    """Cells grouped by (task, row), the latency file, and what each missing figure is missing for."""
+
+    def __init__(self, spec: BenchSpec, out: Path) -> None:
+        self.spec, self.out = spec, out
+        self.cells = read_cells(spec, out)
+        latency_file = out / CELLS_DIR / LATENCY_CELL
+        self.latency: dict[str, Any] | None = None
+        if latency_file.is_file():
+            self.latency = json.loads(latency_file.read_text(encoding="utf-8"))
+        self.families = {task.name: task_family(load_config(task.config)) for task in spec.tasks}
+        self.metrics = {task.name: load_config(task.config).task.eval.metric for task in spec.tasks}
+
+    def metric_cell(self, row: Row, task_name: str) -> str:
+        """The figure for one row and task, or why there is none."""
+        task = next(t for t in self.spec.tasks if t.name == task_name)
+        reason = row.reason_not_run(self.families[task_name])
+        if reason is not None:
+            return reason if reason == "n/a" else f"not run: {reason}"
+        if row.uses_data and task.real_data is None:
+            return "not run: the spec gives no real_data file"
+        results = self.cells.get((task_name, row.key), [])
+        failure = self.out / CELLS_DIR / f"{task_name}__{row.key}__s{task.seeds[0]}.error.txt"
+        if not results:
+            return f"failed: {failure.read_text().strip()}" if failure.is_file() else "pending"
+        return _metric_text([r["metric"] for r in results], len(task.seeds) if row.seeded else 1)
+
+    def values(self, row: Row, task_name: str) -> list[float]:
+        """Every seed's metric of one row on one task."""
+        return [r["metric"] for r in self.cells.get((task_name, row.key), [])]
+
+    @property
+    def shapes(self) -> list[str]:
+        """The timed shapes (``b1x128``), from the latency file or the latency config."""
+        if self.latency is not None:
+            return self.latency["shapes"]
+        return [f"b{b}x{s}" for b, s in load_config(self.spec.latency_config).validate.shapes]
+
+    def format_figures(self, row: Row) -> list[str]:
+        """Speed-up at each timed shape, and size (MB and % of FP32), of the row's CPU format."""
+        fmt = row.latency_format
+        if fmt is None:
+            return ["n/a (PyTorch only)"] * (len(self.shapes) + 1)
+        if self.latency is None or fmt not in self.latency["speedup"]:
+            return ["pending"] * (len(self.shapes) + 1)
+        speed = self.latency["speedup"][fmt]
+        size, fp32 = self.latency["size_mb"][fmt], self.latency["size_mb"]["fp32"]
+        return [*(f"{speed[shape]:.2f}x" for shape in self.shapes), f"{size:.1f} ({100 * size / fp32:.0f}%)"]
+
+    def cost(self, row: Row) -> tuple[str, str]:
+        """Minutes per task (mean over seeds, ``/``-separated in task order) and the largest peak memory."""
+        minutes, peaks = [], []
+        for task in self.spec.tasks:
+            results = self.cells.get((task.name, row.key), [])
+            minutes.append(f"{statistics.mean(r['minutes'] for r in results):.1f}" if results else "–")
+            peaks += [r["peak_gib"] for r in results]
+        return " / ".join(minutes), (f"{max(peaks):.2f}" if peaks else "–")
+
+
+def _header(data: TableData) -> list[str]:
+    columns = [t.column for t in data.spec.tasks]
+    tasks = " / ".join(t.name for t in data.spec.tasks)
+    speedups = [f"speed-up {shape}" for shape in data.shapes]
+    return ["method", "scheme", "data-free", *columns, *speedups, "size MB (% FP32)", f"minutes ({tasks})", "peak GiB"]
+
+
+def table_rows(data: TableData) -> list[list[str]]:
+    """One list of strings per row of the table, in :data:`ROWS` order."""
+    rows = []
+    for row in ROWS:
+        metrics = [data.metric_cell(row, t.name) for t in data.spec.tasks]
+        minutes, peak = data.cost(row)
+        rows.append([row.label, row.scheme, "no (uses data)" if row.uses_data else "yes", *metrics,
+                     *data.format_figures(row), minutes, peak])  # fmt: skip
+    return rows
+
+
+def _claims(data: TableData) -> list[str]:
+    """The issue's acceptance comparisons on the first task, computed from the cells (not typed in)."""
+    first = data.spec.tasks[0].name
+    by_key = {r.key: r for r in ROWS}
+    lines = []
+    for ours, theirs in (
+        ("zsaq-w4a8", "ptq-random-w4a8"),
+        ("zsaq-w4a8", "qat-random-w4a8"),
+        ("zsaq-w8a8", "ort-dynamic"),
+    ):
+        a, b = data.values(by_key[ours], first), data.values(by_key[theirs], first)
+        if a and b:
+            delta = statistics.mean(a) - statistics.mean(b)
+            lines.append(
+                f"- {first}: {by_key[ours].label} {by_key[ours].scheme} vs {by_key[theirs].label} "
+                f"{by_key[theirs].scheme}: {delta:+.2f} points"
+            )
+    return lines
+
+
+def _protocol(task: BenchTask) -> str:
+    """How one task's column was measured."""
+    config = load_config(task.config)
+    calib, ev, weights = config.calib, config.task.eval, config.quant.weights
+    data = Path(ev.data).name
+    if ev.metric == "perplexity":
+        window = max(s for _, s in config.validate.shapes)
+        data += f" (first {ev.limit} non-overlapping windows of {window} tokens)"
+    groups = f" (groups of {weights.group_size})" if weights.group_size else ""
+    return (
+        f"`{task.config.name}`, model {config.model.describe()}, {ev.metric} on {data}; seeds {list(task.seeds)}; "
+        f"calibration {calib.samples} samples x {calib.seq_len} tokens, {calib.sam_sga.rounds} student steps for "
+        f"every learning method; weights {weights.granularity}{groups}."
+    )
+
+
+def render_markdown(data: TableData, command: str) -> str:
+    """The table, how it was made, and the protocol."""
+    header = _header(data)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(data)]
+    lat = data.latency or {}
+    proto = [f"- **{task.name}**: {_protocol(task)}" for task in data.spec.tasks]
+    return "\n".join(
+        [
+            f"# Benchmark: data-free quantization against the field ({date.today().isoformat()})",
+            "",
+            f"Made by `{command}`. CPU: {cpu_name()}, ONNX Runtime {ort.__version__}, torch {torch.__version__}, "
+            f"{lat.get('threads', '?')} threads for latency. Metrics: mean ± std over seeds; every figure comes from "
+            f"a cell file under `{CELLS_DIR}/`.",
+            "",
+            *lines,
+            "",
+            "Acceptance comparisons (mean over seeds):",
+            *(_claims(data) or ["- pending"]),
+            "",
+            "Protocol:",
+            *proto,
+            "- Speed-up and size: the CPU ONNX model of each scheme, built from the latency model "
+            f"(`{data.spec.latency_config.name}`), timed against its FP32 ONNX side by side in one run "
+            "(alternating blocks, medians). W4A8 and W2A8 run on the int8 kernels (their integers fit int8); "
+            "W4A16 is MatMulNBits with groups of 32. Latency is measured on the encoder only.",
+            "- Rows marked 'uses data' calibrate on the task's training split: an upper bound, not a data-free result. "
+            "Nothing is selected on an evaluation split.",
+            "",
+            "![benchmark](table.png)",
+            "",
+        ]
+    )
+
+
+def render_csv(data: TableData) -> str:
+    """One line per row and task, with the raw per-seed values."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    speed_columns = [f"speedup_{shape}" for shape in data.shapes]
+    writer.writerow(["row", "label", "scheme", "uses_data", "task", "metric", "mean", "std", "seeds", "values",
+                     "minutes_mean", "peak_gib", *speed_columns, "size_mb"])  # fmt: skip
+    for row in ROWS:
+        fmt = row.latency_format
+        speed = (data.latency or {}).get("speedup", {}).get(fmt, {})
+        size = (data.latency or {}).get("size_mb", {}).get(fmt)
+        for task in data.spec.tasks:
+            results = data.cells.get((task.name, row.key), [])
+            if not results:
+                continue
+            mean, std = mean_std([r["metric"] for r in results])
+            writer.writerow([
+                row.key, row.label, row.scheme, row.uses_data, task.name, data.metrics[task.name],
+                f"{mean:.4f}", f"{std:.4f}", len(results), " ".join(f"{r['metric']:.4f}" for r in results),
+                f"{statistics.mean(r['minutes'] for r in results):.3f}", f"{max(r['peak_gib'] for r in results):.3f}",
+                *(f"{speed[shape]:.3f}" if shape in speed else "" for shape in data.shapes),
+                "" if size is None else f"{size:.2f}",
+            ])  # fmt: skip
+    return buffer.getvalue()
+
+
+def render_plot(data: TableData, path: Path) -> None:
+    """One panel per task: each row's mean ± std as a horizontal bar, FP32 as a dashed line."""
+    tasks = data.spec.tasks
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        labels, means, stds, colors = [], [], [], []
+        fp32 = None
+        for row in ROWS:
+            values = data.values(row, task.name)
+            if not values:
+                continue
+            mean, std = mean_std(values)
+            if row.method == "fp32":
+                fp32 = mean
+                continue
+            labels.append(f"{row.label} {row.scheme}")
+            means.append(mean)
+            stds.append(std)
+            colors.append("tab:red" if row.method == "zsaq" else "tab:gray" if row.uses_data else "tab:blue")
+        ax.barh(range(len(means)), means, xerr=stds, color=colors, alpha=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        if fp32 is not None:
+            ax.axvline(fp32, color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32:.2f}")
+            ax.legend(fontsize=8)
+        if means:
+            low, high = min(m - s for m, s in zip(means, stds)), max(m + s for m, s in zip(means, stds))
+            if fp32 is not None:
+                low, high = min(low, fp32), max(high, fp32)
+            if data.metrics[task.name] in LOWER_IS_BETTER:
+                ax.set_xscale("log")
+            else:
+                pad = 0.05 * (high - low + 1e-6)
+                ax.set_xlim(low - pad, high + pad)
+        arrow = "lower is better" if data.metrics[task.name] in LOWER_IS_BETTER else "higher is better"
+        ax.set_title(f"{task.column} ({arrow})", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("red: ZSAQ, blue: data-free baselines, gray: uses real data", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_reports(spec: BenchSpec, out: Path, command: str) -> Path:
+    """``table.md``, ``table.csv`` and ``table.png`` in ``out``; returns the Markdown path."""
+    data = TableData(spec, out)
+    render_plot(data, out / "table.png")
+    atomic_write_text(out / "table.csv", render_csv(data))
+    atomic_write_text(out / "table.md", render_markdown(data, command))
+    return out / "table.md"

@@ -1,0 +1,75 @@
+"""GPTQ: round-to-nearest when inputs are uncorrelated, lower output error than it when they are, and a
+student whose weights stay on their grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calib.gptq import apply_gptq, gptq_weight
+from calib.inputs import random_tokens
+from calib.learn import distillation_loss
+from calib.quantizers import TensorQuantizer
+from calib.student import build_student, init_ranges, quant_layers
+from pipeline.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
+from tests.models import tiny_teacher
+
+
+def _quantizer(weight: torch.Tensor, granularity: str) -> TensorQuantizer:
+    quantizer = TensorQuantizer(4, granularity, 16 if granularity == "per-group" else None)
+    quantizer.init_from_tensor(weight, "minmax")
+    return quantizer
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group"])
+def test_an_identity_hessian_gives_round_to_nearest(granularity):
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    quantizer = _quantizer(weight, granularity)
+    assert torch.allclose(gptq_weight(weight, torch.eye(64), quantizer, damp=0.0), quantizer(weight), atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group"])
+def test_correlated_inputs_get_a_smaller_output_error_than_round_to_nearest(granularity):
+    rng = torch.Generator().manual_seed(1)
+    weight = torch.randn(32, 64, generator=rng)
+    mixing = torch.randn(64, 64, generator=rng)
+    inputs = torch.randn(2048, 64, generator=rng) @ mixing  # strongly correlated input channels
+    quantizer = _quantizer(weight, granularity)
+    rounded = gptq_weight(weight, inputs.T @ inputs, quantizer)
+    assert torch.allclose(quantizer(rounded), rounded, atol=1e-5)  # on the grid
+    gptq_error = (inputs @ (weight - rounded).T).pow(2).mean()
+    rtn_error = (inputs @ (weight - quantizer(weight)).T).pow(2).mean()
+    assert gptq_error < 0.7 * rtn_error
+
+
+@torch.no_grad()
+def test_gptq_on_a_student_keeps_weights_on_grid_and_lowers_the_discrepancy():
+    teacher = tiny_teacher("bert", hidden=64)
+    quant = QuantConfig(weights=WeightQuant(bits=4))
+    batches = random_tokens(32, 16, 512, seed=0).batches(8)
+
+    def discrepancy(student) -> float:
+        total = 0.0
+        for batch in batches:
+            ours, theirs = batch.run(student, True), batch.run(teacher, True)
+            total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
+        return total
+
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, batches)
+    before = discrepancy(student)
+    apply_gptq(student, batches)
+    for layer in quant_layers(student).values():
+        w = layer.weight
+        assert torch.allclose(layer.weight_quantizer(w), w, atol=1e-6)
+    assert discrepancy(student) < before
+
+
+def test_gptq_refuses_a_quadapter_student():
+    teacher = tiny_teacher("bert", hidden=64)
+    quant = QuantConfig(weights=WeightQuant(bits=4), quadapter=QuadapterConfig(enabled=True))
+    student = build_student(teacher, quant)
+    batches = random_tokens(8, 16, 512, seed=0).batches(8)
+    init_ranges(student, quant, batches)
+    with pytest.raises(ValueError, match="Quadapter"):
+        apply_gptq(student, batches)

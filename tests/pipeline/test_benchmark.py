@@ -1,0 +1,236 @@
+"""The comparison-table harness: spec checks, which cells run, each method's student, and the rendered table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from calib.inputs import random_tokens
+from calib.learn import distillation_loss
+from calib.models import load_source_tokenizer
+from calib.student import activation_quantizers, quant_layers
+from pipeline.benchmark import Cell, load_spec, planned_cells
+from pipeline.benchmark_cell import quantized_student
+from pipeline.benchmark_report import TableData, render_markdown
+from pipeline.benchmark_rows import ROWS, row_by_key, row_config
+from pipeline.config import (
+    CalibConfig,
+    LearnConfig,
+    ModelSource,
+    PipelineConfig,
+    QuantConfig,
+    SamSgaConfig,
+    load_config,
+)
+from pipeline.errors import ConfigError
+from pipeline.stages.calibrate import real_data_set
+from tests.models import save_tiny_bert_folder, tiny_teacher
+
+WORDS = ("the", "a", "movie", "film", "good", "bad", "great", "not", "is", "it", "and", "plot", "dull", "fun")
+SENTENCES = [("a good movie", 1), ("the plot is dull", 0), ("great fun", 1), ("not good", 0), ("it is bad", 0)]
+
+
+@pytest.fixture
+def bench_files(tmp_path: Path) -> Path:
+    """A spec with one classification task on a tiny BERT folder, a dev file and a training file."""
+    model = save_tiny_bert_folder(tmp_path / "tiny-bert", WORDS)
+    for name, rows in (("dev.tsv", SENTENCES * 4), ("train.tsv", SENTENCES * 8)):
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = {
+        "model": {"path": str(model)},
+        "task": {"kind": "classification", "eval": {"data": "dev.tsv", "metric": "accuracy"}},
+        "calib": {"samples": 8, "seq_len": 8, "generator": {"batch_size": 4, "min_len": 4}, "sam_sga": {"rounds": 3}},
+        "quant": {"weights": {"bits": 4}, "activations": {"init": "minmax"}},
+        "validate": {"shapes": [[1, 8], [2, 8]]},
+    }
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    spec = {
+        "seeds": [0, 1],
+        "tasks": {"tiny": {"config": "task.yaml", "column": "tiny acc", "real_data": "train.tsv"}},
+        "latency": {"config": "task.yaml", "repeats": 4},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tasks: {}\n", "tasks: expected a mapping of task name"),
+        (
+            "tasks: {a: {config: nowhere.yaml}}\nlatency: {config: nowhere.yaml}\n",
+            "tasks.a.config: expected an existing",
+        ),
+        ("colour: red\n", "colour: expected one of tasks, seeds, latency"),
+        ("seeds: [zero]\n", "seeds: expected a list of ints"),
+        ("[unclosed", "not valid YAML"),
+    ],
+)
+def test_a_bad_spec_is_a_one_line_error(tmp_path, spec, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_spec(path)
+
+
+def test_cells_follow_the_rows_kinds_seeds_and_filters(bench_files):
+    spec = load_spec(bench_files / "spec.yaml")
+    cells = planned_cells(spec)
+    keys = {(c.row.key, c.seed) for c in cells}
+    assert ("fp32", 0) in keys and ("fp32", 1) not in keys  # unseeded rows run once
+    assert ("zsaq-w4a8", 0) in keys and ("zsaq-w4a8", 1) in keys
+    assert not any(c.row.key in ("llmqat-w4a16", "zsaq-w4a16") for c in cells)  # decoder-only rows
+    assert {c.row.key for c in planned_cells(spec, rows=("ptq-real-w4a8",))} == {"ptq-real-w4a8"}
+    with pytest.raises(ConfigError, match="unknown row 'nope'"):
+        planned_cells(spec, rows=("nope",))
+    with pytest.raises(ConfigError, match="unknown task 'other'"):
+        planned_cells(spec, tasks=("other",))
+
+
+def test_row_config_applies_the_scheme_switches_and_seed():
+    base = PipelineConfig(model=ModelSource(id="x"))
+    config = row_config(base, row_by_key("zsaq-no-ascent-w4a8"), seed=5, real_data=None)
+    assert config.quant.weights.bits == 4 and config.quant.activations.bits == 8
+    assert config.calib.seed == 5 and config.calib.method == "zsaq"
+    assert config.calib.sam_sga.adversarial is False and config.calib.sam_sga.sam is True
+    assert row_config(base, row_by_key("qat-random-w4a16"), 0, None).quant.activations.bits == 16
+    assert row_config(base, row_by_key("qat-real-w4a8"), 0, "t.tsv").calib.real_data == "t.tsv"
+    assert row_by_key("zsaq-w2a8").latency_format is None  # no runtime executes 2-bit weights
+    assert {r.key for r in ROWS if r.uses_data} == {"ptq-real-w4a8", "qat-real-w4a8"}
+
+
+@torch.no_grad()
+def _discrepancy(teacher, student, batches) -> float:
+    total = 0.0
+    for batch in batches:
+        ours, theirs = batch.run(student, True), batch.run(teacher, True)
+        total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
+    return total
+
+
+def test_each_method_makes_its_own_student_from_one_quantizer():
+    teacher = tiny_teacher("bert", hidden=64)
+    base = PipelineConfig(
+        model=ModelSource(id="tiny"),
+        calib=CalibConfig(samples=16, seq_len=16, sam_sga=SamSgaConfig(rounds=8)),
+        quant=QuantConfig(learn=LearnConfig(lr=1e-2)),
+    )
+    batches = random_tokens(16, 16, 512, seed=9).batches(8)
+    students = {}
+    for key in ("rtn-w8a16", "ptq-random-w4a8", "qat-random-w4a8", "gptq-random-w4a8"):
+        row = row_by_key(key)
+        students[key] = quantized_student(row, row_config(base, row, 0, None), teacher, None)
+    assert not activation_quantizers(students["rtn-w8a16"])  # weight-only: activations stay float
+    ptq, qat, gptq = (quant_layers(students[k]) for k in ("ptq-random-w4a8", "qat-random-w4a8", "gptq-random-w4a8"))
+    name = next(iter(ptq))
+    assert torch.equal(ptq[name].weight, qat[name].weight)  # QAT learns step sizes, not weights
+    assert not torch.equal(ptq[name].weight_quantizer.scale, qat[name].weight_quantizer.scale)
+    assert not torch.equal(ptq[name].weight, gptq[name].weight)  # GPTQ moves weights along the grid
+    assert _discrepancy(teacher, students["qat-random-w4a8"], batches) < _discrepancy(
+        teacher, students["ptq-random-w4a8"], batches
+    )
+
+
+def test_real_data_draws_a_seeded_subset_and_reads_pairs_as_the_model_does(bench_files):
+    config = load_config(bench_files / "task.yaml")
+    tokenizer = load_source_tokenizer(config.model)
+    pairs = bench_files / "pairs.tsv"
+    pairs.write_text(
+        "sentence1\tsentence2\tscore\n"
+        + "".join(f"{WORDS[i % len(WORDS)]} movie\tthe {WORDS[i // 3 % len(WORDS)]}\t{i % 5}.0\n" for i in range(40))
+    )
+
+    def draw(seed: int, kind: str, path: Path) -> torch.Tensor:
+        calib = replace(config.calib, seed=seed, real_data=str(path), samples=6)
+        return real_data_set(replace(config, calib=calib, task=replace(config.task, kind=kind)), tokenizer).input_ids
+
+    assert torch.equal(
+        draw(0, "classification", bench_files / "train.tsv"), draw(0, "classification", bench_files / "train.tsv")
+    )
+    assert not torch.equal(draw(0, "classification", pairs), draw(1, "classification", pairs))
+    sep = tokenizer.sep_token_id
+    assert ((draw(0, "classification", pairs) == sep).sum(1) == 2).all()  # a classifier reads the pair together
+    assert ((draw(0, "embedding", pairs) == sep).sum(1) == 1).all()  # an embedding model reads each sentence alone
+
+
+def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
+    spec = load_spec(bench_files / "spec.yaml")
+    out = bench_files / "out"
+    task = spec.tasks[0]
+    for key, seed, metric in (
+        ("fp32", 0, 80.0),
+        ("zsaq-w4a8", 0, 78.0),
+        ("zsaq-w4a8", 1, 76.0),
+        ("ptq-random-w4a8", 0, 70.0),
+    ):
+        path = Cell(task, row_by_key(key), seed).path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"metric": metric, "minutes": 1.0, "peak_gib": 0.5, "seed": seed}))
+    Cell(task, row_by_key("gptq-random-w4a8"), 0).path(out).with_suffix(".error.txt").write_text(
+        "boom: out of memory\n"
+    )
+    text = render_markdown(TableData(spec, out), "cmd")
+    line = {
+        row.split(" | ")[0].lstrip("| ") + " " + row.split(" | ")[1]: row
+        for row in text.splitlines()
+        if row.startswith("| ")
+    }
+    assert "77.00 ± 1.41" in line["ZSAQ (SAM-SGA) W4A8"]
+    assert "70.00 (1/2 seeds)" in line["static PTQ on random tokens W4A8"]
+    assert "failed: boom: out of memory" in line["GPTQ on generated (random-token) inputs W4A8"]
+    assert "pending" in line["QAT on random tokens W8A8"]
+    assert "n/a" in line["ZSAQ (SAM-SGA) W4A16"]
+    assert "ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +7.00 points" in text
+
+
+def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(bench_files):
+    out = bench_files / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "bench",
+        "--table",
+        str(bench_files / "spec.yaml"),
+        "--out",
+        str(out),
+    ]
+    rows = ["fp32", "rtn-w8a16", "ptq-real-w4a8", "gptq-random-w4a8"]
+    done = subprocess.run(
+        [*command, *[a for r in rows for a in ("--rows", r)], "--seeds", "0"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert cells == sorted([*(f"tiny__{r}__s0.json" for r in rows), "latency.json"])
+    latency = json.loads((out / "cells" / "latency.json").read_text())
+    assert (
+        latency["shapes"] == ["b1x8", "b2x8"]
+        and latency["speedup"]["fp32"]["b1x8"] == 1.0
+        and latency["size_mb"]["w4a16"] < latency["size_mb"]["fp32"]
+    )
+    with open(out / "table.csv", encoding="utf-8") as handle:
+        written = {r["row"]: r for r in csv.DictReader(handle)}
+    assert set(written) == set(rows) and written["ptq-real-w4a8"]["uses_data"] == "True"
+    assert 0.0 <= float(written["fp32"]["mean"]) <= 100.0
+    assert (out / "table.png").stat().st_size > 0 and "no (uses data)" in (out / "table.md").read_text()
+    again = subprocess.run([*command, "--rows", "fp32"], capture_output=True, text=True)  # every cell is there
+    assert again.returncode == 0 and json.loads((out / "cells" / "latency.json").read_text()) == latency
+
+
+def test_bench_table_refuses_a_missing_out_and_a_bad_spec_in_one_line(bench_files):
+    for args, message in (
+        (["--table", str(bench_files / "spec.yaml")], "give --out FOLDER"),
+        (["--table", str(bench_files / "absent.yaml"), "--out", "x"], "no spec file at"),
+        (["--table", str(bench_files / "spec.yaml"), "--check", "b.json"], "exactly one of"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", *args], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
