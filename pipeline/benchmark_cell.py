@@ -22,12 +22,10 @@ import onnx
 import torch
 from onnxruntime.quantization import quantize_dynamic
 
-from calib.generators import embedding_table
 from calib.gptq import apply_gptq
-from calib.inputs import CalibrationSet, random_tokens
+from calib.inputs import random_tokens
 from calib.learn import learn_quantizers
 from calib.models import TaskModel, load_backbone, load_source_tokenizer
-from calib.sampling import sample_sequences
 from calib.student import build_student, init_ranges
 from calib.zsaq import calibrate_zsaq
 from exporters.onnx_export import export_onnx, teacher_export_model
@@ -36,7 +34,7 @@ from exporters.validation import EvalInputs, build_eval_inputs, evaluate_torch, 
 from pipeline.benchmark_rows import RTN_GROUP, Row, row_by_key, row_config
 from pipeline.config import ActivationQuant, PipelineConfig, QuantConfig, WeightQuant, load_config
 from pipeline.runfolder import atomic_write_text
-from pipeline.stages.calibrate import real_data_set, special_token_ids
+from pipeline.stages.calibrate import baseline_inputs, special_token_ids
 from pipeline.stages.export import int4_weight_only_graph, int4_weight_only_quant, round_to_nearest_graph
 
 LATENCY_SCHEMES = {
@@ -58,19 +56,6 @@ def load_frozen_teacher(config: PipelineConfig) -> TaskModel:
     return teacher
 
 
-def calibration_inputs(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> CalibrationSet:  # noqa: ANN401
-    """The fixed inputs a non-generator method calibrates on."""
-    calib = config.calib
-    specials, pad = special_token_ids(tokenizer)
-    if calib.method == "random-tokens":
-        vocab = len(embedding_table(teacher))
-        return random_tokens(calib.samples, calib.seq_len, vocab, calib.seed, specials, pad)
-    if calib.method == "teacher-sampled":
-        ids = sample_sequences(teacher.backbone, calib.samples, calib.seq_len, calib.seed)
-        return CalibrationSet(torch.ones_like(ids), input_ids=ids)
-    return real_data_set(config, tokenizer)
-
-
 def quantized_student(row: Row, config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:  # noqa: ANN401
     """The student the row's method produces, with the task config's quantizer and step budget."""
     calib = config.calib
@@ -88,7 +73,7 @@ def quantized_student(row: Row, config: PipelineConfig, teacher: TaskModel, toke
     if row.method == "rtn":
         init_ranges(student, config.quant, [])  # weights only: no activation ranges to set
         return student
-    batches = calibration_inputs(config, teacher, tokenizer).batches(calib.generator.batch_size)
+    batches = baseline_inputs(config, teacher, tokenizer).batches(calib.generator.batch_size)
     init_ranges(student, config.quant, batches)
     if row.method == "gptq":
         apply_gptq(student, batches)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import statistics
 from datetime import date
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 from pipeline.benchmark import CELLS_DIR, LATENCY_CELL, BenchSpec, BenchTask, read_cells  # noqa: E402
 from pipeline.benchmark_rows import ROWS, Row, task_family  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.runfolder import atomic_write_text  # noqa: E402
 
 LOWER_IS_BETTER = {"perplexity"}
@@ -184,8 +186,9 @@ def render_markdown(data: TableData, command: str) -> str:
             *proto,
             "- Speed-up and size: the CPU ONNX model of each scheme, built from the latency model "
             f"(`{data.spec.latency_config.name}`), timed against its FP32 ONNX side by side in one run "
-            "(alternating blocks, medians). W4A8 and W2A8 run on the int8 kernels (their integers fit int8); "
-            "W4A16 is MatMulNBits with groups of 32. Latency is measured on the encoder only.",
+            "(alternating blocks, medians): speed and size belong to that encoder, for every task's row. W4A8 (int4 "
+            "per channel) runs on the int8 kernel, its integers stored as int8; W4A16 is MatMulNBits with groups of 32 "
+            "and an int8 embedding table; W2A8 has no runtime that executes it (PyTorch student only).",
             "- Rows marked 'uses data' calibrate on the task's training split: an upper bound, not a data-free result. "
             "Nothing is selected on an evaluation split.",
             "",
@@ -266,10 +269,37 @@ def render_plot(data: TableData, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_reports(spec: BenchSpec, out: Path, command: str) -> Path:
-    """``table.md``, ``table.csv`` and ``table.png`` in ``out``; returns the Markdown path."""
+README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def check_readme(readme: Path) -> str:
+    """The README's text; a one-line error when it lacks the block the table goes into."""
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if README_START not in text or README_END not in text:
+        raise ConfigError(f"bench --readme: {readme} has no '{README_START}' ... '{README_END}' block to fill")
+    return text
+
+
+def update_readme(readme: Path, table_markdown: str, out: Path) -> None:
+    """Replace the README's block between the bench-table markers with the table (links made relative)."""
+    text = check_readme(readme)
+    relative = Path(os.path.relpath(out.resolve(), readme.resolve().parent)).as_posix()
+    body = table_markdown.replace("](table.png)", f"]({relative}/table.png)").replace("# Benchmark", "### Benchmark", 1)
+    body = body.replace(f"under `{CELLS_DIR}/`", f"under `{relative}/{CELLS_DIR}/`")
+    head, rest = text.split(README_START, 1)
+    atomic_write_text(
+        readme, head + README_START + "\n" + body.strip() + "\n" + README_END + rest.split(README_END, 1)[1]
+    )
+
+
+def write_reports(spec: BenchSpec, out: Path, command: str, readme: Path | None = None) -> Path:
+    """``table.md``, ``table.csv`` and ``table.png`` in ``out`` (and the README's table block when given);
+    returns the Markdown path."""
     data = TableData(spec, out)
     render_plot(data, out / "table.png")
     atomic_write_text(out / "table.csv", render_csv(data))
-    atomic_write_text(out / "table.md", render_markdown(data, command))
+    markdown = render_markdown(data, command)
+    atomic_write_text(out / "table.md", markdown)
+    if readme is not None:
+        update_readme(readme, markdown, out)
     return out / "table.md"

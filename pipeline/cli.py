@@ -164,6 +164,11 @@ def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: in
 @click.option("--rows", "rows", multiple=True, help="With --table: run only these rows (repeatable; row keys).")
 @click.option("--tasks", "tasks", multiple=True, help="With --table: run only these tasks (repeatable).")
 @click.option("--seeds", "seeds", multiple=True, type=int, help="With --table: run only these seeds (repeatable).")
+@click.option(
+    "--readme",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --table: also put the table in this file's bench-table block.",
+)
 @click.option("--render-only", is_flag=True, help="With --table: render from the cells present, run nothing.")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime threads (part of the baseline key).")
 @click.option("--repeats", default=40, show_default=True, help="Timed calls per model and shape.")
@@ -176,6 +181,7 @@ def bench(  # noqa: PLR0913
     rows: tuple[str, ...],
     tasks: tuple[str, ...],
     seeds: tuple[int, ...],
+    readme: Path | None,
     render_only: bool,
     threads: int,
     repeats: int,
@@ -186,7 +192,7 @@ def bench(  # noqa: PLR0913
     if sum(p is not None for p in (check_path, record_path, table_spec)) != 1:
         raise ConfigError("bench: give exactly one of --check BASELINE.json, --record BASELINE.json, --table SPEC.yaml")
     if table_spec is not None:
-        _bench_table(table_spec, table_out, rows, tasks, seeds, render_only)
+        _bench_table(table_spec, table_out, rows, tasks, seeds, readme, render_only)
         return
     from pipeline import latency_check
 
@@ -215,6 +221,7 @@ def _bench_table(  # noqa: PLR0913
     rows: tuple[str, ...],
     tasks: tuple[str, ...],
     seeds: tuple[int, ...],
+    readme: Path | None,
     render_only: bool,
 ) -> None:
     from pipeline import benchmark, benchmark_report
@@ -223,10 +230,13 @@ def _bench_table(  # noqa: PLR0913
     if out is None:
         raise ConfigError("bench --table: give --out FOLDER for the table and its cells")
     spec = benchmark.load_spec(spec_path)
+    if readme is not None:
+        benchmark_report.check_readme(readme)  # before hours of cells, not after
     cells = [c for c in benchmark.planned_cells(spec, rows, tasks) if not seeds or c.seed in seeds]
     failures = [] if render_only else benchmark.run_missing(spec, out, cells, latency=not rows or "fp32" in rows)
     # the command that makes the whole table (runs with --rows / --tasks fill parts of the same cells)
-    table = benchmark_report.write_reports(spec, out, f"zsaq-pipeline bench --table {spec_path} --out {out}")
+    command = f"zsaq-pipeline bench --table {spec_path} --out {out}" + (f" --readme {readme}" if readme else "")
+    table = benchmark_report.write_reports(spec, out, command, readme)
     click.echo(table.read_text(encoding="utf-8"))
     if failures:
         raise PipelineError(f"bench: {len(failures)} cell(s) failed, first: {failures[0]}")

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from calib.generators import embedding_table, nearest_tokens
 from calib.inputs import CalibrationSet, gaussian_embeds, random_tokens
+from calib.models import TaskModel
 from calib.sampling import sample_sequences
 from calib.student import student_state
 from calib.zsaq import calibrate_zsaq
@@ -59,6 +60,25 @@ def real_data_set(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase | N
         padding="max_length", truncation=True, max_length=config.calib.seq_len, return_tensors="pt",
     )  # fmt: skip
     return CalibrationSet(enc["attention_mask"].long(), input_ids=enc["input_ids"].long())
+
+
+def baseline_inputs(
+    config: PipelineConfig, teacher: TaskModel, tokenizer: PreTrainedTokenizerBase | None
+) -> CalibrationSet:
+    """The fixed inputs of a method without a generator (every method but zsaq)."""
+    calib = config.calib
+    specials, pad = special_token_ids(tokenizer)
+    table = embedding_table(teacher)
+    if calib.method == "random-tokens":
+        return random_tokens(calib.samples, calib.seq_len, len(table), calib.seed, specials, pad)
+    if calib.method == "gaussian-embeds":
+        return gaussian_embeds(calib.samples, calib.seq_len, table, calib.seed)
+    if calib.method == "teacher-sampled":
+        if teacher.kind != "causal-lm":
+            raise ConfigError("calib.method: teacher-sampled needs a causal-LM teacher (task.kind: causal-lm)")
+        ids = sample_sequences(teacher.backbone, calib.samples, calib.seq_len, calib.seed)
+        return CalibrationSet(torch.ones_like(ids), input_ids=ids)
+    return real_data_set(config, tokenizer)
 
 
 def _save_checkpoint(state: dict, path: Path) -> None:
@@ -126,19 +146,11 @@ class CalibrateStage(Stage):
             )
             if calib.sharpness.enabled:
                 summary["seconds_sharpness_aware"] = round(history["sharpness_seconds"], 2)
-        elif calib.method == "random-tokens":
-            samples = random_tokens(calib.samples, calib.seq_len, len(table), calib.seed, specials, pad)
-        elif calib.method == "gaussian-embeds":
-            samples = gaussian_embeds(calib.samples, calib.seq_len, table, calib.seed)
-        elif calib.method == "teacher-sampled":
-            if teacher.kind != "causal-lm":
-                raise ConfigError("calib.method: teacher-sampled needs a causal-LM teacher (task.kind: causal-lm)")
-            ids = sample_sequences(teacher.backbone, calib.samples, calib.seq_len, calib.seed)
-            samples = CalibrationSet(torch.ones_like(ids), input_ids=ids)
         else:
-            samples = real_data_set(config, tokenizer)
-            summary["flag"] = REAL_DATA_FLAG
-            ctx.log(f"[calibrate] {REAL_DATA_FLAG}")
+            samples = baseline_inputs(config, teacher, tokenizer)
+            if calib.method == "real-data":
+                summary["flag"] = REAL_DATA_FLAG
+                ctx.log(f"[calibrate] {REAL_DATA_FLAG}")
         save_file(samples.tensors(), str(ctx.out / INPUTS_FILE))
         (ctx.out / "samples.txt").write_text(_decoded_samples(samples, tokenizer, table), encoding="utf-8")
         summary["mean_length"] = round(float(samples.attention_mask.sum(1).float().mean()), 2)

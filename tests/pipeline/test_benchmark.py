@@ -222,6 +222,12 @@ def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(ben
     assert set(written) == set(rows) and written["ptq-real-w4a8"]["uses_data"] == "True"
     assert 0.0 <= float(written["fp32"]["mean"]) <= 100.0
     assert (out / "table.png").stat().st_size > 0 and "no (uses data)" in (out / "table.md").read_text()
+    readme = bench_files / "README.md"
+    readme.write_text("# Title\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
+    shown = subprocess.run([*command, "--render-only", "--readme", str(readme)], capture_output=True, text=True)
+    text = readme.read_text()
+    assert shown.returncode == 0 and "old" not in text and text.endswith("<!-- bench-table:end -->\nafter\n")
+    assert "](out/table.png)" in text and "| static PTQ on real task data (uses data) | W4A8 | no (uses data) |" in text
     again = subprocess.run([*command, "--rows", "fp32"], capture_output=True, text=True)  # every cell is there
     assert again.returncode == 0 and json.loads((out / "cells" / "latency.json").read_text()) == latency
 
@@ -231,6 +237,10 @@ def test_bench_table_refuses_a_missing_out_and_a_bad_spec_in_one_line(bench_file
         (["--table", str(bench_files / "spec.yaml")], "give --out FOLDER"),
         (["--table", str(bench_files / "absent.yaml"), "--out", "x"], "no spec file at"),
         (["--table", str(bench_files / "spec.yaml"), "--check", "b.json"], "exactly one of"),
+        (
+            ["--table", str(bench_files / "spec.yaml"), "--out", "x", "--readme", str(bench_files / "task.yaml")],
+            "has no '<!-- bench-table:start -->'",
+        ),
     ):
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", *args], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
