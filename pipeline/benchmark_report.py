@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from pipeline.benchmark import CELLS_DIR, LATENCY_CELL, BenchSpec, BenchTask, read_cells  # noqa: E402
 from pipeline.benchmark_rows import ROWS, Row, task_family  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.runfolder import atomic_write_text  # noqa: E402
 
@@ -91,7 +91,7 @@ class TableData:
         """Speed-up at each timed shape, and size (MB and % of FP32), of the row's CPU format."""
         fmt = row.latency_format
         if fmt is None:
-            return ["n/a (PyTorch only)"] * (len(self.shapes) + 1)
+            return ["n/a (PyTorch only)"] + ["n/a"] * len(self.shapes)
         if self.latency is None or fmt not in self.latency["speedup"]:
             return ["pending"] * (len(self.shapes) + 1)
         speed = self.latency["speedup"][fmt]
@@ -99,20 +99,21 @@ class TableData:
         return [*(f"{speed[shape]:.2f}x" for shape in self.shapes), f"{size:.1f} ({100 * size / fp32:.0f}%)"]
 
     def cost(self, row: Row) -> tuple[str, str]:
-        """Minutes per task (mean over seeds, ``/``-separated in task order) and the largest peak memory."""
+        """Minutes (mean over seeds) and peak memory (largest over seeds) per task, ``/``-separated in task order."""
         minutes, peaks = [], []
         for task in self.spec.tasks:
             results = self.cells.get((task.name, row.key), [])
             minutes.append(f"{statistics.mean(r['minutes'] for r in results):.1f}" if results else "–")
-            peaks += [r["peak_gib"] for r in results]
-        return " / ".join(minutes), (f"{max(peaks):.2f}" if peaks else "–")
+            peaks.append(f"{max(r['peak_gib'] for r in results):.1f}" if results else "–")
+        return " / ".join(minutes), " / ".join(peaks)
 
 
 def _header(data: TableData) -> list[str]:
     columns = [t.column for t in data.spec.tasks]
     tasks = " / ".join(t.name for t in data.spec.tasks)
     speedups = [f"speed-up {shape}" for shape in data.shapes]
-    return ["method", "scheme", "data-free", *columns, *speedups, "size MB (% FP32)", f"minutes ({tasks})", "peak GiB"]
+    return ["method", "scheme", "data-free", *columns, *speedups, "size MB (% FP32)", f"minutes ({tasks})",
+            f"peak GiB ({tasks})"]  # fmt: skip
 
 
 def table_rows(data: TableData) -> list[list[str]]:
@@ -146,6 +147,13 @@ def _claims(data: TableData) -> list[str]:
     return lines
 
 
+def _model_label(config: PipelineConfig) -> str:
+    """The model as the config names it, a local folder relative to the working directory."""
+    if config.model.path is not None:
+        return os.path.relpath(config.model.path)
+    return config.model.describe()
+
+
 def _protocol(task: BenchTask) -> str:
     """How one task's column was measured."""
     config = load_config(task.config)
@@ -156,7 +164,7 @@ def _protocol(task: BenchTask) -> str:
         data += f" (first {ev.limit} non-overlapping windows of {window} tokens)"
     groups = f" (groups of {weights.group_size})" if weights.group_size else ""
     return (
-        f"`{task.config.name}`, model {config.model.describe()}, {ev.metric} on {data}; seeds {list(task.seeds)}; "
+        f"`{task.config.name}`, model {_model_label(config)}, {ev.metric} on {data}; seeds {list(task.seeds)}; "
         f"calibration {calib.samples} samples x {calib.seq_len} tokens, {calib.sam_sga.rounds} student steps for "
         f"every learning method; weights {weights.granularity}{groups}."
     )
@@ -173,7 +181,8 @@ def render_markdown(data: TableData, command: str) -> str:
         [
             f"# Benchmark: data-free quantization against the field ({date.today().isoformat()})",
             "",
-            f"Made by `{command}`. CPU: {cpu_name()}, ONNX Runtime {ort.__version__}, torch {torch.__version__}, "
+            f"Made by `{command}`. CPU: {cpu_name()} ({os.cpu_count()} cores), ONNX Runtime {ort.__version__}, "
+            f"torch {torch.__version__}, "
             f"{lat.get('threads', '?')} threads for latency. Metrics: mean ± std over seeds; every figure comes from "
             f"a cell file under `{CELLS_DIR}/`.",
             "",
@@ -224,44 +233,46 @@ def render_csv(data: TableData) -> str:
     return buffer.getvalue()
 
 
+def _plot_task(ax: plt.Axes, data: TableData, task: BenchTask) -> None:
+    """Each row's mean ± std as a point; FP32 as a dashed line; points far below FP32 clipped and labelled."""
+    lower_better = data.metrics[task.name] in LOWER_IS_BETTER
+    points, fp32 = [], None
+    for row in ROWS:
+        values = data.values(row, task.name)
+        if not values:
+            continue
+        mean, std = mean_std(values)
+        if row.method == "fp32":
+            fp32 = mean
+            continue
+        color = "tab:red" if row.method == "zsaq" else "tab:gray" if row.uses_data else "tab:blue"
+        points.append((f"{row.label} {row.scheme}", mean, std, color))
+    if fp32 is not None:
+        ax.axvline(fp32, color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32:.2f}")
+        ax.legend(fontsize=8, loc="lower right" if lower_better else "lower left")
+    if lower_better:
+        ax.set_xscale("log")
+    # a catastrophic row (e.g. W2A8 at chance) would squeeze every other difference into one pixel
+    limit = None if fp32 is None or lower_better else fp32 - 6.0
+    for y, (_, mean, std, color) in enumerate(points):
+        shown = mean if limit is None else max(mean, limit)
+        ax.errorbar(shown, y, xerr=std if shown == mean else None, fmt="o", color=color, capsize=3)
+        if shown != mean:
+            ax.annotate(f"{mean:.1f} (off scale)", (shown, y), xytext=(6, -3), textcoords="offset points", fontsize=7)
+    ax.set_yticks(range(len(points)), [p[0] for p in points], fontsize=7)
+    ax.set_ylim(len(points) - 0.5, -0.5)
+    arrow = "lower is better" if lower_better else "higher is better"
+    ax.set_title(f"{task.column} ({arrow})", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+
+
 def render_plot(data: TableData, path: Path) -> None:
-    """One panel per task: each row's mean ± std as a horizontal bar, FP32 as a dashed line."""
+    """One panel per task (mean ± std over seeds per row)."""
     tasks = data.spec.tasks
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 7), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        labels, means, stds, colors = [], [], [], []
-        fp32 = None
-        for row in ROWS:
-            values = data.values(row, task.name)
-            if not values:
-                continue
-            mean, std = mean_std(values)
-            if row.method == "fp32":
-                fp32 = mean
-                continue
-            labels.append(f"{row.label} {row.scheme}")
-            means.append(mean)
-            stds.append(std)
-            colors.append("tab:red" if row.method == "zsaq" else "tab:gray" if row.uses_data else "tab:blue")
-        ax.barh(range(len(means)), means, xerr=stds, color=colors, alpha=0.8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.invert_yaxis()
-        if fp32 is not None:
-            ax.axvline(fp32, color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32:.2f}")
-            ax.legend(fontsize=8)
-        if means:
-            low, high = min(m - s for m, s in zip(means, stds)), max(m + s for m, s in zip(means, stds))
-            if fp32 is not None:
-                low, high = min(low, fp32), max(high, fp32)
-            if data.metrics[task.name] in LOWER_IS_BETTER:
-                ax.set_xscale("log")
-            else:
-                pad = 0.05 * (high - low + 1e-6)
-                ax.set_xlim(low - pad, high + pad)
-        arrow = "lower is better" if data.metrics[task.name] in LOWER_IS_BETTER else "higher is better"
-        ax.set_title(f"{task.column} ({arrow})", fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("red: ZSAQ, blue: data-free baselines, gray: uses real data", fontsize=9)
+        _plot_task(ax, data, task)
+    fig.suptitle("red: ZSAQ, blue: data-free baselines, gray: uses real data; bars: std over seeds", fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
