@@ -117,6 +117,7 @@ def planned_cells(spec: BenchSpec, rows: tuple[str, ...] = (), tasks: tuple[str,
     for name in tasks:
         if name not in known_tasks:
             raise ConfigError(f"bench --tasks: unknown task '{name}' (the spec has: {', '.join(sorted(known_tasks))})")
+    families = {task.name: task_family(load_config(task.config)) for task in spec.tasks}
     cells = []
     for row in ROWS:
         if rows and row.key not in rows:
@@ -124,7 +125,7 @@ def planned_cells(spec: BenchSpec, rows: tuple[str, ...] = (), tasks: tuple[str,
         for task in spec.tasks:
             if tasks and task.name not in tasks:
                 continue
-            if row.reason_not_run(task_family(load_config(task.config))) is not None:
+            if row.reason_not_run(families[task.name]) is not None:
                 continue
             if row.uses_data and task.real_data is None:
                 continue  # the table says why (no real_data in the spec)
@@ -186,5 +187,18 @@ def read_cells(spec: BenchSpec, out: Path) -> dict[tuple[str, str], list[dict[st
             for seed in task.seeds:
                 path = Cell(task, row, seed).path(out)
                 if path.is_file():
-                    results.setdefault((task.name, row.key), []).append(json.loads(path.read_text(encoding="utf-8")))
+                    results.setdefault((task.name, row.key), []).append(read_cell(path))
     return results
+
+
+def read_cell(path: Path) -> dict[str, Any]:
+    """One cell's result; a damaged file is a one-line error naming it (delete it and the cell runs again)."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        result = None
+    if not isinstance(result, dict) or not {"metric", "minutes", "peak_gib"} <= set(result):
+        raise ConfigError(
+            f"{path}: not a benchmark cell (expected JSON with metric, minutes, peak_gib); delete it to re-run"
+        )
+    return result

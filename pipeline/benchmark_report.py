@@ -59,6 +59,8 @@ class TableData:
         self.latency: dict[str, Any] | None = None
         if latency_file.is_file():
             self.latency = json.loads(latency_file.read_text(encoding="utf-8"))
+            if not isinstance(self.latency, dict) or "speedup" not in self.latency:
+                raise ConfigError(f"{latency_file}: not a latency cell; delete it to measure again")
         self.families = {task.name: task_family(load_config(task.config)) for task in spec.tasks}
         self.metrics = {task.name: load_config(task.config).task.eval.metric for task in spec.tasks}
 

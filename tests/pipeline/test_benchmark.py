@@ -190,6 +190,9 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     assert "pending" in line["QAT on random tokens W8A8"]
     assert "n/a" in line["ZSAQ (SAM-SGA) W4A16"]
     assert "ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +7.00 points" in text
+    Cell(task, row_by_key("fp32"), 0).path(out).write_text("{truncated")
+    with pytest.raises(ConfigError, match="tiny__fp32__s0.json: not a benchmark cell"):
+        TableData(spec, out)
 
 
 def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(bench_files):
