@@ -20,31 +20,25 @@ from pathlib import Path
 import click
 import torch
 
-from calib.generators import embedding_table
-from calib.inputs import gaussian_embeds, random_tokens
 from calib.learn import learn_quantizers
 from calib.models import TaskModel, load_backbone, load_source_tokenizer
 from calib.student import build_student, init_ranges
 from calib.zsaq import calibrate_zsaq
 from exporters.validation import build_eval_inputs, evaluate_torch
 from pipeline.config import PipelineConfig, load_config
-from pipeline.stages.calibrate import special_token_ids
+from pipeline.stages.calibrate import baseline_inputs, special_token_ids
 
 METHODS = ("zsaq", "random-tokens", "gaussian-embeds")
 
 
-def quantize_with(method: str, config: PipelineConfig, teacher: TaskModel, specials: tuple[int, ...], pad: int):  # noqa: ANN201
+def quantize_with(method: str, config: PipelineConfig, teacher: TaskModel, tokenizer):  # noqa: ANN001, ANN201
     """The quantized student a method produces (same quantizer, same student-step budget)."""
     calib = config.calib
     steps = calib.sam_sga.rounds * calib.sam_sga.student_steps
     if method == "zsaq":
-        game, _ = calibrate_zsaq(config, teacher, specials)
+        game, _ = calibrate_zsaq(config, teacher, special_token_ids(tokenizer)[0])
         return game.student
-    table = embedding_table(teacher)
-    if method == "random-tokens":
-        samples = random_tokens(calib.samples, calib.seq_len, len(table), calib.seed, specials, pad)
-    else:
-        samples = gaussian_embeds(calib.samples, calib.seq_len, table, calib.seed)
+    samples = baseline_inputs(config, teacher, tokenizer)
     batches = samples.batches(calib.generator.batch_size)
     torch.manual_seed(calib.seed)
     student = build_student(teacher, config.quant)
@@ -75,7 +69,6 @@ def main(
     for param in teacher.parameters():
         param.requires_grad_(False)
     tokenizer = load_source_tokenizer(base.model)
-    specials, pad = special_token_ids(tokenizer)
     inputs, fallback = build_eval_inputs(base, tokenizer, teacher.backbone.config.vocab_size)
     if fallback:
         raise click.ClickException(f"the benchmark needs task data: {fallback}")
@@ -88,7 +81,7 @@ def main(
                 calib = dataclasses.replace(base.calib, seed=seed, method=method)
                 config = dataclasses.replace(base, quant=quant, calib=calib)
                 started = time.perf_counter()
-                student = quantize_with(method, config, teacher, specials, pad)
+                student = quantize_with(method, config, teacher, tokenizer)
                 minutes = (time.perf_counter() - started) / 60
                 metric, _ = evaluate_torch(student, config, inputs)
                 runs.append({"bits": bits, "method": method, "seed": seed, "metric": metric, "minutes": minutes})
