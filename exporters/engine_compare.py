@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters.cpu_kernels import ort_session
 from pipeline.errors import StageUnavailable
 
 # Stated bound for TensorRT vs ONNX Runtime on the same Q/DQ graph: different kernels may round an int8
@@ -55,11 +56,14 @@ def random_feeds(shapes: Sequence[tuple[int, int]], vocab_size: int, seed: int =
     return feeds
 
 
-def onnxruntime_runner(path: Path, name: str) -> Any:
-    """A Polygraphy runner for an ONNX model on ONNX Runtime's CPU provider."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+def onnxruntime_runner(path: Path, name: str, reference_qdq: bool = True) -> Any:
+    """A Polygraphy runner for an ONNX model on ONNX Runtime's CPU provider.
 
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=name)
+    By default Q/DQ run by their ONNX definition (int32 accumulation, as TensorRT computes), not through
+    ORT's fused int8 kernels, which saturate on AVX2-only CPUs (:mod:`exporters.cpu_kernels`)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    return OnnxrtRunner(lambda: ort_session(path, reference_qdq=reference_qdq), name=name)
 
 
 def tensorrt_runner(engine_path: Path, name: str) -> Any:

@@ -11,6 +11,8 @@ Two flavours of the same quantized function:
   uint8 with zero-point 128: ``u8 = s8 + 128`` with the same scale, so every value is the same.
   Int8 layers are written as the kernel ORT's QDQ fusion would pick (MatMulIntegerToFloat), with the
   bias folded in; int4 layers as MatMulNBits; a quantized embedding table as GatherBlockQuantized.
+  On x86 CPUs without VNNI, 8-bit weights are stored as uint8 with zero point 128 (exact there:
+  see :mod:`exporters.cpu_kernels`).
 
 A Quadapter that could not be folded (post-LN inputs) arrives as ``input_multiplier`` and becomes one
 Mul per group before the activation quantizer. The weight integers and all scales come from the
@@ -27,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from calib.contract import Contract, LayerSpec
+from exporters.cpu_kernels import Int8WeightType, cpu_int8_weight_type
 from exporters.onnx_export import weight_initializer_name
 
 Flavour = Literal["trt", "cpu"]
@@ -172,22 +175,37 @@ def _bias_add(
     return add if other in constants else None
 
 
-def _matmul_integer_to_float(
-    spec: LayerSpec, contract: Contract, q: QuantizedInput, matmul: onnx.NodeProto, add: onnx.NodeProto | None
+def _matmul_integer_to_float(  # noqa: PLR0913
+    spec: LayerSpec,
+    contract: Contract,
+    q: QuantizedInput,
+    matmul: onnx.NodeProto,
+    add: onnx.NodeProto | None,
+    int8_weights: Int8WeightType,
 ) -> tuple[list[TensorProto], onnx.NodeProto]:
     """ORT's MatMulIntegerToFloat for an int8 layer (CPU flavour): uint8 activations times int8 weights,
     scaled to float, with the bias added in the same kernel. ORT's own QDQ fusion makes the same kernel
-    but leaves the bias as a separate Add (measured on MiniLM: the fused bias is 6-10% faster)."""
+    but leaves the bias as a separate Add (measured on MiniLM: the fused bias is 6-10% faster).
+
+    ``int8_weights="uint8"`` stores 8-bit weights shifted by 128 with zero point 128 (the same integers),
+    for CPUs whose uint8 x int8 kernels saturate (:mod:`exporters.cpu_kernels`); 4-bit integers stay int8,
+    their products cannot saturate."""
     base = f"{spec.name}.weight"
     weight = contract.tensors[f"{spec.name}.weight_int"].numpy().T.astype(np.int8)  # [in, out]
     scale = contract.tensors[f"{spec.name}.weight_scale"].numpy().astype(np.float32).reshape(-1)
+    weight_zero = ""
+    if int8_weights == "uint8" and spec.weight_bits == 8:
+        weight = (weight.astype(np.int16) + 128).astype(np.uint8)
+        weight_zero = f"{base}_zero_point"
     inits = [numpy_helper.from_array(weight, f"{base}_quantized"), numpy_helper.from_array(scale, f"{base}_scale")]
+    if weight_zero:
+        inits.append(numpy_helper.from_array(np.full(weight.shape[1], 128, dtype=np.uint8), weight_zero))
     bias = ""
     if add is not None:
         bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
     node = helper.make_node(
         "MatMulIntegerToFloat",
-        [q.quantized, f"{base}_quantized", q.scale, f"{base}_scale", q.zero_point, "", bias],
+        [q.quantized, f"{base}_quantized", q.scale, f"{base}_scale", q.zero_point, weight_zero, bias],
         [add.output[0] if add is not None else matmul.output[0]],
         name=f"{spec.name}.MatMulIntegerToFloat",
         domain="com.microsoft",
@@ -292,12 +310,18 @@ def _matmul_nbits(spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, a
 
 
 def quantize_graph(
-    float_model: onnx.ModelProto, contract: Contract, flavour: Flavour, int4_accuracy_level: int = 0
+    float_model: onnx.ModelProto,
+    contract: Contract,
+    flavour: Flavour,
+    int4_accuracy_level: int = 0,
+    cpu_int8_weights: str = "auto",
 ) -> onnx.ModelProto:
     """A copy of ``float_model`` with Q/DQ for every contract layer (weights, and inputs when A8).
 
     In the CPU flavour grouped int4 weights become MatMulNBits (``int4_accuracy_level`` sets its compute
-    mode) and a quantized embedding table becomes GatherBlockQuantized."""
+    mode), a quantized embedding table becomes GatherBlockQuantized, and 8-bit weights are stored as
+    ``cpu_int8_weights`` (``auto``: what is exact on this machine, :func:`cpu_int8_weight_type`)."""
+    int8_weights = cpu_int8_weight_type(cpu_int8_weights)
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
     opset = required_opset(contract)
@@ -350,7 +374,7 @@ def quantize_graph(
         # (twice the weight bytes of int4 storage, ~5x faster than a DequantizeLinear to float on the CPU)
         if flavour == "cpu" and not spec.group_size and spec.weight_bits in (4, 8) and q is not None:
             add = _bias_add(consumers, matmul, constants)
-            inits, replaced[matmul.name] = _matmul_integer_to_float(spec, contract, q, matmul, add)
+            inits, replaced[matmul.name] = _matmul_integer_to_float(spec, contract, q, matmul, add, int8_weights)
             new_inits += inits
             if add is not None:
                 replaced[add.name] = None

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 
 from calib.models import TaskModel
+from exporters.cpu_kernels import ort_session
 
 
 class TorchRunner:
@@ -29,15 +30,17 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """An ONNX model on ONNX Runtime's CPU provider (the provider actually used is recorded)."""
+    """An ONNX model on ONNX Runtime's CPU provider (the provider actually used is recorded).
 
-    def __init__(self, name: str, path: Path, threads: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ``reference_qdq`` runs Q/DQ by the ONNX definition instead of ORT's fused int8 kernels: how a graph
+    meant for TensorRT is checked here (:func:`exporters.cpu_kernels.ort_session`)."""
+
+    def __init__(self, name: str, path: Path, threads: int, reference_qdq: bool = False) -> None:
+        self.session = ort_session(path, threads, reference_qdq)
         self.name, self.size_bytes, self.threads = name, path.stat().st_size, threads
         self.runtime = f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
+        if reference_qdq:
+            self.runtime += ", Q/DQ as separate float ops (reference semantics, not int8 kernels)"
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]

@@ -26,6 +26,7 @@ GeneratorKind = Literal["soft-tokens", "lm-adapter"]
 WeightGranularity = Literal["per-channel", "per-group"]
 RangeInit = Literal["minmax", "percentile", "mse"]
 ExportFormat = Literal["onnx", "trt", "triton"]
+CpuInt8Weights = Literal["auto", "int8", "uint8"]
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,10 @@ class ExportConfig:
     formats: tuple[ExportFormat, ...] = ("onnx",)
     opset: int = 17
     int4_accuracy_level: int = 0
+    # How the CPU flavour stores 8-bit weights: int8 (the fast kernels where the CPU has a VNNI dot
+    # product) or uint8 with zero point 128 (exact on AVX2-only x86, whose uint8 x int8 kernels saturate);
+    # auto picks by the exporting machine, which should be the serving machine's kind.
+    cpu_int8_weights: CpuInt8Weights = "auto"
     int4_weight_only: tuple[int, ...] = ()
     # ONNX Runtime's dynamic int8 quantization of the FP32 graph: the data-free option users have today,
     # validated beside the student as the bar it must beat.

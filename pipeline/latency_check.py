@@ -23,8 +23,8 @@ import onnxruntime as ort
 
 from calib.inputs import random_tokens
 from calib.models import TaskModel, load_backbone
+from exporters.cpu_kernels import cpu_flags
 from exporters.onnx_export import export_onnx, teacher_export_model
-from exporters.onnx_qdq import Flavour
 from exporters.runners import OrtRunner, measure_latencies
 from pipeline.config import ActivationQuant, ModelSource, QuantConfig, RandomModel, TaskConfig, WeightQuant
 from pipeline.errors import ConfigError, StageUnavailable
@@ -48,13 +48,7 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "am
 
 def machine_key(threads: int) -> str:
     """What a latency ratio depends on: CPU architecture and SIMD features, threads, ONNX Runtime."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags.update(line.split(":", 1)[1].split())
-                break
+    flags = cpu_flags()
     features = "+".join(f for f in CPU_FEATURES if f in flags) or "baseline"
     return f"{platform.machine()} {features} | {threads} threads | onnxruntime {ort.__version__}"
 
@@ -72,27 +66,27 @@ def _shape_label(batch: int, seq_len: int) -> str:
     return f"b{batch}x{seq_len}"
 
 
-def build_check_models(folder: Path, int8_flavour: Flavour = "cpu") -> dict[str, Path]:
-    """FP32, int8 (W8A8) and int4 (W4A16, groups of 32) ONNX files of the fixed model, as the pipeline writes them.
-
-    ``int8_flavour`` exists so a test can swap in a slower int8 graph (the TensorRT flavour on the CPU)."""
+def build_check_models(folder: Path) -> dict[str, Path]:
+    """FP32, int8 (W8A8) and int4 (W4A16, groups of 32) ONNX files of the fixed model, as the pipeline writes them."""
     task = TaskConfig(kind="embedding")
     teacher = TaskModel(load_backbone(ModelSource(random=CHECK_MODEL), task), task.kind).eval()
     paths = {"fp32": folder / "fp32.onnx"}
     export_onnx(teacher_export_model(teacher), paths["fp32"], 17)
     batches = list(random_tokens(16, 128, CHECK_MODEL.vocab_size, seed=0).batches(8))
     for scheme, quant in SCHEMES.items():
-        flavour = int8_flavour if scheme == "int8" else "cpu"
-        paths[scheme] = folder / f"{scheme}_{flavour}.onnx"
-        onnx.save(round_to_nearest_graph(teacher, quant, batches, flavour, 17), str(paths[scheme]))
+        paths[scheme] = folder / f"{scheme}_cpu.onnx"
+        onnx.save(round_to_nearest_graph(teacher, quant, batches, "cpu", 17), str(paths[scheme]))
     return paths
 
 
-def measure(threads: int, repeats: int, int8_flavour: Flavour = "cpu") -> Measurement:
-    """Build the models in a temporary folder and measure every scheme's speed-up over FP32 side by side."""
+def measure(threads: int, repeats: int, int8_threads: int | None = None) -> Measurement:
+    """Build the models in a temporary folder and measure every scheme's speed-up over FP32 side by side.
+
+    ``int8_threads`` (default: ``threads``) exists so a test can slow the int8 path down on purpose."""
     with tempfile.TemporaryDirectory(prefix="zsaq-latency-") as tmp:
-        paths = build_check_models(Path(tmp), int8_flavour)
-        runners = [OrtRunner(name, path, threads) for name, path in paths.items()]
+        paths = build_check_models(Path(tmp))
+        counts = {name: int8_threads if name == "int8" and int8_threads else threads for name in paths}
+        runners = [OrtRunner(name, path, counts[name]) for name, path in paths.items()]
         latencies = measure_latencies(runners, SHAPES, warmup=2, repeats=repeats, vocab_size=CHECK_MODEL.vocab_size)
     p50 = {name: {_shape_label(x.batch, x.seq_len): x.p50_ms for x in lats} for name, lats in latencies.items()}
     speedups = {

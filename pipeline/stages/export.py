@@ -11,6 +11,7 @@ from calib.contract import build_contract, load_contract
 from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.student import build_student, init_ranges
+from exporters.cpu_kernels import cpu_int8_weight_type
 from exporters.onnx_export import contract_float_graph, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, Flavour, quantize_graph, required_opset
 from exporters.trt_check import check_trt_compatible
@@ -81,7 +82,10 @@ class ExportStage(Stage):
         }
         try:
             for flavour, filename in STUDENT_ONNX.items():
-                graph = quantize_graph(float_graph, contract, flavour, ctx.config.export.int4_accuracy_level)
+                export = ctx.config.export
+                graph = quantize_graph(
+                    float_graph, contract, flavour, export.int4_accuracy_level, export.cpu_int8_weights
+                )
                 onnx.save(graph, str(ctx.out / filename))
                 summary[flavour] = {
                     "file": filename,
@@ -90,6 +94,8 @@ class ExportStage(Stage):
                     "matmul_nbits": count_ops(graph, "MatMulNBits"),
                     "megabytes": round((ctx.out / filename).stat().st_size / 2**20, 2),
                 }
+                if flavour == "cpu":
+                    summary["cpu"]["int8_weights"] = cpu_int8_weight_type(export.cpu_int8_weights)
                 if flavour == "trt":
                     problems = check_trt_compatible(graph)
                     summary["trt"]["tensorrt_check"] = problems or "ok"

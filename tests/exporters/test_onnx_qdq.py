@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
@@ -12,6 +11,7 @@ from onnx import TensorProto, numpy_helper
 from calib.contract import build_contract, load_student
 from calib.inputs import random_tokens
 from calib.student import build_student, init_ranges
+from exporters.cpu_kernels import ort_session, u8s8_products_exact
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph
 from pipeline.config import ActivationQuant, QuadapterConfig, QuantConfig, WeightQuant
@@ -43,8 +43,8 @@ def _student_and_graphs(family, quant, tmp_path):
     return teacher, student, contract, graphs
 
 
-def _run(graph, ids, mask):
-    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(graph, ids, mask, reference_qdq=False):
+    session = ort_session(graph.SerializeToString(), reference_qdq=reference_qdq)
     return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
 
@@ -64,7 +64,8 @@ def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     np.testing.assert_array_equal(rebuilt, expected)  # the contract holds the student exactly
     span = expected.max() - expected.min()
     for flavour, graph in graphs.items():
-        got = _run(graph, ids, mask).reshape(-1, expected.shape[-1])
+        # the TensorRT flavour by the Q/DQ definition (as TensorRT computes), the CPU flavour on ORT's int8 kernels
+        got = _run(graph, ids, mask, reference_qdq=flavour == "trt").reshape(-1, expected.shape[-1])
         ref = expected.reshape(-1, expected.shape[-1])
         cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
         assert cosine.min() > MIN_COSINE, (flavour, cosine.min())
@@ -163,3 +164,26 @@ def test_teacher_export_matches_pytorch(tmp_path):
         expected = teacher(tokens.input_ids, tokens.attention_mask).numpy()
     got = _run(graph, tokens.input_ids.numpy(), tokens.attention_mask.numpy())
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cpu_int8_weight_layouts_are_the_same_integers(family, tmp_path):
+    """uint8 weights (zero point 128) hold the int8 integers shifted; on this CPU the layout ``auto`` picks is
+    the student's function, and the other one too wherever uint8 x int8 products cannot saturate."""
+    teacher, student, contract, _ = _student_and_graphs(family, W8A8, tmp_path)
+    float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "f.onnx", 17)
+    layouts = {w: quantize_graph(float_graph, contract, "cpu", cpu_int8_weights=w) for w in ("int8", "uint8")}
+    inits = {w: {i.name: numpy_helper.to_array(i) for i in g.graph.initializer} for w, g in layouts.items()}
+    name = next(n for n, a in inits["int8"].items() if n.endswith(".weight_quantized") and a.dtype == np.int8)
+    assert inits["uint8"][name].dtype == np.uint8
+    np.testing.assert_array_equal(inits["uint8"][name].astype(np.int16) - 128, inits["int8"][name])
+    assert (inits["uint8"][name.replace("_quantized", "_zero_point")] == 128).all()
+    tokens = random_tokens(8, 20, teacher.backbone.config.vocab_size, seed=7)
+    with torch.no_grad():
+        out = student(tokens.input_ids, tokens.attention_mask).numpy()
+    expected = out.reshape(-1, out.shape[-1])
+    exact = ["uint8", "int8"] if u8s8_products_exact() else ["uint8"]
+    for layout in exact:
+        got = _run(layouts[layout], tokens.input_ids.numpy(), tokens.attention_mask.numpy()).reshape(expected.shape)
+        cosine = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
+        assert cosine.min() > MIN_COSINE, (layout, cosine.min())

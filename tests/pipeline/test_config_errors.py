@@ -35,6 +35,7 @@ BAD_CONFIGS = [
     ({"calib": {"samples": 0}}, "calib.samples", "a positive integer"),
     ({"validate": {"min_agreement": 1.5}}, "validate.min_agreement", "between 0 and 1"),
     ({"export": {"formats": ["tflite"]}}, "export.formats[0]", "onnx, trt, triton"),
+    ({"export": {"cpu_int8_weights": "int16"}}, "export.cpu_int8_weights", "auto, int8, uint8"),
     ({"quant": {"learn": {"lr": -1}}}, "quant.learn.lr", "positive"),
     (
         {"quant": {"attention_matmuls": True, "activations": {"bits": 16}}},

@@ -1,0 +1,66 @@
+"""What ONNX Runtime's int8 CPU kernels compute on this machine, and sessions that run Q/DQ by its definition.
+
+On x86 without a VNNI dot product (AVX2-only CPUs such as AMD Zen 3), ONNX Runtime multiplies uint8
+activations by int8 weights with ``vpmaddubsw``, which adds each pair of products into a saturating
+int16: with 8-bit weights the pair sum reaches 2 x 255 x 128 and is clipped, so the "int8 model" computes
+a different function from the student (measured on tiny GPT-2/Llama students: cosine 0.994-0.997
+instead of 0.99999). uint8 x uint8 takes a path without that pair sum, at about the same speed there, so
+the CPU flavour stores 8-bit weights as uint8 with zero point 128 (the same integers, shifted) on such
+machines. VNNI / AMX (and ARM's dot products) accumulate in int32 and are exact for int8 weights, which
+are also the fast kernels there.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import onnxruntime as ort
+
+Int8WeightType = Literal["int8", "uint8"]
+EXACT_U8S8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return frozenset()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def u8s8_products_exact() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 matmuls accumulate without int16 saturation on this CPU."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return any(flag in cpu_flags() for flag in EXACT_U8S8_FEATURES)
+
+
+def cpu_int8_weight_type(setting: str) -> Int8WeightType:
+    """``export.cpu_int8_weights`` resolved for this machine (``auto``: int8 where exact, uint8 otherwise)."""
+    if setting == "auto":
+        return "int8" if u8s8_products_exact() else "uint8"
+    if setting not in ("int8", "uint8"):
+        raise ValueError(f"cpu int8 weight type must be auto, int8 or uint8, got {setting!r}")
+    return setting  # type: ignore[return-value]
+
+
+def ort_session(model: Path | bytes, threads: int | None = None, reference_qdq: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session; ``reference_qdq`` keeps QuantizeLinear/DequantizeLinear as separate ops.
+
+    Reference Q/DQ is how a TensorRT-flavour graph is checked on the CPU: TensorRT accumulates int8 products
+    in int32, whereas ONNX Runtime's fused CPU kernels may saturate (see the module docstring)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if reference_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
