@@ -12,6 +12,7 @@ are also the fast kernels there.
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,29 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+MACHINE_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimddp", "sve")
+
+
+def cpu_features() -> str:
+    """The SIMD features int8 and float speed depend on, joined by '+' (``baseline`` when none)."""
+    return "+".join(f for f in MACHINE_FEATURES if f in cpu_flags()) or "baseline"
+
+
+def machine_description() -> str:
+    """``AMD EPYC (2 cores, x86_64 avx2)``: what a benchmark figure was measured on."""
+    return f"{cpu_name()} ({os.cpu_count()} cores, {platform.machine()} {cpu_features()})"
 
 
 def u8s8_products_exact() -> bool:

@@ -28,6 +28,7 @@ from calib.learn import learn_quantizers
 from calib.models import TaskModel, load_backbone, load_source_tokenizer
 from calib.student import build_student, init_ranges
 from calib.zsaq import calibrate_zsaq
+from exporters.cpu_kernels import machine_description
 from exporters.onnx_export import export_onnx, teacher_export_model
 from exporters.runners import OrtRunner, measure_latencies
 from exporters.validation import EvalInputs, build_eval_inputs, evaluate_torch, task_metric
@@ -111,7 +112,13 @@ def run_cell(base: PipelineConfig, row: Row, seed: int, real_data: str | None) -
         student = quantized_student(row, row_config(base, row, seed, real_data), teacher, tokenizer)
         minutes = (time.perf_counter() - started) / 60
         metric = evaluate_torch(student, base, inputs)[0]
-    return {"metric": metric, "minutes": round(minutes, 3), "peak_gib": round(_peak_gib(), 3), "seed": seed}
+    return {
+        "metric": metric,
+        "minutes": round(minutes, 3),
+        "peak_gib": round(_peak_gib(), 3),
+        "seed": seed,
+        "machine": machine_description(),
+    }
 
 
 def measure_formats(base: PipelineConfig, repeats: int) -> dict[str, Any]:
@@ -146,6 +153,7 @@ def measure_formats(base: PipelineConfig, repeats: int) -> dict[str, Any]:
         "speedup": {name: {s: p50["fp32"][s] / ms for s, ms in shapes_ms.items()} for name, shapes_ms in p50.items()},
         "size_mb": sizes,
         "threads": threads,
+        "machine": machine_description(),
     }
 
 

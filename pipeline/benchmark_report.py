@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import platform
 import statistics
 from datetime import date
 from pathlib import Path
@@ -19,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from exporters.cpu_kernels import machine_description  # noqa: E402
 from pipeline.benchmark import CELLS_DIR, LATENCY_CELL, BenchSpec, BenchTask, read_cells  # noqa: E402
 from pipeline.benchmark_rows import ROWS, Row, task_family  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
@@ -26,16 +26,6 @@ from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.runfolder import atomic_write_text  # noqa: E402
 
 LOWER_IS_BETTER = {"perplexity"}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -172,6 +162,18 @@ def _protocol(task: BenchTask) -> str:
     )
 
 
+def _machines(data: TableData) -> str:
+    """Which machines the cells ran on, with counts (cells made before cells recorded it: 'not recorded')."""
+    cells = [cell for results in data.cells.values() for cell in results]
+    if data.latency is not None:
+        cells.append(data.latency)
+    counts: dict[str, int] = {}
+    for cell in cells:
+        label = str(cell.get("machine", "not recorded"))
+        counts[label] = counts.get(label, 0) + 1
+    return "; ".join(f"{label} ({n} cells)" for label, n in sorted(counts.items())) or "none yet"
+
+
 def render_markdown(data: TableData, command: str) -> str:
     """The table, how it was made, and the protocol."""
     header = _header(data)
@@ -183,10 +185,10 @@ def render_markdown(data: TableData, command: str) -> str:
         [
             f"# Benchmark: data-free quantization against the field ({date.today().isoformat()})",
             "",
-            f"Made by `{command}`. CPU: {cpu_name()} ({os.cpu_count()} cores), ONNX Runtime {ort.__version__}, "
+            f"Made by `{command}`. Rendered on {machine_description()}, ONNX Runtime {ort.__version__}, "
             f"torch {torch.__version__}, "
             f"{lat.get('threads', '?')} threads for latency. Metrics: mean ± std over seeds; every figure comes from "
-            f"a cell file under `{CELLS_DIR}/`.",
+            f"a cell file under `{CELLS_DIR}/`. Cells ran on: {_machines(data)}.",
             "",
             *lines,
             "",

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from calib.inputs import random_tokens
 from calib.models import TaskModel, load_backbone
-from exporters.cpu_kernels import cpu_flags
+from exporters.cpu_kernels import cpu_features
 from exporters.onnx_export import export_onnx, teacher_export_model
 from exporters.runners import OrtRunner, measure_latencies
 from pipeline.config import ActivationQuant, ModelSource, QuantConfig, RandomModel, TaskConfig, WeightQuant
@@ -43,14 +43,11 @@ SCHEMES = {
 SHAPES = ((1, 128), (8, 128))
 DEFAULT_TOLERANCE = 0.3  # a speed-up may fall this fraction below the baseline before the check fails (ratios
 # moved by up to ~20% between runs here when the shared machine was busy)
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimddp", "sve")
 
 
 def machine_key(threads: int) -> str:
     """What a latency ratio depends on: CPU architecture and SIMD features, threads, ONNX Runtime."""
-    flags = cpu_flags()
-    features = "+".join(f for f in CPU_FEATURES if f in flags) or "baseline"
-    return f"{platform.machine()} {features} | {threads} threads | onnxruntime {ort.__version__}"
+    return f"{platform.machine()} {cpu_features()} | {threads} threads | onnxruntime {ort.__version__}"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from calib.inputs import random_tokens
 from calib.learn import distillation_loss
 from calib.models import load_source_tokenizer
 from calib.student import activation_quantizers, quant_layers
+from exporters.cpu_kernels import machine_description
 from pipeline.benchmark import Cell, load_spec, planned_cells
 from pipeline.benchmark_cell import quantized_student
 from pipeline.benchmark_report import TableData, render_markdown
@@ -174,7 +175,10 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     ):
         path = Cell(task, row_by_key(key), seed).path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"metric": metric, "minutes": 1.0, "peak_gib": 0.5, "seed": seed}))
+        cell = {"metric": metric, "minutes": 1.0, "peak_gib": 0.5, "seed": seed}
+        if key != "fp32":  # cells made before cells recorded their machine have no such field
+            cell["machine"] = "Zen (2 cores, x86_64 avx2)"
+        path.write_text(json.dumps(cell))
     Cell(task, row_by_key("gptq-random-w4a8"), 0).path(out).with_suffix(".error.txt").write_text(
         "boom: out of memory\n"
     )
@@ -190,6 +194,7 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     assert "pending" in line["QAT on random tokens W8A8"]
     assert "n/a" in line["ZSAQ (SAM-SGA) W4A16"]
     assert "ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +7.00 points" in text
+    assert "Cells ran on: Zen (2 cores, x86_64 avx2) (3 cells); not recorded (1 cells)." in text
     Cell(task, row_by_key("fp32"), 0).path(out).write_text("{truncated")
     with pytest.raises(ConfigError, match="tiny__fp32__s0.json: not a benchmark cell"):
         TableData(spec, out)
@@ -215,6 +220,7 @@ def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(ben
     cells = sorted(p.name for p in (out / "cells").glob("*.json"))
     assert cells == sorted([*(f"tiny__{r}__s0.json" for r in rows), "latency.json"])
     latency = json.loads((out / "cells" / "latency.json").read_text())
+    assert all(json.loads((out / "cells" / c).read_text())["machine"] == machine_description() for c in cells)
     assert (
         latency["shapes"] == ["b1x8", "b2x8"]
         and latency["speedup"]["fp32"]["b1x8"] == 1.0
