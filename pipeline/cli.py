@@ -170,6 +170,11 @@ def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: in
     help="With --table: also put the table in this file's bench-table block.",
 )
 @click.option("--render-only", is_flag=True, help="With --table: render from the cells present, run nothing.")
+@click.option(
+    "--missing-ok",
+    is_flag=True,
+    help="With --check: on a machine kind without a baseline entry, measure, print and exit 0 (CI on new hardware).",
+)
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime threads (part of the baseline key).")
 @click.option("--repeats", default=40, show_default=True, help="Timed calls per model and shape.")
 @user_errors
@@ -183,6 +188,7 @@ def bench(  # noqa: PLR0913
     seeds: tuple[int, ...],
     readme: Path | None,
     render_only: bool,
+    missing_ok: bool,
     threads: int,
     repeats: int,
 ) -> None:
@@ -200,8 +206,14 @@ def bench(  # noqa: PLR0913
         raise ConfigError(f"bench: --repeats must be at least 4 (one per measuring block), got {repeats}")
     path = check_path or record_path
     baseline = latency_check.read_baseline(path)
+    key = latency_check.machine_key(threads)
+    if check_path is not None and key not in baseline["entries"] and missing_ok:
+        # a new machine kind is not a regression: show its figures so someone can record them
+        click.echo(latency_check.render(latency_check.measure(threads, repeats), baseline))
+        click.echo(f"no baseline for '{key}': not compared; record with: zsaq-pipeline bench --record {check_path}")
+        return
     if check_path is not None:  # fail before measuring when there is nothing to compare with
-        latency_check.baseline_entry(baseline, latency_check.machine_key(threads), str(check_path))
+        latency_check.baseline_entry(baseline, key, str(check_path))
     measured = latency_check.measure(threads, repeats)
     if record_path is not None:
         latency_check.record(measured, baseline, record_path)

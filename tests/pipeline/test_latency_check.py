@@ -75,6 +75,20 @@ def test_cli_check_without_an_entry_for_this_machine_exits_before_measuring(tmp_
     assert done.returncode == 3 and "bench --record" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_cli_check_with_missing_ok_measures_and_passes_on_a_new_machine_kind(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"entries": {"some other machine": {"speedups": {"int8": {"b1x128": 9.0}}}}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "bench", "--check", str(path), "--missing-ok", "--repeats", "4"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "| int8 | b1x128 |" in done.stdout
+    assert "not compared; record with: zsaq-pipeline bench --record" in done.stdout
+    assert json.loads(path.read_text())["entries"].keys() == {"some other machine"}  # nothing recorded
+
+
 def test_the_check_fails_when_the_int8_path_is_made_slower_on_purpose(tmp_path):
     """Main's int8 graph recorded as the baseline (2 threads for every model); the int8 model then run on one
     thread (about half its speed, beyond the 30% tolerance on any CPU) must fail the check."""
