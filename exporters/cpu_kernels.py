@@ -25,25 +25,24 @@ EXACT_U8S8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @cache
+def _cpuinfo_value(prefixes: tuple[str, ...]) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of ``prefixes`` (None: no such line)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(prefixes):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return frozenset()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo_value(("flags", "Features")) or "").split())
 
 
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo_value(("model name",)) or platform.processor() or platform.machine()
 
 
 MACHINE_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimddp", "sve")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import statistics
+from collections import Counter
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -167,10 +168,7 @@ def _machines(data: TableData) -> str:
     cells = [cell for results in data.cells.values() for cell in results]
     if data.latency is not None:
         cells.append(data.latency)
-    counts: dict[str, int] = {}
-    for cell in cells:
-        label = str(cell.get("machine", "not recorded"))
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(str(cell.get("machine", "not recorded")) for cell in cells)
     return "; ".join(f"{label} ({n} cells)" for label, n in sorted(counts.items())) or "none yet"
 
 

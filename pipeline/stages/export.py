@@ -80,12 +80,11 @@ class ExportStage(Stage):
             "teacher_megabytes": round((ctx.out / TEACHER_ONNX).stat().st_size / 2**20, 2),
             "opset": max(opset, required_opset(contract)),
         }
+        export = ctx.config.export
+        int8_weights = cpu_int8_weight_type(export.cpu_int8_weights)  # resolved once: graph and summary agree
         try:
             for flavour, filename in STUDENT_ONNX.items():
-                export = ctx.config.export
-                graph = quantize_graph(
-                    float_graph, contract, flavour, export.int4_accuracy_level, export.cpu_int8_weights
-                )
+                graph = quantize_graph(float_graph, contract, flavour, export.int4_accuracy_level, int8_weights)
                 onnx.save(graph, str(ctx.out / filename))
                 summary[flavour] = {
                     "file": filename,
@@ -95,7 +94,7 @@ class ExportStage(Stage):
                     "megabytes": round((ctx.out / filename).stat().st_size / 2**20, 2),
                 }
                 if flavour == "cpu":
-                    summary["cpu"]["int8_weights"] = cpu_int8_weight_type(export.cpu_int8_weights)
+                    summary["cpu"]["int8_weights"] = int8_weights
                 if flavour == "trt":
                     problems = check_trt_compatible(graph)
                     summary["trt"]["tensorrt_check"] = problems or "ok"
