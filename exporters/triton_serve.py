@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from exporters.cpu_kernels import ort_session
 from exporters.triton_repo import (
     ONNX_MODEL,
     TEXT_ENSEMBLE,
@@ -83,9 +84,7 @@ def load_served_model(run_dir: Path, threads: int = 0) -> ServedModel:
     if tokenizer is None:
         raise PipelineError(f"{run_dir}: the model has no tokenizer, and serve takes raw text")
     config = json.loads(manifest_path.read_text(encoding="utf-8"))["config"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
-    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    session = ort_session(graph, threads or os.cpu_count() or 1)
     max_batch, max_length = serving_limits(config["validate"]["shapes"])
     kind = config["task"]["kind"]
     labels = label_names(run_dir / TEACHER_DIR, config["task"]["num_labels"]) if kind == "classification" else ()
