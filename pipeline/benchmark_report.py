@@ -197,6 +197,7 @@ def render_markdown(data: TableData, command: str) -> str:
             *proto,
             "- Speed-up and size: the CPU ONNX model of each scheme, built from the latency model "
             f"(`{data.spec.latency_config.name}`), timed against its FP32 ONNX side by side in one run "
+            f"on {lat.get('machine', 'a machine its cell does not record')} "
             "(alternating blocks, medians): speed and size belong to that encoder, for every task's row. W4A8 (int4 "
             "per channel) runs on the int8 kernel, its integers stored as int8; W4A16 is MatMulNBits with groups of 32 "
             "and an int8 embedding table; W2A8 has no runtime that executes it (PyTorch student only).",
