@@ -195,6 +195,7 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     assert "n/a" in line["ZSAQ (SAM-SGA) W4A16"]
     assert "ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +7.00 points" in text
     assert "Cells ran on: Zen (2 cores, x86_64 avx2) (3 cells); not recorded (1 cells)." in text
+    assert "in one run on a machine its cell does not record" in text  # no latency cell here
     Cell(task, row_by_key("fp32"), 0).path(out).write_text("{truncated")
     with pytest.raises(ConfigError, match="tiny__fp32__s0.json: not a benchmark cell"):
         TableData(spec, out)
@@ -230,7 +231,9 @@ def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(ben
         written = {r["row"]: r for r in csv.DictReader(handle)}
     assert set(written) == set(rows) and written["ptq-real-w4a8"]["uses_data"] == "True"
     assert 0.0 <= float(written["fp32"]["mean"]) <= 100.0
-    assert (out / "table.png").stat().st_size > 0 and "no (uses data)" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert (out / "table.png").stat().st_size > 0 and "no (uses data)" in table
+    assert f"side by side in one run on {machine_description()} (" in table
     readme = bench_files / "README.md"
     readme.write_text("# Title\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
     shown = subprocess.run([*command, "--render-only", "--readme", str(readme)], capture_output=True, text=True)
