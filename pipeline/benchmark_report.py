@@ -201,8 +201,8 @@ def render_markdown(data: TableData, command: str) -> str:
             "(alternating blocks, medians): speed and size belong to that encoder, for every task's row. W4A8 (int4 "
             "per channel) runs on the int8 kernel, its integers stored as int8; W4A16 is MatMulNBits with groups of 32 "
             "and an int8 embedding table; W2A8 has no runtime that executes it (PyTorch student only).",
-            "- 'n/a' in a task's column: the row is not benchmarked on that model family (encoders: W8A8, W4A8, W2A8 "
-            "and their baselines; the decoder: W8A8, W4A16 and self-generated text; see `pipeline/benchmark_rows.py`).",
+            "- 'n/a' in a task's column: the row is not benchmarked on that task's model family (encoder or decoder; "
+            "each row names its families in `pipeline/benchmark_rows.py`).",
             "- Rows marked 'uses data' calibrate on the task's training split: an upper bound, not a data-free result. "
             "Nothing is selected on an evaluation split.",
             "",
