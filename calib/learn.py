@@ -98,14 +98,19 @@ def block_of(layer_name: str) -> str | None:
     return layer_name[: match.end() - 1] if match else None
 
 
-def relative_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def relative_adamw(
+    positive: list[torch.nn.Parameter], free: list[torch.nn.Parameter], config: LearnConfig
+) -> torch.optim.AdamW:
     """AdamW with each tensor's learning rate relative to its own magnitude.
 
     Adam's steps are about ``lr`` in absolute size whatever the gradient's, so ``lr`` here means "fraction
-    per step" for a 1e-4 step size, a 1.0 Quadapter scale and a weight alike.
+    per step" for a 1e-4 step size and a 1.0 Quadapter scale alike; the weights (``free``) take
+    ``config.weights_lr`` when it is set.
     """
-    groups = [{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp(min=1e-12))} for p in params]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    weights_lr = config.lr if config.weights_lr is None else config.weights_lr
+    rated = [(p, config.lr) for p in positive] + [(p, weights_lr) for p in free]
+    groups = [{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp(min=1e-12))} for p, lr in rated]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def clamp_positive(params: list[torch.nn.Parameter]) -> None:
@@ -139,7 +144,7 @@ def _optimize(
 ) -> bool:
     """AdamW + cosine schedule; False when learning had to stop (NaN or divergence: last good state kept)."""
     params = [*positive, *free]
-    optimizer = relative_adamw(params, config.lr, config.weight_decay)
+    optimizer = relative_adamw(positive, free, config)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     good_state = [p.detach().clone() for p in params]
     first = None

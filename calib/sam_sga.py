@@ -76,7 +76,7 @@ class SamSga:
         self.calib, self.learn, self.rng = calib, learn, rng
         self.positive, self.free = learnable_parameters(student, learn.params)
         self.student_params = [*self.positive, *self.free]
-        self.student_optimizer = relative_adamw(self.student_params, learn.lr, learn.weight_decay)
+        self.student_optimizer = relative_adamw(self.positive, self.free, learn)
         sga = calib.sam_sga
         self.sam = SAM(self.student_params, self.student_optimizer, sga.rho, sga.adaptive) if sga.sam else None
         self.generator_params = [p for p in generator.parameters() if p.requires_grad]

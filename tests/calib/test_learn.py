@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calib.inputs import random_tokens
-from calib.learn import learn_quantizers
+from calib.learn import learn_quantizers, relative_adamw
 from calib.student import build_student, init_ranges, quant_layers
 from pipeline.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
 from tests.models import tiny_teacher
@@ -43,6 +43,15 @@ def test_weights_are_learned_only_when_asked():
     assert all(torch.equal(weights[n], layer.weight) for n, layer in quant_layers(student).items())
     learn_quantizers(teacher, student, batches, LearnConfig(steps=5, lr=1e-2, params=("weights",)), False)
     assert any(not torch.equal(weights[n], layer.weight) for n, layer in quant_layers(student).items())
+
+
+def test_weights_take_their_own_rate_relative_to_their_magnitude():
+    step_size = torch.nn.Parameter(torch.full((4,), 0.02))
+    weight = torch.nn.Parameter(torch.full((4, 4), -0.5))
+    rates = [g["lr"] for g in relative_adamw([step_size], [weight], LearnConfig(lr=1e-2, weights_lr=1e-4)).param_groups]
+    assert rates == pytest.approx([1e-2 * 0.02, 1e-4 * 0.5])
+    same = [g["lr"] for g in relative_adamw([step_size], [weight], LearnConfig(lr=1e-2)).param_groups]
+    assert same == pytest.approx([1e-2 * 0.02, 1e-2 * 0.5])
 
 
 def test_a_nan_loss_stops_learning_and_keeps_the_last_good_state():

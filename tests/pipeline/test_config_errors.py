@@ -37,6 +37,7 @@ BAD_CONFIGS = [
     ({"export": {"formats": ["tflite"]}}, "export.formats[0]", "onnx, trt, triton"),
     ({"export": {"cpu_int8_weights": "int16"}}, "export.cpu_int8_weights", "auto, int8, uint8"),
     ({"quant": {"learn": {"lr": -1}}}, "quant.learn.lr", "positive"),
+    ({"quant": {"learn": {"weights_lr": 0}}}, "quant.learn.weights_lr", "positive"),
     (
         {"quant": {"attention_matmuls": True, "activations": {"bits": 16}}},
         "quant.attention_matmuls",
