@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from pipeline.config import CalibConfig, LearnConfig, ModelSource, PipelineConfig, QuantConfig, SamSgaConfig
+from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_calibration", ROOT / "scripts" / "bench_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_script("bench_calibration")
 
 
 def test_fidelity_counts_every_flip_for_classifiers_and_cosine_for_embeddings():

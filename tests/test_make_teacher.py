@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from tests.models import save_tiny_bert_folder
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # beside the clone, as in CI
@@ -18,15 +17,7 @@ WORDS = ("the", "a", "movie", "film", "good", "bad", "great", "not", "is", "it",
 needs_data = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data at {DATA}")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_teacher", ROOT / "scripts" / "make_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-make_teacher = _load_script()
+make_teacher = load_script("make_teacher")
 
 
 @pytest.fixture
