@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.inputs import Batch, varied_mask
+from calib.lm_text import LMText
 from calib.models import TaskModel
 
 
@@ -72,49 +73,65 @@ class SoftTokenGenerator(nn.Module):
 
 
 class LMAdapterGenerator(nn.Module):
-    """ZSAQ's generator: a pre-trained LM's token representations, mapped by a learnable adapter into the
-    student's embedding space, so no gradient has to pass through discrete tokens.
+    """ZSAQ's generator: text a pre-trained LM writes (:mod:`calib.lm_text`), and a learnable adapter that
+    maps the LM's token representations (plus noise) into the teacher's embedding space, so no gradient
+    has to pass through discrete tokens.
 
-    ``token_pool`` is text the LM sampled itself (``[pool, seq_len]``). With a frozen LM (``lm=None``) its
-    last hidden states are computed once and cached (``features``); with ``lm`` given, the LM runs (and
-    learns) at every sample. The adapter's output is standardised to the teacher's embedding statistics,
-    so generation starts in distribution.
+    The adapter's output is a residual on the teacher's own embeddings of that text, bounded per channel
+    by ``radius`` times the embedding table's std (tanh) and started near zero: the game starts from
+    natural, correctly framed text (what the teacher was tuned on) and the ascent looks for the student's
+    worst inputs within that box around it.
+    (Mapping the LM's hidden states straight into the embedding space, as a first version did, started
+    ten times further from the teacher's inputs and lost to random tokens.)
+
+    With a frozen LM (``lm=None``) the aligned hidden states are computed once (``features``); with ``lm``
+    given, the LM runs (and learns) at every sample.
     """
 
     def __init__(
         self,
-        token_pool: torch.Tensor,
+        text: LMText,
         features: torch.Tensor,
         table: torch.Tensor,
-        min_len: int,
         noise_dim: int,
         hidden: int,
+        radius: float,
         lm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.register_buffer("token_pool", token_pool.clone())
+        self.register_buffer("base", table[text.teacher_ids].clone())
+        self.register_buffer("mask", text.attention_mask.clone())
+        self.register_buffer("lm_ids", text.lm_ids.clone())
+        self.register_buffer("lm_mask", text.lm_mask.clone())
+        self.register_buffer("alignment", text.alignment.clone())
         self.register_buffer("features", None if lm is not None else features.detach().clone())
+        self.register_buffer("bound", table.std(0) * radius)
         self.lm = lm
-        self.register_buffer("mean", table.mean(0))
-        self.register_buffer("std", table.std(0))
-        self.seq_len, self.min_len, self.noise_dim = token_pool.shape[1], min_len, noise_dim
-        self.adapter = nn.Sequential(
-            nn.Linear(features.shape[-1] + noise_dim, hidden), nn.GELU(), nn.Linear(hidden, table.shape[-1])
-        )
+        self.noise_dim = noise_dim
+        feature_dim = features.shape[-1] if lm is None else lm.config.hidden_size
+        out = nn.Linear(hidden, table.shape[-1])
+        nn.init.normal_(out.weight, std=1e-3)  # near-zero residual: start from the text itself
+        nn.init.zeros_(out.bias)
+        self.adapter = nn.Sequential(nn.Linear(feature_dim + noise_dim, hidden), nn.GELU(), out)
 
     def set_progress(self, fraction: float) -> None:
         """Nothing anneals in this generator."""
 
     def sample(self, batch: int, rng: torch.Generator) -> Batch:
-        """A differentiable batch: pooled LM features (plus noise) through the adapter."""
-        rows = torch.randint(len(self.token_pool), (batch,), generator=rng)
-        noise = torch.randn(batch, self.seq_len, self.noise_dim, generator=rng)
+        """A differentiable batch: the pooled text's embeddings plus the adapter's residual."""
+        rows = torch.randint(len(self.base), (batch,), generator=rng)
+        noise = torch.randn(batch, self.base.shape[1], self.noise_dim, generator=rng)
         if self.lm is None:
             features = self.features[rows]
         else:
-            features = self.lm(input_ids=self.token_pool[rows], output_hidden_states=True).hidden_states[-1]
-        out = self.adapter(torch.cat([features, noise], dim=-1))
-        out = (out - out.mean(-1, keepdim=True)) / out.std(-1, keepdim=True).clamp(min=1e-6)
-        embeds = out * self.std + self.mean
-        mask = varied_mask(batch, self.seq_len, self.min_len, rng)
+            features = aligned_features(self.lm, self.lm_ids[rows], self.lm_mask[rows], self.alignment[rows])
+        residual = torch.tanh(self.adapter(torch.cat([features, noise], dim=-1))) * self.bound
+        embeds = self.base[rows] + residual
+        mask = self.mask[rows]
         return Batch(mask, inputs_embeds=embeds * mask.unsqueeze(-1))
+
+
+def aligned_features(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
+    """The LM's last hidden states at each teacher position's LM token: ``[batch, seq_len, lm_hidden]``."""
+    hidden = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    return hidden.gather(1, alignment.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

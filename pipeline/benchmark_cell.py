@@ -63,7 +63,7 @@ def quantized_student(row: Row, config: PipelineConfig, teacher: TaskModel, toke
     torch.manual_seed(calib.seed)
     if row.method == "zsaq":
         specials, _ = special_token_ids(tokenizer)
-        game, _ = calibrate_zsaq(config, teacher, specials, show_progress=True)
+        game, _ = calibrate_zsaq(config, teacher, specials, show_progress=True, tokenizer=tokenizer)
         return game.student
     if row.method == "rtn" and row.weight_bits == 4:  # exactly the W4A16 model the export stage ships
         quant = int4_weight_only_quant(teacher, RTN_GROUP)

@@ -13,7 +13,11 @@ dev set's accuracy moves both ways as predictions flip; fidelity counts every fl
 calibration methods with less noise.
 
 ``--rounds`` changes the student-step budget (every method's); ``--weights-lr`` also learns the weights
-(QAT, as in ZSAQ's own tables) at that rate relative to their magnitude.
+(QAT, as in ZSAQ's own tables) at that rate relative to their magnitude. ``--real-data FILE`` adds the
+``real-data`` method: the same distillation on ``calib.samples`` sentences of a task's *training* file,
+the ceiling any data-free method can hope to reach at this budget (flagged in the table; never a result).
+``--frozen-generator`` runs ZSAQ's ``adversarial: false`` ablation: what the generator's inputs give
+without the ascent.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from exporters.validation import build_eval_inputs, evaluate_torch
 from pipeline.config import PipelineConfig, load_config
 from pipeline.stages.calibrate import baseline_inputs, special_token_ids
 
-METHODS = ("zsaq", "random-tokens", "gaussian-embeds")
+DATA_FREE = ("zsaq", "random-tokens", "gaussian-embeds")
+METHODS = (*DATA_FREE, "real-data")
+UPPER_BOUND = "real-data (upper bound: reads task training data)"
 
 
 def quantize_with(method: str, config: PipelineConfig, teacher: TaskModel, tokenizer):  # noqa: ANN001, ANN201
@@ -46,7 +52,7 @@ def quantize_with(method: str, config: PipelineConfig, teacher: TaskModel, token
     calib = config.calib
     steps = calib.sam_sga.rounds * calib.sam_sga.student_steps
     if method == "zsaq":
-        game, _ = calibrate_zsaq(config, teacher, special_token_ids(tokenizer)[0])
+        game, _ = calibrate_zsaq(config, teacher, special_token_ids(tokenizer)[0], tokenizer=tokenizer)
         return game.student
     samples = baseline_inputs(config, teacher, tokenizer)
     batches = samples.batches(calib.generator.batch_size)
@@ -58,9 +64,19 @@ def quantize_with(method: str, config: PipelineConfig, teacher: TaskModel, token
     return student
 
 
-def with_overrides(config: PipelineConfig, rounds: int | None, weights_lr: float | None) -> PipelineConfig:
-    """The config with the command line's budget and weight learning applied."""
+def with_overrides(
+    config: PipelineConfig,
+    rounds: int | None,
+    weights_lr: float | None,
+    real_data: Path | None = None,
+    frozen_generator: bool = False,
+) -> PipelineConfig:
+    """The config with the command line's budget, weight learning, real-data file and ablation applied."""
     calib, learn = config.calib, config.quant.learn
+    if frozen_generator:
+        calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, adversarial=False))
+    if real_data is not None:
+        calib = dataclasses.replace(calib, real_data=str(real_data.resolve()))
     if rounds is not None:
         calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, rounds=rounds))
     if weights_lr is not None:
@@ -90,10 +106,14 @@ def _mean_std(values: list[float]) -> str:
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--bits", "bit_widths", multiple=True, type=int, default=(4, 8), show_default=True)
 @click.option("--seeds", "seeds", multiple=True, type=int, default=(0, 1, 2), show_default=True)
-@click.option("--methods", "methods", multiple=True, type=click.Choice(METHODS), default=METHODS)
+@click.option("--methods", "methods", multiple=True, type=click.Choice(METHODS), default=DATA_FREE)
 @click.option("--rounds", type=click.IntRange(min=1), default=None, help="student steps (default: the config's)")
 @click.option("--weights-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="also learn the weights, at this relative rate")  # fmt: skip
+@click.option("--real-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="task training file for the real-data upper bound")  # fmt: skip
+@click.option("--frozen-generator", is_flag=True,
+              help="ZSAQ's ablation adversarial: false (the generator never ascends)")  # fmt: skip
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def main(
     config_path: Path,
@@ -102,10 +122,14 @@ def main(
     methods: tuple[str, ...],
     rounds: int | None,
     weights_lr: float | None,
+    real_data: Path | None,
+    frozen_generator: bool,
     out: Path,
 ) -> None:
     """Write a Markdown table (FP, each method x bit width, mean ± std over seeds) and a JSON of every run."""
-    base = with_overrides(load_config(config_path), rounds, weights_lr)
+    if "real-data" in methods and real_data is None:
+        raise click.UsageError("--methods real-data needs --real-data FILE (a task training file)")
+    base = with_overrides(load_config(config_path), rounds, weights_lr, real_data, frozen_generator)
     teacher = TaskModel(load_backbone(base.model, base.task), base.task.kind).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -149,7 +173,12 @@ def write_table(out: Path, base: PipelineConfig, fp_metric: float, runs: list[di
         minutes = statistics.mean(r["minutes"] for r in picked)
         values = _mean_std([r["metric"] for r in picked])
         fidelity = _mean_std([r["fidelity"] for r in picked])
-        lines.append(f"| {method} | W{bits}A8 | {values} | {fidelity} | {len(picked)} | {minutes:.1f} |")
+        name = UPPER_BOUND if method == "real-data" else method
+        if method == "zsaq":
+            name = f"zsaq ({base.calib.generator.kind})"
+            if not base.calib.sam_sga.adversarial:
+                name += ", generator frozen (adversarial: false)"
+        lines.append(f"| {name} | W{bits}A8 | {values} | {fidelity} | {len(picked)} | {minutes:.1f} |")
     sga = base.calib.sam_sga
     lines += [
         "",

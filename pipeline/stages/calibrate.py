@@ -124,7 +124,9 @@ class CalibrateStage(Stage):
             checkpoint_dir = ctx.run.root / ".ckpt-calibrate"
             checkpoint_dir.mkdir(exist_ok=True)
             checkpoint = checkpoint_dir / f"{self.fingerprint(config)[:16]}.pt"
-            game, samples = calibrate_zsaq(config, teacher, specials, checkpoint, _save_checkpoint, ctx.show_progress)
+            game, samples = calibrate_zsaq(
+                config, teacher, specials, checkpoint, _save_checkpoint, ctx.show_progress, tokenizer
+            )
             save_file(student_state(game.student, "weights" in config.quant.learn.params), str(ctx.out / STUDENT_STATE))
             save_file(
                 {k: v.contiguous() for k, v in game.generator.state_dict().items()},

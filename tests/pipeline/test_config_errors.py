@@ -38,6 +38,7 @@ BAD_CONFIGS = [
     ({"export": {"cpu_int8_weights": "int16"}}, "export.cpu_int8_weights", "auto, int8, uint8"),
     ({"quant": {"learn": {"lr": -1}}}, "quant.learn.lr", "positive"),
     ({"quant": {"learn": {"weights_lr": 0}}}, "quant.learn.weights_lr", "positive"),
+    ({"calib": {"generator": {"radius": -0.1}}}, "calib.generator.radius", "a positive number"),
     (
         {"quant": {"attention_matmuls": True, "activations": {"bits": 16}}},
         "quant.attention_matmuls",

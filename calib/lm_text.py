@@ -1,0 +1,92 @@
+"""Text a generator LM writes, as the teacher reads it: the lm-adapter generator's starting point.
+
+The LM samples token ids once; each sequence is cut at a length drawn uniformly from
+``[min_len, seq_len]``. When the LM is the teacher (a decoder generating for itself) the ids are used as
+they are. Otherwise the text is decoded and re-tokenized by the teacher's own tokenizer, which adds the
+teacher's framing ([CLS] ... [SEP]); each teacher token is then paired with the LM token under its first
+character, so the LM's hidden states can be lined up with the teacher's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from calib.sampling import sample_sequences
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class LMText:
+    """The pool: teacher ids and mask ``[pool, seq_len]``; the LM's ids and mask ``[pool, lm_len]``; and for
+    every teacher position the index of its LM token (``alignment``, ``[pool, seq_len]``)."""
+
+    teacher_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lm_ids: torch.Tensor
+    lm_mask: torch.Tensor
+    alignment: torch.Tensor
+
+
+def align_tokens(teacher_offsets: list[tuple[int, int]], lm_offsets: list[tuple[int, int]]) -> list[int]:
+    """For each teacher token, the index of the last LM token that starts at or before its first character.
+
+    Special tokens (offsets ``(0, 0)``) take the LM token of the previous teacher position (the first
+    LM token for a leading [CLS]), so a framing token carries the context read so far.
+    """
+    starts = [start for start, _ in lm_offsets]
+    aligned, previous = [], 0
+    for start, end in teacher_offsets:
+        if end > start:
+            previous = max(0, sum(1 for s in starts if s <= start) - 1)
+        aligned.append(previous)
+    return aligned
+
+
+def _cut_lengths(count: int, min_len: int, max_len: int, seed: int) -> list[int]:
+    rng = torch.Generator().manual_seed(seed + 1)  # apart from the LM's own sampling stream
+    return torch.randint(min_len, max_len + 1, (count,), generator=rng).tolist()
+
+
+def write_text(
+    lm: PreTrainedModel,
+    samples: int,
+    seq_len: int,
+    min_len: int,
+    seed: int,
+    tokenizers: tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase] | None = None,
+) -> LMText:
+    """``samples`` sequences the LM writes. ``tokenizers`` is ``(lm_tokenizer, teacher_tokenizer)`` when
+    the teacher reads another vocabulary; ``None`` when the LM is the teacher."""
+    ids = sample_sequences(lm, samples, seq_len, seed)
+    lengths = _cut_lengths(samples, min_len, seq_len, seed)
+    if tokenizers is None:
+        mask = (torch.arange(seq_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+        alignment = torch.arange(seq_len).expand(samples, -1).clone()
+        return LMText(ids * mask, mask, ids, mask, alignment)
+    lm_tokenizer, teacher_tokenizer = tokenizers
+    if not (lm_tokenizer.is_fast and teacher_tokenizer.is_fast):
+        raise ConfigError("calib.generator.model: the lm-adapter needs fast tokenizers (character offsets)")
+    if lm_tokenizer.pad_token is None:  # GPT-2's has none; padded positions are masked out anyway
+        lm_tokenizer.pad_token = lm_tokenizer.eos_token
+    texts = [lm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
+    teacher = teacher_tokenizer(
+        texts, padding="max_length", truncation=True, max_length=seq_len, return_offsets_mapping=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    lm_side = lm_tokenizer(
+        texts, padding="max_length", truncation=True, max_length=seq_len, return_offsets_mapping=True,
+        return_tensors="pt", add_special_tokens=False,
+    )  # fmt: skip
+    alignment = [
+        align_tokens(t_offsets.tolist(), l_offsets[l_mask.bool()].tolist())
+        for t_offsets, l_offsets, l_mask in zip(
+            teacher["offset_mapping"], lm_side["offset_mapping"], lm_side["attention_mask"]
+        )
+    ]
+    return LMText(
+        teacher["input_ids"].long(), teacher["attention_mask"].long(), lm_side["input_ids"].long(),
+        lm_side["attention_mask"].long(), torch.tensor(alignment),
+    )  # fmt: skip
