@@ -9,11 +9,13 @@ character, so the LM's hidden states can be lined up with the teacher's position
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from calib.inputs import varied_mask
 from calib.sampling import sample_sequences
 from pipeline.errors import ConfigError
 
@@ -36,18 +38,13 @@ def align_tokens(teacher_offsets: list[tuple[int, int]], lm_offsets: list[tuple[
     Special tokens (offsets ``(0, 0)``) take the LM token of the previous teacher position (the first
     LM token for a leading [CLS]), so a framing token carries the context read so far.
     """
-    starts = [start for start, _ in lm_offsets]
+    starts = [start for start, _ in lm_offsets]  # non-decreasing: the LM reads left to right
     aligned, previous = [], 0
     for start, end in teacher_offsets:
         if end > start:
-            previous = max(0, sum(1 for s in starts if s <= start) - 1)
+            previous = max(0, bisect.bisect_right(starts, start) - 1)
         aligned.append(previous)
     return aligned
-
-
-def _cut_lengths(count: int, min_len: int, max_len: int, seed: int) -> list[int]:
-    rng = torch.Generator().manual_seed(seed + 1)  # apart from the LM's own sampling stream
-    return torch.randint(min_len, max_len + 1, (count,), generator=rng).tolist()
 
 
 def write_text(
@@ -61,9 +58,8 @@ def write_text(
     """``samples`` sequences the LM writes. ``tokenizers`` is ``(lm_tokenizer, teacher_tokenizer)`` when
     the teacher reads another vocabulary; ``None`` when the LM is the teacher."""
     ids = sample_sequences(lm, samples, seq_len, seed)
-    lengths = _cut_lengths(samples, min_len, seq_len, seed)
+    mask = varied_mask(samples, seq_len, min_len, torch.Generator().manual_seed(seed + 1))  # apart from the LM's
     if tokenizers is None:
-        mask = (torch.arange(seq_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
         alignment = torch.arange(seq_len).expand(samples, -1).clone()
         return LMText(ids * mask, mask, ids, mask, alignment)
     lm_tokenizer, teacher_tokenizer = tokenizers
@@ -71,7 +67,7 @@ def write_text(
         raise ConfigError("calib.generator.model: the lm-adapter needs fast tokenizers (character offsets)")
     if lm_tokenizer.pad_token is None:  # GPT-2's has none; padded positions are masked out anyway
         lm_tokenizer.pad_token = lm_tokenizer.eos_token
-    texts = [lm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
+    texts = [lm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, mask.sum(1))]
     teacher = teacher_tokenizer(
         texts, padding="max_length", truncation=True, max_length=seq_len, return_offsets_mapping=True,
         return_tensors="pt",
