@@ -1,13 +1,5 @@
-"""The export contract: every number an exporter needs, exactly as the student computes it.
-
-``contract.safetensors`` holds, for each quantized layer ``L``: ``L.weight_int`` (int8 container, also
-for int4/int2, layout ``[out, in]``), ``L.weight_scale`` (``[out]`` or ``[out, in // group]``),
-``L.input_scale`` (scalar; absent for 16-bit activations), ``L.bias``, and ``L.input_multiplier``
-(``[in]``, only for a Quadapter that cannot be folded: exported as a Mul before the quantizer); and
-``float.<name>`` for every other backbone tensor (embeddings, norms, heads: Quadapter scales already folded in).
-With ``quant.attention_matmuls``, ``A.query_scale``, ``A.key_scale``, ``A.probs_scale`` and ``A.value_scale``
-(scalars) for each attention module ``A``. ``contract.json`` describes the layers. No exporter re-derives a scale.
-"""
+"""The export contract: every number an exporter needs, exactly as the student computes it (its tensors:
+docs/ARCHITECTURE.md). No exporter re-derives a scale."""
 
 from __future__ import annotations
 
@@ -20,12 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from calib.config import QuadapterConfig, QuantConfig
 from calib.models import TaskModel
 from calib.quadapter import FixedMultiplier, fold_quadapters
 from calib.quant_attention import ROLES
-from calib.quant_embedding import QuantEmbedding
+from calib.quant_linear import QuantEmbedding
 from calib.student import attention_quantizers, build_student, quant_layers
-from pipeline.config import QuadapterConfig, QuantConfig
 
 CONTRACT_TENSORS = "contract.safetensors"
 CONTRACT_META = "contract.json"
@@ -52,10 +44,6 @@ class Contract:
     layers: list[LayerSpec]
     embedding: str | None = None  # the quantized word-embedding table's module name, if any
     attention: list[str] = dataclasses.field(default_factory=list)  # attention modules with quantized matmuls
-
-    def layer(self, name: str) -> LayerSpec:
-        """The spec of one layer by name."""
-        return next(spec for spec in self.layers if spec.name == name)
 
 
 @torch.no_grad()

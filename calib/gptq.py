@@ -1,21 +1,14 @@
-"""GPTQ (arXiv 2210.17323) on the student's own weight quantizers: a benchmark baseline.
-
-Each layer's weight is rounded column by column onto the grid its weight quantizer already holds (step
-sizes from range init, the "static groups" variant), and each column's rounding error is spread over the
-columns not yet rounded through the inverse Hessian ``H = X^T X`` of the layer's inputs. The inputs are
-those the quantized student sees (activation quantizers on, earlier blocks already GPTQ'd), collected
-block by block; the forward pass stops as soon as the current block's layers have their inputs. The
-result is a plain student whose weights lie on the grid, so the export contract takes it unchanged.
-"""
+"""GPTQ (arXiv 2210.17323) on the student's own weight quantizers, block by block on the calibration inputs
+(``quant.weights.rounding: gptq``; docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
+from calib.families import block_of
 from calib.inputs import Batch
-from calib.learn import block_of
 from calib.models import TaskModel
 from calib.quant_linear import QuantLinear
 from calib.quantizers import TensorQuantizer
@@ -81,7 +74,7 @@ def _block_hessians(
     seen: set[str] = set()
     mask: list[torch.Tensor] = []
 
-    def hook(name: str, layer: QuantLinear):  # noqa: ANN202
+    def hook(name: str, layer: QuantLinear) -> Callable[[torch.nn.Module, tuple], None]:
         def record(_module: torch.nn.Module, args: tuple) -> None:
             x = _layer_input(layer, args[0])
             rows = x.reshape(-1, x.shape[-1])[mask[0].reshape(-1).bool()].double()

@@ -1,16 +1,19 @@
-"""Data-free calibration inputs that need no learning (baselines).
-
-``random-tokens``: token ids drawn uniformly from the vocabulary (special tokens excluded when the
-tokenizer names them), with lengths varied so that padding and the attention mask are exercised.
-"""
+"""Calibration batches and sets, and the data-free inputs that need no learning: random tokens (special
+tokens excluded, lengths varied so padding and the mask are exercised) and Gaussian embeddings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from calib.models import TaskModel, TaskOutput
+from calib.models import TaskModel, TaskOutput, embedding_table
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from calib.methods import Calibration, CalibrationRequest
 
 
 @dataclass
@@ -68,6 +71,16 @@ class CalibrationSet:
         return cls(tensors["attention_mask"], tensors.get("input_ids"), tensors.get("inputs_embeds"))
 
 
+def special_token_ids(tokenizer: PreTrainedTokenizerBase | None) -> tuple[tuple[int, ...], int]:
+    """(special and unused ids to avoid, pad id); nothing to avoid without a tokenizer."""
+    if tokenizer is None:
+        return (), 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    specials = set(tokenizer.all_special_ids)
+    specials.update(i for tok, i in tokenizer.get_vocab().items() if tok.startswith("[unused"))
+    return tuple(sorted(specials)), pad
+
+
 def varied_mask(batch: int, seq_len: int, min_len: int, rng: torch.Generator) -> torch.Tensor:
     """int64 ``[batch, seq_len]`` mask with lengths uniform in ``[min_len, seq_len]`` (padding on the right)."""
     lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=rng)
@@ -103,3 +116,21 @@ def gaussian_embeds(
     embeds = noise * table.std(0) + table.mean(0)
     mask = varied_mask(samples, seq_len, max(1, int(seq_len * min_len_fraction)), generator)
     return CalibrationSet(mask, inputs_embeds=embeds * mask.unsqueeze(-1))
+
+
+def random_token_inputs(request: CalibrationRequest) -> Calibration:
+    """The ``random-tokens`` method: :func:`random_tokens` over the teacher's non-special vocabulary."""
+    from calib.methods import Calibration
+
+    calib = request.calib
+    specials, pad = special_token_ids(request.tokenizer)
+    vocab = len(embedding_table(request.teacher))
+    return Calibration(random_tokens(calib.samples, calib.seq_len, vocab, calib.seed, specials, pad))
+
+
+def gaussian_embed_inputs(request: CalibrationRequest) -> Calibration:
+    """The ``gaussian-embeds`` method: :func:`gaussian_embeds` from the teacher's embedding table."""
+    from calib.methods import Calibration
+
+    calib = request.calib
+    return Calibration(gaussian_embeds(calib.samples, calib.seq_len, embedding_table(request.teacher), calib.seed))

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calib.config import LearnConfig
+from calib.families import block_of
 from calib.inputs import Batch
 from calib.models import TaskModel, TaskOutput
-from calib.placement import BLOCK_PATTERN
 from calib.quadapter import ChannelScale
 from calib.quant_attention import ROLES
 from calib.student import attention_quantizers, quant_layers
-from pipeline.config import LearnConfig
 
 # A loss this many times the first one (or NaN/inf) counts as divergence.
 DIVERGENCE_FACTOR = 100.0
@@ -90,12 +90,6 @@ def learnable_parameters(
     for param in [*positive.values(), *free]:
         param.requires_grad_(True)
     return list(positive.values()), free
-
-
-def block_of(layer_name: str) -> str | None:
-    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``; None outside the blocks (``lm_head``)."""
-    match = BLOCK_PATTERN.search(layer_name)
-    return layer_name[: match.end() - 1] if match else None
 
 
 def relative_adamw(

@@ -1,23 +1,56 @@
-"""Text a generator LM writes, as the teacher reads it: the lm-adapter generator's starting point.
-
-The LM samples token ids once; each sequence is cut at a length drawn uniformly from
-``[min_len, seq_len]``. When the LM is the teacher (a decoder generating for itself) the ids are used as
-they are. Otherwise the text is decoded and re-tokenized by the teacher's own tokenizer, which adds the
-teacher's framing ([CLS] ... [SEP]); each teacher token is then paired with the LM token under its first
-character, so the LM's hidden states can be lined up with the teacher's positions.
-"""
+"""Text a causal LM writes itself: LLM-QAT's data-free inputs (``teacher-sampled``), and, read by the teacher
+with each token lined up with its LM token, the lm-adapter generator's starting point (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from calib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from calib.methods import Calibration, CalibrationRequest
 from calib.inputs import varied_mask
-from calib.sampling import sample_sequences
-from pipeline.errors import ConfigError
+
+
+@torch.no_grad()
+def sample_sequences(
+    lm: PreTrainedModel, samples: int, seq_len: int, seed: int, batch_size: int = 16, top_k: int = 50
+) -> torch.Tensor:
+    """int64 ``[samples, seq_len]``: each sequence starts from a uniformly drawn token, then samples top-k."""
+    rng = torch.Generator().manual_seed(seed)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    rows = []
+    for start in range(0, samples, batch_size):
+        count = min(batch_size, samples - start)
+        ids = torch.randint(vocab, (count, 1), generator=rng)
+        past = None
+        step_input = ids
+        for _ in range(seq_len - 1):
+            out = lm(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()
+            top = logits.topk(top_k, dim=-1)
+            probs = torch.softmax(top.values, dim=-1)
+            choice = torch.multinomial(probs, 1, generator=rng)
+            step_input = top.indices.gather(-1, choice)
+            ids = torch.cat([ids, step_input], dim=1)
+        rows.append(ids)
+    return torch.cat(rows)
+
+
+def sampled_inputs(request: CalibrationRequest) -> Calibration:
+    """The ``teacher-sampled`` method (LLM-QAT): sequences a causal-LM teacher samples itself."""
+    from calib.inputs import CalibrationSet
+    from calib.methods import Calibration
+
+    calib = request.calib
+    ids = sample_sequences(request.teacher.backbone, calib.samples, calib.seq_len, calib.seed)
+    return Calibration(CalibrationSet(torch.ones_like(ids), input_ids=ids))
 
 
 @dataclass

@@ -1,8 +1,5 @@
-"""Teacher models: resolve a model source, load it with transformers, and put the task head on top.
-
-A :class:`TaskModel` is what every later stage sees: ``(input_ids | inputs_embeds, attention_mask)`` in,
-one task output out (mean-pooled sentence embedding, class logits, or next-token logits).
-"""
+"""Teacher models: resolve a model source, load it with transformers, and put the task head on top. A
+:class:`TaskModel` takes ``(input_ids | inputs_embeds, attention_mask)`` and gives one task output."""
 
 from __future__ import annotations
 
@@ -11,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -18,16 +16,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    GPT2Config,
-    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from pipeline.config import ModelSource, RandomModel, TaskConfig
-from pipeline.errors import ConfigError
+from calib.config import ModelSource, TaskConfig
+from calib.errors import ConfigError
+from calib.families import FAMILIES
 
 # Eager attention everywhere: the exported ONNX graph and the PyTorch student then compute the same ops,
 # and the legacy ONNX exporter handles it on every family.
@@ -60,46 +56,10 @@ def resolve_location(source: ModelSource) -> str:
     raise ConfigError("model: a random model has no location")
 
 
-def random_config(spec: RandomModel, task: TaskConfig) -> PretrainedConfig:
-    """A tiny transformers config of the requested family."""
-    common = {"vocab_size": spec.vocab_size, "num_labels": task.num_labels, "pad_token_id": 0}
-    if spec.family == "bert":
-        return BertConfig(
-            hidden_size=spec.hidden,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            intermediate_size=spec.intermediate,
-            max_position_embeddings=spec.max_positions,
-            **common,
-        )
-    if spec.family == "gpt2":
-        return GPT2Config(
-            n_embd=spec.hidden,
-            n_layer=spec.layers,
-            n_head=spec.heads,
-            n_inner=spec.intermediate,
-            n_positions=spec.max_positions,
-            bos_token_id=1,
-            eos_token_id=2,
-            **common,
-        )
-    return LlamaConfig(
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        intermediate_size=spec.intermediate,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        **common,
-    )
-
-
 def load_model_config(source: ModelSource, task: TaskConfig) -> PretrainedConfig:
     """Only the config (cheap): used to validate a pipeline config before any work starts."""
     if source.random is not None:
-        return random_config(source.random, task)
+        return FAMILIES[source.random.family].random_config(source.random, task)
     location = resolve_location(source)
     try:
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -126,7 +86,7 @@ def load_backbone(source: ModelSource, task: TaskConfig) -> PreTrainedModel:
     auto = _auto_class(task.kind)
     if source.random is not None:
         torch.manual_seed(source.random.seed)
-        config = random_config(source.random, task)
+        config = FAMILIES[source.random.family].random_config(source.random, task)
         config._attn_implementation = ATTN_IMPLEMENTATION
         return auto.from_config(config).eval()
     location = resolve_location(source)
@@ -146,6 +106,17 @@ def load_saved_backbone(folder: Path, task: TaskConfig) -> PreTrainedModel:
     """Reload a backbone the teacher stage saved into the run folder."""
     auto = _auto_class(task.kind)
     return auto.from_pretrained(str(folder), attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32).eval()
+
+
+def load_saved_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved beside a model, or None when it has none (transformers 5 would otherwise build an
+    empty-vocabulary tokenizer from config.json alone)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder}: the saved tokenizer does not load ({str(exc).strip().splitlines()[0]})") from None
 
 
 @dataclass
@@ -168,10 +139,6 @@ class TaskModel(nn.Module):
     def output_name(self) -> str:
         """Name of the exported output tensor."""
         return OUTPUT_NAMES[self.kind]
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Word embeddings only (positions and segments are added by the model itself)."""
-        return self.backbone.get_input_embeddings()(input_ids)
 
     def run(
         self,
@@ -198,6 +165,25 @@ class TaskModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The serving signature: token ids and mask in, the task output out (what ONNX export traces)."""
         return self.run(attention_mask, input_ids=input_ids).output
+
+
+def frozen_teacher(backbone: PreTrainedModel, kind: str) -> TaskModel:
+    """The backbone with its task head, in eval mode, every parameter frozen."""
+    teacher = TaskModel(backbone, kind).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def embedding_table(model: TaskModel) -> torch.Tensor:
+    """The model's word-embedding matrix ``[vocab, hidden]`` (detached)."""
+    return model.backbone.get_input_embeddings().weight.detach()
+
+
+def nearest_tokens(inputs_embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """For a person to read what was generated: the closest vocabulary row (cosine) at each position."""
+    normed = F.normalize(table, dim=-1)
+    return (F.normalize(inputs_embeds, dim=-1) @ normed.T).argmax(-1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,31 +1,14 @@
-"""Where quantizers go, as TensorRT's explicit quantization fuses them in transformer blocks.
-
-Every ``nn.Linear`` / ``Conv1D`` inside a numbered transformer block (BERT ``encoder.layer.N``,
-GPT-2 ``transformer.h.N``, Llama ``model.layers.N``) gets an input and a weight quantizer. Norms,
-softmax, activations and residual adds stay in float; embeddings, the pooler and the task head
-(classifier, LM head) stay in float by default: they are a small share of an encoder's compute, and
-the head's outputs are what the user reads. ``quant.embedding_bits`` and ``quant.lm_head`` change that
-(a decoder's LM head is a large share of its weights); ``quant.attention_matmuls`` adds the attention
-matmuls (:mod:`calib.quant_attention`).
-"""
+"""Where quantizers go: an input and a weight quantizer on every linear layer of the family's numbered
+blocks, as TensorRT's explicit quantization fuses them (docs/ARCHITECTURE.md); shared inputs share one."""
 
 from __future__ import annotations
-
-import re
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from calib.config import QuantConfig
+from calib.families import BLOCK_PATTERN, family_of
 from calib.quant_linear import QuantLinear
-from pipeline.config import QuantConfig
-
-BLOCK_PATTERN = re.compile(r"(^|\.)(layer|h|layers)\.\d+\.")
-# Layers of one block that read the same tensor: they share one input quantizer, so the exported graph
-# quantizes that tensor once (and TensorRT can fuse Q, K and V into one GEMM, which needs one scale).
-SHARED_INPUTS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "bert": (("attention.self.query", "attention.self.key", "attention.self.value"),),
-    "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
-}
 
 
 def quantizable_layers(model: nn.Module, lm_head: bool = False) -> list[str]:
@@ -54,8 +37,8 @@ def insert_quantizers(model: nn.Module, quant: QuantConfig) -> list[str]:
 
 
 def _share_input_quantizers(model: nn.Module, names: list[str]) -> None:
-    """Give the layers of each :data:`SHARED_INPUTS` group the first one's input quantizer."""
-    groups = SHARED_INPUTS.get(getattr(getattr(model, "config", None), "model_type", ""), ())
+    """Give the layers of each of the family's shared-input groups the first one's input quantizer."""
+    groups = family_of(model).shared_inputs
     present = set(names)
     for name in names:
         for group in groups:

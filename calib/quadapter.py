@@ -1,27 +1,14 @@
-"""Quadapter (arXiv 2211.16912): learned per-channel scales around quantized linear layers.
-
-A scale vector ``a`` divides the activation entering a group of quantized layers that share one input,
-and multiplies their weights along the input dimension: ``(x / a) @ (W * a)^T = x @ W^T`` in float, but
-quantization sees flatter activations. At export the division is folded away where that is exact:
-
-* ``norm``: into the LayerNorm / RMSNorm that produces the input (pre-LN models: GPT-2 ``ln_1``/``ln_2``,
-  Llama ``input_layernorm``/``post_attention_layernorm``), whose output feeds only these layers;
-* ``rows``: into the output rows of the layer that produces it linearly (attention's V projection for the
-  output projection, Llama's ``up_proj`` for ``down_proj``).
-
-Post-LN models (BERT) use the LayerNorm output as the residual stream too, so folding there would change
-the residual: with ``positions: all`` those groups keep an explicit ``Mul`` on the quantized branch; with
-the default ``positions: foldable`` they get no Quadapter and the graph carries no extra op.
-"""
+"""Quadapter (arXiv 2211.16912): learned per-channel scales around quantized linear layers, folded into a
+neighbouring layer at export where the family's fold rules say that is exact (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from calib.families import block_of, family_of
 from calib.quant_linear import QuantLinear
 
 
@@ -66,56 +53,27 @@ class QuadapterGroup:
     rows: tuple[int, int] | None = None  # the producer's output rows for a "rows" fold
 
 
-# family -> [(consumer leaf names, fold kind, fold source leaf, rows spec)] within one block
-_RULES: dict[str, list[tuple[tuple[str, ...], str | None, str | None]]] = {
-    "bert": [
-        (("attention.self.query", "attention.self.key", "attention.self.value"), None, None),
-        (("attention.output.dense",), "rows", "attention.self.value"),
-        (("intermediate.dense",), None, None),
-    ],
-    "gpt2": [
-        (("attn.c_attn",), "norm", "ln_1"),
-        (("attn.c_proj",), "rows", "attn.c_attn"),
-        (("mlp.c_fc",), "norm", "ln_2"),
-    ],
-    "llama": [
-        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm", "input_layernorm"),
-        (("self_attn.o_proj",), "rows", "self_attn.v_proj"),
-        (("mlp.gate_proj", "mlp.up_proj"), "norm", "post_attention_layernorm"),
-        (("mlp.down_proj",), "rows", "mlp.up_proj"),
-    ],
-}
-_BLOCK = re.compile(r"^(.*?(?:layer|h|layers)\.\d+)\.(.+)$")
-
-
 def quadapter_groups(backbone: nn.Module, layer_names: list[str], positions: str) -> list[QuadapterGroup]:
-    """The groups for this model's family; ``positions`` is ``foldable`` or ``all``."""
-    family = backbone.config.model_type
-    rules = _RULES.get(family)
-    if rules is None:
-        raise ValueError(f"Quadapter has no placement rules for model type {family!r}")
+    """The groups of the model family's fold rules; ``positions`` is ``foldable`` or ``all``."""
     config = backbone.config
-    gqa = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
+    rules = family_of(backbone).fold_rules
+    grouped_kv = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
     blocks: dict[str, set[str]] = {}
     for name in layer_names:
-        match = _BLOCK.match(name)
-        if match:
-            blocks.setdefault(match.group(1), set()).add(match.group(2))
+        block = block_of(name)
+        if block is not None:
+            blocks.setdefault(block, set()).add(name[len(block) + 1 :])
     groups = []
     for block, leaves in blocks.items():
-        for consumers, fold_kind, source in rules:
-            if not set(consumers) <= leaves:
+        for rule in rules:
+            if not set(rule.consumers) <= leaves:
                 continue
-            fold = None if fold_kind is None else (fold_kind, f"{block}.{source}")
-            rows = None
-            if fold_kind == "rows" and source == "attn.c_attn":  # GPT-2's fused QKV: V is the last third
-                hidden = config.n_embd
-                rows = (2 * hidden, 3 * hidden)
-            if fold_kind == "rows" and source == "self_attn.v_proj" and gqa:
-                fold = None  # with grouped KV heads one V channel serves several heads: no exact fold
-            if fold is None and positions != "all":
+            exact = rule.fold is not None and (rule.exact_with_grouped_kv or not grouped_kv)
+            if not exact and positions != "all":
                 continue
-            groups.append(QuadapterGroup(tuple(f"{block}.{c}" for c in consumers), fold, rows))
+            fold = (rule.fold, f"{block}.{rule.source}") if exact else None
+            rows = rule.rows(config) if exact and rule.rows is not None else None
+            groups.append(QuadapterGroup(tuple(f"{block}.{c}" for c in rule.consumers), fold, rows))
     return groups
 
 

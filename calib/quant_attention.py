@@ -1,12 +1,5 @@
-"""Int8 fake quantization of the attention matmuls (QK^T and AV), behind ``quant.attention_matmuls``.
-
-TensorRT runs the two attention batched matmuls in int8 when Q/DQ sit on their four inputs: the
-query and key of ``Q @ K^T``, the softmax probabilities and the value of ``P @ V``. BERT, GPT-2 and
-Llama all compute eager attention as ``softmax(Q @ K^T * scaling + mask) @ V`` (Llama repeating K and V
-for grouped heads), so one attention function, registered with transformers' ``AttentionInterface``,
-serves all three. The module's own scaling, mask and dropout are used unchanged; only the four matmul
-inputs pass through per-tensor int8 quantizers (LSQ, like every other activation).
-"""
+"""Int8 fake quantization of the attention matmuls' four inputs (QK^T, AV), behind
+``quant.attention_matmuls``: one attention function for every family (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -15,11 +8,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from calib.families import family_of
 from calib.quantizers import TensorQuantizer
 
 IMPLEMENTATION = "zsaq_quantized_attention"
 ROLES = ("query", "key", "probs", "value")  # QK^T reads query and key; AV reads probs and value
-ATTENTION_MODULES = {"bert": "attention.self", "gpt2": "attn", "llama": "self_attn"}
 
 
 class AttentionQuantizers(nn.Module):
@@ -70,9 +63,7 @@ AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # an additive float
 
 def attention_module_names(backbone: nn.Module) -> list[str]:
     """Qualified names of the attention modules inside the numbered transformer blocks, in order."""
-    leaf = ATTENTION_MODULES.get(backbone.config.model_type)
-    if leaf is None:
-        raise ValueError(f"attention-matmul quantization supports {sorted(ATTENTION_MODULES)}, not this model")
+    leaf = family_of(backbone).attention
     return [name for name, _ in backbone.named_modules() if name.endswith("." + leaf)]
 
 

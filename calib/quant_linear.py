@@ -1,4 +1,6 @@
-"""A quantized twin of ``nn.Linear`` (and of GPT-2's ``Conv1D``): fake-quantized input and weight."""
+"""Quantized twins of ``nn.Linear`` (and GPT-2's ``Conv1D``): fake-quantized input and weight; and of the
+word-embedding table, weight-only per row (what shrinks an encoder's file; a Gather's output needs no
+quantizer)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from calib.config import QuantConfig
 from calib.quantizers import TensorQuantizer
-from pipeline.config import QuantConfig
 
 
 def linear_weight(layer: nn.Linear | Conv1D) -> torch.Tensor:
@@ -49,3 +51,17 @@ class QuantLinear(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.weight_quantizer(self.effective_weight()), self.bias)
+
+
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` whose table is fake-quantized one row (token) at a time."""
+
+    def __init__(self, embedding: nn.Embedding, bits: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+        self.padding_idx = embedding.padding_idx
+        self.weight_quantizer = TensorQuantizer(bits, "per-channel")
+        self.weight_quantizer.init_from_tensor(self.weight, "minmax")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight_quantizer(self.weight), self.padding_idx)

@@ -1,10 +1,6 @@
-"""Fake quantizers with learnable step sizes (LSQ, arXiv 1902.08153).
-
-Integers are signed and symmetric with zero-point 0, on the full grid [-2^(b-1), 2^(b-1)-1]: what
-TensorRT's explicit quantization accepts, and, shifted by 128, the uint8 grid ONNX Runtime's CPU
-kernels fuse. :meth:`TensorQuantizer.to_int` is the single place integers come from, so the PyTorch
-student and every exported graph use the same numbers.
-"""
+"""Fake quantizers with learnable step sizes (LSQ, arXiv 1902.08153): signed symmetric integers, zero point 0,
+on the full grid (what TensorRT takes, and shifted by 128 what ORT's CPU kernels fuse). :meth:`to_int` is
+the single place integers come from, so the student and every exported graph use the same numbers."""
 
 from __future__ import annotations
 
@@ -13,7 +9,10 @@ import math
 import torch
 from torch import nn
 
+from calib.capabilities import RUNTIMES
 from calib.range_init import RangeObserver
+
+QUANTIZER_BITS = tuple(sorted({b for support in RUNTIMES["pytorch"] for b in support.weight_bits}))
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +34,8 @@ class TensorQuantizer(nn.Module):
 
     def __init__(self, bits: int, granularity: str = "per-tensor", group_size: int | None = None) -> None:
         super().__init__()
-        if bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+        if bits not in QUANTIZER_BITS:
+            raise ValueError(f"bits must be one of {QUANTIZER_BITS} (calib.capabilities), got {bits}")
         if granularity == "per-group" and not group_size:
             raise ValueError("per-group quantization needs a group size")
         self.bits = bits
@@ -77,10 +76,6 @@ class TensorQuantizer(nn.Module):
         absmax = observer.rowwise_absmax(flat, self.qmin, self.qmax)
         shape = () if self.granularity == "per-tensor" else (*grouped.shape[:-1], 1)
         self.init_scale(absmax.reshape(shape))
-
-    def set_learnable(self, learnable: bool) -> None:
-        """LSQ: the step size becomes a trained parameter."""
-        self.scale.requires_grad_(learnable)
 
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         """The integer tensor (float dtype) of ``x``, in x's own shape."""

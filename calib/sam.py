@@ -1,9 +1,6 @@
-"""Sharpness-aware minimisation (SAM, arXiv 2010.01412) around any base optimiser.
-
-One step: take the gradient g at w, move to w + e with e = rho * g / ||g|| (ASAM, arXiv 2102.11600, with
-``adaptive``: e = rho * |w|^2 g / || |w| g ||), take the gradient there, come back to w, and let the base
-optimiser step with that second gradient.
-"""
+"""Sharpness-aware minimisation (SAM, arXiv 2010.01412; ASAM, arXiv 2102.11600) around any base optimiser:
+gradient at w, step to w + e (e = rho g / ||g||, or rho |w|^2 g / || |w| g || adaptive), gradient there,
+back to w, base step with that second gradient."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""SAM-SGA (ZSAQ, arXiv 2310.13315): a minimax game between a generator and the quantized student.
-
-Each round the generator takes stochastic gradient *ascent* steps on the teacher-student discrepancy
-(it looks for the inputs on which the student is worst), minus priors that keep its inputs plausible to
-the teacher; then the student takes SAM steps *descending* the same discrepancy on fresh samples.
-Nothing here assumes one process: under torch.distributed each rank runs the same loop on its own
-samples, and the caller wraps the student's optimiser step (gradients are plain ``.grad`` tensors).
-"""
+"""SAM-SGA (ZSAQ, arXiv 2310.13315): a minimax game between a generator, which ascends the teacher-student
+discrepancy, and the quantized student, which descends it with SAM (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -18,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calib.config import CalibConfig, LearnConfig, PriorConfig
+from calib.errors import PipelineError
 from calib.inputs import Batch
 from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw
 from calib.models import TaskModel, TaskOutput
 from calib.sam import SAM
-from pipeline.config import CalibConfig, LearnConfig
-from pipeline.errors import PipelineError
 
 
 @dataclass
@@ -40,9 +34,9 @@ class GameHistory:
 
 
 def prior_loss(
-    kind: str, teacher: TaskOutput, batch: Batch, table_stats: tuple[torch.Tensor, torch.Tensor], priors
-) -> torch.Tensor:  # noqa: ANN001,E501
-    """Plausibility terms the generator minimises (see :class:`pipeline.config.PriorConfig`)."""
+    kind: str, teacher: TaskOutput, batch: Batch, table_stats: tuple[torch.Tensor, torch.Tensor], priors: PriorConfig
+) -> torch.Tensor:
+    """Plausibility terms the generator minimises (see :class:`calib.config.PriorConfig`)."""
     total = torch.zeros(())
     if kind != "embedding" and (priors.confidence or priors.balance):
         probs = F.softmax(teacher.output, dim=-1)

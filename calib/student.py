@@ -7,16 +7,15 @@ from collections.abc import Iterable
 
 import torch
 
+from calib.config import QuantConfig
 from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
 from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
 from calib.quant_attention import ROLES, AttentionQuantizers, attach_attention_quantizers
-from calib.quant_embedding import QuantEmbedding
-from calib.quant_linear import QuantLinear
+from calib.quant_linear import QuantEmbedding, QuantLinear
 from calib.quantizers import TensorQuantizer
 from calib.range_init import RangeObserver
-from pipeline.config import QuantConfig
 
 Batches = Iterable[Batch]
 

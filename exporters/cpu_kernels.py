@@ -1,14 +1,5 @@
-"""What ONNX Runtime's int8 CPU kernels compute on this machine, and sessions that run Q/DQ by its definition.
-
-On x86 without a VNNI dot product (AVX2-only CPUs such as AMD Zen 3), ONNX Runtime multiplies uint8
-activations by int8 weights with ``vpmaddubsw``, which adds each pair of products into a saturating
-int16: with 8-bit weights the pair sum reaches 2 x 255 x 128 and is clipped, so the "int8 model" computes
-a different function from the student (measured on tiny GPT-2/Llama students: cosine 0.994-0.997
-instead of 0.99999). uint8 x uint8 takes a path without that pair sum, at about the same speed there, so
-the CPU flavour stores 8-bit weights as uint8 with zero point 128 (the same integers, shifted) on such
-machines. VNNI / AMX (and ARM's dot products) accumulate in int32 and are exact for int8 weights, which
-are also the fast kernels there.
-"""
+"""What ONNX Runtime's int8 CPU kernels compute on this machine (exact or saturating uint8 x int8 products:
+docs/ARCHITECTURE.md), and sessions that run Q/DQ by its definition."""
 
 from __future__ import annotations
 

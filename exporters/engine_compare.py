@@ -1,9 +1,5 @@
-"""Output comparison of two runtimes on the same feeds, with Polygraphy's comparator.
-
-The build stage compares the TensorRT engine with ONNX Runtime running the graph it was built from;
-the same function compares any two Polygraphy runners, so it is exercised on CPU-only machines with
-two ONNX Runtime sessions. Polygraphy is imported lazily (it is part of the ``trt`` and ``dev`` extras).
-"""
+"""Output comparison of two runtimes on the same feeds with Polygraphy's comparator: the build stage's TensorRT
+engine against ONNX Runtime on its graph, or any two runners (two ORT sessions on CPU-only machines)."""
 
 from __future__ import annotations
 
@@ -14,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from calib.errors import StageUnavailable
 from exporters.cpu_kernels import ort_session
-from pipeline.errors import StageUnavailable
 
 # Stated bound for TensorRT vs ONNX Runtime on the same Q/DQ graph: different kernels may round an int8
 # value to the neighbouring step, so outputs agree to a fraction of their spread, not bit for bit.

@@ -71,3 +71,11 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, kind: str) -> dict[s
     if kind != "embedding":
         result["argmax_match"] = float((ref.argmax(-1) == cand.argmax(-1)).mean())
     return result
+
+
+def fidelity(reference: np.ndarray, candidate: np.ndarray, kind: str) -> float:
+    """How faithful ``candidate`` is to ``reference`` (the FP model) on the same inputs: percent of equal
+    predictions for classifiers and LMs, 100 x mean cosine for embeddings. A task metric moves both ways as
+    predictions flip; fidelity counts every flip."""
+    measures = agreement(reference, candidate, kind)
+    return 100 * measures.get("argmax_match", measures["mean_cosine"])

@@ -1,10 +1,6 @@
-"""Float ONNX export of a task model, with every quantizable layer as a MatMul on a named weight.
-
-Each quantizable layer becomes :class:`ExportLinear`, whose transposed weight is a buffer: the
-exporter keeps its qualified name (``backbone.<layer>.weight_t``) as the initializer name, which is
-how :mod:`exporters.onnx_qdq` finds the MatMul a contract entry belongs to. The FP32 baseline and the
-quantized graphs come out of the same function, so their structure is the same.
-"""
+"""Float ONNX export of a task model, each quantizable layer a MatMul on a weight named after the layer
+(``backbone.<layer>.weight_t``, how :mod:`exporters.onnx_qdq` finds a contract entry's MatMul). The FP32
+baseline and the quantized graphs come out of the same function, so their structure is the same."""
 
 from __future__ import annotations
 

@@ -1,43 +1,63 @@
-"""Rewrite a float ONNX graph into a Q/DQ graph, reading every number from the export contract.
-
-Two flavours of the same quantized function:
-
-* ``trt`` — what TensorRT's explicit quantization needs: signed symmetric int8 activations with
-  zero-point 0 (QuantizeLinear -> DequantizeLinear on each MatMul input), int8 weights as
-  DequantizeLinear per output channel (axis 1 of MatMul's ``[in, out]`` weight), int4 weights as
-  opset-21 DequantizeLinear with ``block_size`` along the input axis.
-* ``cpu`` — ONNX Runtime's CPU kernels fuse unsigned activations far better than signed ones
-  (measured: signed int8 leaves half the MatMuls unfused). The activation grid is shifted by 128 into
-  uint8 with zero-point 128: ``u8 = s8 + 128`` with the same scale, so every value is the same.
-  Int8 layers are written as the kernel ORT's QDQ fusion would pick (MatMulIntegerToFloat), with the
-  bias folded in; int4 layers as MatMulNBits; a quantized embedding table as GatherBlockQuantized.
-  On x86 CPUs without VNNI, 8-bit weights are stored as uint8 with zero point 128 (exact there:
-  see :mod:`exporters.cpu_kernels`).
-
-A Quadapter that could not be folded (post-LN inputs) arrives as ``input_multiplier`` and becomes one
-Mul per group before the activation quantizer. The weight integers and all scales come from the
-contract: nothing here re-derives a number.
-"""
+"""Rewrite a float ONNX graph into a Q/DQ graph in one of the export flavours (registered here, in
+:data:`FLAVOURS`), reading every number from the export contract: nothing here re-derives a number. The
+layouts and why: docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from calib.capabilities import Scheme, unsupported
 from calib.contract import Contract, LayerSpec
 from exporters.cpu_kernels import Int8WeightType, cpu_int8_weight_type
 from exporters.onnx_export import weight_initializer_name
+from exporters.trt_check import check_trt_compatible
 
-Flavour = Literal["trt", "cpu"]
 INT4_OPSET = 21
 
 
+@dataclass(frozen=True)
+class Flavour:
+    """One layout of the same quantized function: the runtime it is laid out for (``--export`` of it checks the
+    capability table; its ``lint`` checks its rules), the activations' zero point (its dtype is theirs), whether
+    layers become ONNX Runtime's fused contrib kernels, whether validation runs Q/DQ by their ONNX definition."""
+
+    name: str
+    runtime: str
+    activation_zero_point: np.ndarray
+    fused_kernels: bool
+    reference_qdq: bool
+    lint: Callable[[onnx.ModelProto], list[str]] | None = None
+
+
+FLAVOURS: dict[str, Flavour] = {
+    "trt": Flavour("trt", "tensorrt", np.array(0, np.int8), False, True, check_trt_compatible),
+    "cpu": Flavour("cpu", "onnxruntime", np.array(128, np.uint8), True, False),
+}
+
+
 class ExportUnsupported(ValueError):
-    """The contract asks for something no ONNX runtime executes (e.g. 2-bit weights)."""
+    """ONNX Runtime, which executes every graph written here, does not run the contract's scheme (2-bit)."""
+
+
+def check_exportable(contract: Contract) -> None:
+    """Raise :class:`ExportUnsupported` naming the first layer whose scheme ONNX Runtime does not execute.
+
+    Both flavours are graphs ONNX Runtime runs (the CPU flavour on its kernels, the TensorRT flavour by the
+    ONNX definition of Q/DQ); whether TensorRT builds the latter is its lint's and the config check's business."""
+    for spec in contract.layers:
+        scheme = Scheme(spec.weight_bits, spec.granularity, spec.group_size, spec.act_bits)
+        problem = unsupported("onnxruntime", scheme)
+        if problem is not None:
+            key, expected, got = problem
+            raise ExportUnsupported(
+                f"{spec.weight_bits}-bit weights ({spec.name}): quant.{key} must be {expected}, got {got!r}; "
+                "the student is PyTorch-only"
+            )
 
 
 def required_opset(contract: Contract) -> int:
@@ -47,11 +67,6 @@ def required_opset(contract: Contract) -> int:
 
 def _weight_dq(spec: LayerSpec, contract: Contract) -> tuple[list[TensorProto], onnx.NodeProto, str]:
     """Initializers and the DequantizeLinear node producing the layer's float ``[in, out]`` weight."""
-    if spec.weight_bits not in (4, 8):
-        raise ExportUnsupported(
-            f"{spec.weight_bits}-bit weights ({spec.name}): no ONNX runtime or TensorRT executes them; "
-            "the W2 student is PyTorch-only"
-        )
     base = f"{spec.name}.weight"
     q = contract.tensors[f"{spec.name}.weight_int"].numpy().T.copy()  # [in, out]
     scale = contract.tensors[f"{spec.name}.weight_scale"].numpy().astype(np.float32)
@@ -95,9 +110,9 @@ class QuantizedInput:
 def _activation_quantize(
     base: str, scale_value: np.ndarray, source: str, flavour: Flavour
 ) -> tuple[list[TensorProto], onnx.NodeProto, QuantizedInput]:
-    """QuantizeLinear of ``source`` with a contract scale (uint8 zero point 128 in the CPU flavour)."""
+    """QuantizeLinear of ``source`` with a contract scale and the flavour's zero point."""
     scale = scale_value.astype(np.float32).reshape(())
-    zero = np.array(128, dtype=np.uint8) if flavour == "cpu" else np.array(0, dtype=np.int8)
+    zero = flavour.activation_zero_point
     inits = [numpy_helper.from_array(scale, f"{base}_scale"), numpy_helper.from_array(zero, f"{base}_zero_point")]
     q = QuantizedInput(f"{base}_quantized", f"{base}_scale", f"{base}_zero_point")
     node = helper.make_node(
@@ -175,7 +190,7 @@ def _bias_add(
     return add if other in constants else None
 
 
-def _matmul_integer_to_float(  # noqa: PLR0913
+def _matmul_integer_to_float(
     spec: LayerSpec,
     contract: Contract,
     q: QuantizedInput,
@@ -183,13 +198,10 @@ def _matmul_integer_to_float(  # noqa: PLR0913
     add: onnx.NodeProto | None,
     int8_weights: Int8WeightType,
 ) -> tuple[list[TensorProto], onnx.NodeProto]:
-    """ORT's MatMulIntegerToFloat for an int8 layer (CPU flavour): uint8 activations times int8 weights,
-    scaled to float, with the bias added in the same kernel. ORT's own QDQ fusion makes the same kernel
-    but leaves the bias as a separate Add (measured on MiniLM: the fused bias is 6-10% faster).
-
-    ``int8_weights="uint8"`` stores 8-bit weights shifted by 128 with zero point 128 (the same integers),
-    for CPUs whose uint8 x int8 kernels saturate (:mod:`exporters.cpu_kernels`); 4-bit integers stay int8,
-    their products cannot saturate."""
+    """ORT's MatMulIntegerToFloat for an int8 layer (CPU flavour): uint8 activations times int8 weights, scaled to
+    float, with the bias added in the same kernel (ORT's own QDQ fusion leaves a separate Add: 6-10% slower on
+    MiniLM). ``int8_weights="uint8"`` stores 8-bit weights shifted by 128 with zero point 128, the same integers
+    (:mod:`exporters.cpu_kernels`); 4-bit integers stay int8: their products cannot saturate."""
     base = f"{spec.name}.weight"
     weight = contract.tensors[f"{spec.name}.weight_int"].numpy().T.astype(np.int8)  # [in, out]
     scale = contract.tensors[f"{spec.name}.weight_scale"].numpy().astype(np.float32).reshape(-1)
@@ -239,7 +251,7 @@ def _rewrite_embedding(model: onnx.ModelProto, contract: Contract, flavour: Flav
     scale = contract.tensors[f"{name}.weight_scale"].numpy().astype(np.float32)
     block = _embedding_block(q.shape[1])
     data, scale_name, zero_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
-    if flavour == "trt" or block is None:
+    if not flavour.fused_kernels or block is None:
         graph.initializer.extend(
             [
                 numpy_helper.from_array(q, data),
@@ -284,7 +296,9 @@ def _use_ms_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def _matmul_nbits(spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, accuracy_level: int):  # noqa: ANN202
+def _matmul_nbits(
+    spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, accuracy_level: int
+) -> tuple[list[TensorProto], onnx.NodeProto]:
     """ORT's MatMulNBits for a grouped int4 layer (CPU flavour): the contract's integers as unsigned 4-bit
     (q + 8, MatMulNBits' default zero point when none is given), two per byte, and its scales."""
     q = contract.tensors[f"{spec.name}.weight_int"].numpy().astype(np.int16) + 8  # [N, K]
@@ -312,15 +326,17 @@ def _matmul_nbits(spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, a
 def quantize_graph(
     float_model: onnx.ModelProto,
     contract: Contract,
-    flavour: Flavour,
+    flavour: Flavour | str,
     int4_accuracy_level: int = 0,
     cpu_int8_weights: str = "auto",
 ) -> onnx.ModelProto:
     """A copy of ``float_model`` with Q/DQ for every contract layer (weights, and inputs when A8).
 
-    In the CPU flavour grouped int4 weights become MatMulNBits (``int4_accuracy_level`` sets its compute
-    mode), a quantized embedding table becomes GatherBlockQuantized, and 8-bit weights are stored as
-    ``cpu_int8_weights`` (``auto``: what is exact on this machine, :func:`cpu_int8_weight_type`)."""
+    With fused kernels (the CPU flavour) grouped int4 weights become MatMulNBits (``int4_accuracy_level``
+    sets its compute mode), a quantized embedding table becomes GatherBlockQuantized, and 8-bit weights are
+    stored as ``cpu_int8_weights`` (``auto``: what is exact on this machine, :func:`cpu_int8_weight_type`)."""
+    flavour = FLAVOURS[flavour] if isinstance(flavour, str) else flavour
+    check_exportable(contract)
     int8_weights = cpu_int8_weight_type(cpu_int8_weights)
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
@@ -372,7 +388,7 @@ def quantize_graph(
             q = quantized[key]
         # int4 per channel with int8 inputs runs on the same int8 kernel: its integers fit int8 unchanged
         # (twice the weight bytes of int4 storage, ~5x faster than a DequantizeLinear to float on the CPU)
-        if flavour == "cpu" and not spec.group_size and spec.weight_bits in (4, 8) and q is not None:
+        if flavour.fused_kernels and not spec.group_size and q is not None:
             add = _bias_add(consumers, matmul, constants)
             inits, replaced[matmul.name] = _matmul_integer_to_float(spec, contract, q, matmul, add, int8_weights)
             new_inits += inits
@@ -384,7 +400,7 @@ def quantize_graph(
                     dq_node, dequantized[q.quantized] = _activation_dequantize(q)
                     before.append(dq_node)
                 matmul.input[0] = dequantized[q.quantized]
-            if flavour == "cpu" and spec.weight_bits == 4 and spec.group_size:
+            if flavour.fused_kernels and spec.group_size:
                 inits, replaced[matmul.name] = _matmul_nbits(spec, contract, matmul, int4_accuracy_level)
                 new_inits += inits
             else:

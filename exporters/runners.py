@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -46,6 +47,9 @@ class OrtRunner:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
+Runner = TorchRunner | OrtRunner
+
+
 @dataclass(frozen=True)
 class Latency:
     """Latency of one model at one shape (milliseconds) and its throughput (sequences/second)."""
@@ -71,15 +75,16 @@ def _summary(batch: int, seq_len: int, times_ms: list[float]) -> Latency:
 
 
 def measure_latencies(
-    runners: Sequence, shapes: Sequence[tuple[int, int]], warmup: int, repeats: int, vocab_size: int, blocks: int = 4
+    runners: Sequence[Runner],
+    shapes: Sequence[tuple[int, int]],
+    warmup: int,
+    repeats: int,
+    vocab_size: int,
+    blocks: int = 4,
 ) -> dict[str, list[Latency]]:
-    """Median and p90 of ``repeats`` timed calls per runner and shape, on fixed random ids.
-
-    The runners take turns in ``blocks`` blocks per shape (A A A, B B B, A A A, ...), each opened by
-    ``warmup`` untimed calls: machine drift during the measurement then hits every model alike, so
-    ratios from one run are fair, and the untimed calls absorb the previous model's thread-pool
-    spinning (on 2 cores, interleaving single calls of two ONNX Runtime sessions doubled latencies).
-    """
+    """Median and p90 of ``repeats`` timed calls per runner and shape on fixed random ids. The runners take turns
+    in ``blocks`` blocks per shape, each opened by ``warmup`` untimed calls: machine drift hits every model
+    alike, and the untimed calls absorb the previous session's thread-pool spinning."""
     result: dict[str, list[Latency]] = {runner.name: [] for runner in runners}
     per_block = [repeats // blocks + (i < repeats % blocks) for i in range(blocks)]
     for batch, seq_len in shapes:
@@ -96,3 +101,19 @@ def measure_latencies(
         for runner in runners:
             result[runner.name].append(_summary(batch, seq_len, times[runner.name]))
     return result
+
+
+def speedups(
+    paths: dict[str, Path], shapes: Sequence[tuple[int, int]], repeats: int, vocab_size: int, threads: dict[str, int]
+) -> dict[str, Any]:
+    """Median latency of each graph at each shape (side by side, :func:`measure_latencies`), its speed-up over
+    ``fp32`` and its file size: ``{"shapes", "p50_ms", "speedup", "size_mb"}``, shapes labelled ``b1x128``."""
+    runners = [OrtRunner(name, path, threads[name]) for name, path in paths.items()]
+    latencies = measure_latencies(runners, shapes, warmup=2, repeats=repeats, vocab_size=vocab_size)
+    p50 = {name: {f"b{x.batch}x{x.seq_len}": x.p50_ms for x in lats} for name, lats in latencies.items()}
+    return {
+        "shapes": [f"b{b}x{s}" for b, s in shapes],
+        "p50_ms": p50,
+        "speedup": {name: {s: p50["fp32"][s] / ms for s, ms in by_shape.items()} for name, by_shape in p50.items()},
+        "size_mb": {name: path.stat().st_size / 2**20 for name, path in paths.items()},
+    }

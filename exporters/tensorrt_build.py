@@ -1,21 +1,19 @@
-"""TensorRT engine build from a Q/DQ ONNX graph, as a strongly typed network (TensorRT 10 and 11).
-
-TensorRT 11 dropped the INT8 builder flag and calibrators: precision comes only from the graph's
-Q/DQ nodes, which is exactly what a strongly typed network does on TensorRT 10 too. TensorRT is
-imported lazily: it cannot be installed on CPU-only machines.
-"""
+"""TensorRT engine build from a Q/DQ ONNX graph as a strongly typed network (TensorRT 11 has no INT8 flag or
+calibrators: precision comes only from Q/DQ, as in a strongly typed network on TensorRT 10). Imported lazily."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from pipeline.errors import StageUnavailable
+from calib.errors import StageUnavailable
 
 INSTALL_HINT = "pip install -e '.[trt]' on a machine with an NVIDIA GPU and CUDA"
 
 
-def require_tensorrt():  # noqa: ANN201 - returns the tensorrt module
+def require_tensorrt() -> ModuleType:
     """Import tensorrt and check a CUDA device exists, or raise :class:`StageUnavailable` saying what is missing."""
     try:
         import tensorrt as trt
@@ -50,7 +48,7 @@ def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, log_path:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
-        def log(self, severity, msg) -> None:  # noqa: ANN001 - TensorRT's signature
+        def log(self, severity: Any, msg: str) -> None:  # TensorRT's ILogger signature
             log_lines.append(f"[{severity}] {msg}")
 
     logger = FileLogger()

@@ -1,8 +1,5 @@
-"""Triton model repository: ``config.pbtxt`` files derived from the ONNX graph, and the versioned layout.
-
-The configs are written as protobuf text format by a small writer (the ``package`` stage must work without
-the ``serve`` extra); the tests parse every one with Triton's own ``ModelConfig`` protobuf.
-"""
+"""Triton model repository: ``config.pbtxt`` files derived from the ONNX graph (written by a small protobuf
+text writer: packaging needs no serve extra; the tests parse them with Triton's ``ModelConfig``)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from pipeline.errors import PipelineError
+from calib.errors import PipelineError
 
 PYTHON_MODEL = Path(__file__).with_name("triton_tokenizer_model.py")
 ONNX_TO_TRITON = {
@@ -134,19 +131,6 @@ def _ensemble_step(model: str, inputs: list[str], outputs: list[str]) -> dict[st
 def serving_limits(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
     """(max batch size, max tokens per text): the largest validated shape, which the TensorRT profile also uses."""
     return max(b for b, _ in shapes), max(s for _, s in shapes)
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer saved beside the teacher, or None when the model source had none (transformers 5 would
-    otherwise build an empty-vocabulary tokenizer from config.json alone)."""
-    from transformers import AutoTokenizer
-
-    if not (model_dir / "tokenizer_config.json").is_file():
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError):
-        return None
 
 
 def label_names(model_dir: Path, count: int) -> tuple[str, ...]:

@@ -1,11 +1,5 @@
-"""``zsaq-pipeline serve``: a run's CPU student behind a real Triton server (PyTriton) on 127.0.0.1.
-
-The served model takes the same name and tensors as the repository's text ensemble (``student_text``: raw
-text in; embeddings, logits, or label and scores out) and refuses the same requests, with the functions of
-the repository's Python model. Each request runs on its own (no dynamic batcher): PyTriton fails every
-request of a merged batch when one is refused, so batching stays with the client (up to ``max_batch_size``
-texts per request).
-"""
+"""``zsaq-pipeline serve``: a run's CPU student behind a real Triton server (PyTriton) on 127.0.0.1, taking
+and refusing what the repository's text ensemble does (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -25,21 +19,19 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from calib.errors import PipelineError, StageUnavailable
+from calib.models import load_saved_tokenizer
 from exporters.cpu_kernels import ort_session
 from exporters.triton_repo import (
     ONNX_MODEL,
     TEXT_ENSEMBLE,
     TEXT_INPUT,
     label_names,
-    load_tokenizer,
     serving_limits,
 )
 from exporters.triton_tokenizer_model import classify, decode_texts, encode
-from pipeline.errors import PipelineError, StageUnavailable
 
 MODEL_NAME = TEXT_ENSEMBLE[ONNX_MODEL]
-CPU_GRAPH = Path("export") / "student_qdq_cpu.onnx"
-TEACHER_DIR = Path("teacher") / "model"
 HOST = "127.0.0.1"
 
 
@@ -47,6 +39,7 @@ HOST = "127.0.0.1"
 class ServedModel:
     """Text in, the task's outputs out: tokenizer, the CPU student on ONNX Runtime, post-processing."""
 
+    graph: Path
     session: ort.InferenceSession
     tokenizer: Any
     task_kind: str
@@ -72,23 +65,19 @@ class ServedModel:
         return [(output.name, np.float32, shape)]
 
 
-def load_served_model(run_dir: Path, threads: int = 0) -> ServedModel:
-    """The CPU student of a finished run, with its tokenizer; one-line errors for what is missing."""
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise PipelineError(f"{run_dir}: no manifest.json here (not a run folder)")
-    graph = run_dir / CPU_GRAPH
+def load_served_model(
+    graph: Path, model_dir: Path, task_kind: str, num_labels: int, shapes: list, threads: int = 0
+) -> ServedModel:
+    """The CPU student graph with the tokenizer saved in ``model_dir``; one-line errors for what is missing."""
     if not graph.is_file():
-        raise PipelineError(f"{run_dir}: no CPU student graph {CPU_GRAPH}; run the pipeline into it first")
-    tokenizer = load_tokenizer(run_dir / TEACHER_DIR)
+        raise PipelineError(f"no CPU student graph {graph}; run the pipeline into the run folder first")
+    tokenizer = load_saved_tokenizer(model_dir)
     if tokenizer is None:
-        raise PipelineError(f"{run_dir}: the model has no tokenizer, and serve takes raw text")
-    config = json.loads(manifest_path.read_text(encoding="utf-8"))["config"]
+        raise PipelineError(f"{model_dir}: the model has no tokenizer, and serve takes raw text")
     session = ort_session(graph, threads or os.cpu_count() or 1)
-    max_batch, max_length = serving_limits(config["validate"]["shapes"])
-    kind = config["task"]["kind"]
-    labels = label_names(run_dir / TEACHER_DIR, config["task"]["num_labels"]) if kind == "classification" else ()
-    return ServedModel(session, tokenizer, kind, labels, max_batch, max_length)
+    max_batch, max_length = serving_limits(shapes)
+    labels = label_names(model_dir, num_labels) if task_kind == "classification" else ()
+    return ServedModel(graph, session, tokenizer, task_kind, labels, max_batch, max_length)
 
 
 def require_pytriton() -> None:
@@ -336,7 +325,7 @@ def load_check(
     refused = all(m["error"] and m["served_after"] for m in malformed)
     return {
         "model": MODEL_NAME,
-        "graph": str(CPU_GRAPH),
+        "graph": str(server.model.graph),
         "server": f"Triton {triton_version} (nvidia-pytriton {metadata.version('nvidia-pytriton')}), HTTP on {HOST}",
         "cpus": os.cpu_count(),
         "requests_per_level": requests,
@@ -370,8 +359,8 @@ def render_load_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_load_report(folder: Path, report: dict[str, Any]) -> None:
-    """``load.json`` and ``report.md`` in ``folder`` (``RUN/serve``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "load.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (folder / "report.md").write_text(render_load_markdown(report), encoding="utf-8")
+def write_load_report(report: dict[str, Any], json_path: Path, markdown_path: Path) -> None:
+    """The load check as JSON and as Markdown."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    markdown_path.write_text(render_load_markdown(report), encoding="utf-8")

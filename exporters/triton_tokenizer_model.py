@@ -1,10 +1,6 @@
-"""Triton Python-backend model of the text ensemble, copied into the repository as ``model.py``.
-
-Its ``mode`` parameter picks the job: ``tokenize`` (text -> input_ids, attention_mask, with the tokenizer
-saved in ``1/tokenizer``) or ``classify`` (logits -> label name and softmax scores). It imports only numpy,
-transformers and Triton's ``triton_python_backend_utils``, never this project; ``zsaq-pipeline serve`` uses
-the same functions, so both servers accept and refuse the same requests.
-"""
+"""Triton Python-backend model of the text ensemble, copied into the repository as ``model.py``: ``mode``
+``tokenize`` (text -> ids and mask, tokenizer in ``1/tokenizer``) or ``classify`` (logits -> label, scores).
+It imports only numpy, transformers and Triton's utils; ``zsaq-pipeline serve`` uses the same functions."""
 
 from __future__ import annotations
 

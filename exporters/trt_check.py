@@ -1,26 +1,5 @@
 """Does a Q/DQ ONNX graph follow TensorRT's explicit-quantization rules? A static check, no TensorRT needed.
-
-What the rules rest on (NVIDIA TensorRT documentation, docs.nvidia.com/deeplearning/tensorrt/latest/):
-
-* *Working with Quantized Types* and *Quantization Schemes* (inference-library/quantized-types-schemes):
-  quantization is symmetric, in signed INT8 or signed INT4; INT4 is weight-only and needs per-block
-  scales, with block sizes 64 or 128, blocked along one of the last two dimensions.
-* ``IDequantizeLayer`` / ``IQuantizeLayer`` API reference and the Quantize operator page: the zero point
-  must hold only zeros and have the scale's shape; every scale must be strictly positive and a build-time
-  constant, of type float32 / float16 / bfloat16; a scalar scale is per-tensor, a 1-D scale per-channel
-  (its size that of the axis), a scale of the input's rank is blocked, and then differs from the input's
-  shape in exactly one dimension (the blocked one).
-* *Explicit Quantization*: pre-quantized weights need a DequantizeLayer between them and the linear
-  operator that uses them; INT4 weights are stored two to a byte (so this check, like the issue it
-  answers, asks for an even last dimension: no row ends on half a byte).
-* ONNX: the ``axis`` of Q/DQ exists from opset 13, INT4 and ``block_size`` from opset 21. The pipeline
-  exports at opset 17 at least, so per-channel graphs are held to 17 here.
-
-Project conventions checked on top (what :mod:`exporters.onnx_qdq` writes for the ``trt`` flavour):
-activations per-tensor, weights per output channel (axis 1 of a MatMul's ``[K, N]`` weight) or, for int4
-only, blocked; block quantization on int8 is refused. The ``cpu`` flavour's uint8 activations with zero
-point 128 fail here by design: they are the ONNX Runtime CPU layout.
-"""
+Where each rule comes from: docs/ARCHITECTURE.md, "TensorRT's rules"."""
 
 from __future__ import annotations
 
@@ -30,10 +9,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from calib.capabilities import group_sizes
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 INT_TYPES = {TensorProto.INT8: "int8", TensorProto.INT4: "int4"}
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-INT4_BLOCK_SIZES = (64, 128)
+INT4_BLOCK_SIZES = group_sizes("tensorrt", 4)  # from the capability table
 PER_CHANNEL_OPSET = 17
 INT4_OPSET = 21
 

@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from calib.config import TaskConfig
 from calib.inputs import random_tokens
-from exporters.eval_data import EvalSet, load_eval_set
+from calib.models import TaskModel
+from calib.task_data import EvalSet, load_eval_set
+from exporters.config import ValidateConfig
 from exporters.metrics import accuracy, agreement, cosine_rows, matthews, spearman, token_nll
-from exporters.runners import TorchRunner, measure_latencies
-from pipeline.config import PipelineConfig
+from exporters.runners import Runner, TorchRunner, measure_latencies
 
 EVAL_BATCH = 32
 GENERATED_SEED_OFFSET = 1000  # generated validation inputs never coincide with calibration inputs
@@ -55,11 +57,12 @@ def _corpus_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, seq_len: in
 
 
 def build_eval_inputs(
-    config: PipelineConfig, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int
+    task: TaskConfig, validate: ValidateConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int
 ) -> tuple[EvalInputs, str | None]:
-    """Task data where the config names some and it exists; generated inputs otherwise (with the reason)."""
-    seq_len = max(s for _, s in config.validate.shapes)
-    spec = config.task.eval
+    """Task data where the config names some and it exists; generated inputs otherwise (with the reason),
+    seeded apart from calibration's ``seed``."""
+    seq_len = max(s for _, s in validate.shapes)
+    spec = task.eval
     reason = None
     if spec is None:
         reason = "the config names no evaluation data"
@@ -72,7 +75,7 @@ def build_eval_inputs(
         if spec.metric == "perplexity":
             batches = _corpus_windows(tokenizer, data.corpus, seq_len, spec.limit)
             return EvalInputs(batches, metric="perplexity", source=spec.data), None
-        if config.task.kind == "embedding":
+        if task.kind == "embedding":
             return EvalInputs(
                 _tokenize(tokenizer, data.texts_a, None, seq_len),
                 _tokenize(tokenizer, data.texts_b, None, seq_len) if data.texts_b else [],
@@ -82,12 +85,12 @@ def build_eval_inputs(
             ), None
         batches = _tokenize(tokenizer, data.texts_a, data.texts_b or None, seq_len)
         return EvalInputs(batches, targets=data.targets, metric=spec.metric, source=spec.data), None
-    tokens = random_tokens(config.validate.samples, seq_len, vocab_size, config.calib.seed + GENERATED_SEED_OFFSET)
+    tokens = random_tokens(validate.samples, seq_len, vocab_size, seed + GENERATED_SEED_OFFSET)
     batches = [(b.input_ids.numpy(), b.attention_mask.numpy()) for b in tokens.batches(EVAL_BATCH)]
     return EvalInputs(batches, source="generated random tokens"), reason
 
 
-def _run_all(runner, batches: list) -> list[np.ndarray]:  # noqa: ANN001
+def _run_all(runner: Runner, batches: list) -> list[np.ndarray]:
     return [runner(ids, mask) for ids, mask in batches]
 
 
@@ -125,10 +128,10 @@ class ModelReport:
 
 
 def validate_models(
-    runners: list,
+    runners: list[Runner],
     reference_name: str,
     inputs: EvalInputs,
-    config: PipelineConfig,
+    validate: ValidateConfig,
     vocab_size: int,
     kind: str,
     references: dict[str, str] | None = None,
@@ -139,8 +142,7 @@ def validate_models(
     flat = {name: np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs[0]]) for name, outs in outputs.items()}
     references = references or {}
     reports = []
-    v = config.validate
-    latencies = measure_latencies(runners, v.shapes, v.warmup, v.repeats, vocab_size)
+    latencies = measure_latencies(runners, validate.shapes, validate.warmup, validate.repeats, vocab_size)
     for runner in runners:
         outs_a, outs_b = outputs[runner.name]
         reference = references.get(runner.name, reference_name)
@@ -158,7 +160,7 @@ def validate_models(
     return reports
 
 
-def evaluate_torch(model, config: PipelineConfig, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:  # noqa: ANN001
+def evaluate_torch(model: TaskModel, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:
     """Task metric of one PyTorch task model on prepared inputs, and its flattened outputs (for agreement)."""
     runner = TorchRunner("model", model, 0, torch.get_num_threads())
     outs_a, outs_b = _run_all(runner, inputs.batches_a), _run_all(runner, inputs.batches_b)

@@ -1,30 +1,57 @@
-"""``zsaq-pipeline bench --table SPEC``: the comparison table against the field, from real weights.
-
-The spec (YAML) names the tasks (a pipeline config each, plus the training file the real-data rows may
-read), the seeds and the model whose CPU formats are timed. Every (task, row, seed) is one cell, run in
-its own process and stored as JSON under ``OUT/cells``; the table is rendered from whatever cells exist,
-so an interrupted benchmark continues where it stopped and a missing figure shows as pending, never as
-a number typed in.
-"""
+"""``zsaq-pipeline bench --table SPEC``: comparison tables from real weights, one process per cell, rendered
+from whatever cell files exist (the spec and why: docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
 from tqdm import tqdm
 
-from pipeline.benchmark_rows import ROWS, Row, task_family
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from calib.config import FilePath, Range
+from calib.errors import ConfigError
+from pipeline.benchmark_rows import Row, load_rows, task_family
+from pipeline.config import PipelineConfig, build, merge, parse_config, read_yaml
 
 CELLS_DIR = "cells"
 LATENCY_CELL = "latency.json"
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A task as the spec file names it (paths relative to the spec)."""
+
+    config: FilePath
+    column: str | None = None
+    seeds: tuple[int, ...] | None = None
+    real_data: FilePath | None = None
+
+
+@dataclass(frozen=True)
+class LatencyEntry:
+    """The model whose CPU formats are timed, and how many timed calls per format and shape."""
+
+    config: FilePath
+    repeats: Annotated[int, Range("4 or more (one per measuring block)", 4)] = 20
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """The spec file as written: ``rows`` are catalogue keys (default: all), ``config`` a patch of every task's
+    config, ``claims`` pairs of rows to compare, ``fidelity`` also records agreement with the FP model."""
+
+    tasks: dict[str, TaskEntry]
+    catalogue: FilePath | None = None  # default: rows.yaml beside the spec
+    rows: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    config: dict[str, Any] = field(default_factory=dict)
+    fidelity: bool = False
+    claims: tuple[tuple[str, str], ...] = ()
+    latency: LatencyEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -40,59 +67,55 @@ class BenchTask:
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """What the table covers."""
+    """What a table covers, paths resolved and rows looked up."""
 
     path: Path
     tasks: tuple[BenchTask, ...]
-    latency_config: Path
-    latency_repeats: int
-
-
-def _expect(condition: bool, path: Path, key: str, expected: str) -> None:
-    if not condition:
-        raise ConfigError(f"{path}: {key}: expected {expected}")
+    catalogue: Path
+    rows: tuple[Row, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    fidelity: bool = False
+    claims: tuple[tuple[str, str], ...] = ()
+    latency_config: Path | None = None
+    latency_repeats: int = 20
 
 
 def load_spec(path: Path) -> BenchSpec:
     """Read and check the spec; relative paths are relative to the spec file."""
-    if not path.is_file():
-        raise ConfigError(f"bench --table: no spec file at {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    _expect(isinstance(raw, dict), path, "top level", "a mapping with tasks, seeds and latency")
-    unknown = set(raw) - {"tasks", "seeds", "latency"}
-    _expect(not unknown, path, ", ".join(sorted(unknown)), "one of tasks, seeds, latency (unknown key)")
-    seeds = raw.get("seeds", [0, 1, 2])
-    _expect(
-        isinstance(seeds, list) and all(isinstance(s, int) for s in seeds) and seeds, path, "seeds", "a list of ints"
-    )
-    tasks_raw = raw.get("tasks")
-    _expect(isinstance(tasks_raw, dict) and tasks_raw, path, "tasks", "a mapping of task name to its settings")
-    tasks = []
-    for name, entry in tasks_raw.items():
-        _expect(isinstance(entry, dict) and "config" in entry, path, f"tasks.{name}", "a mapping with config")
-        extra = set(entry) - {"config", "column", "seeds", "real_data"}
-        _expect(not extra, path, f"tasks.{name}.{','.join(sorted(extra))}", "one of config, column, seeds, real_data")
-        config = (path.parent / entry["config"]).resolve()
-        _expect(config.is_file(), path, f"tasks.{name}.config", f"an existing config file (no file at {config})")
-        task_seeds = entry.get("seeds", seeds)
-        _expect(isinstance(task_seeds, list) and task_seeds, path, f"tasks.{name}.seeds", "a list of ints")
-        real = entry.get("real_data")
-        tasks.append(
-            BenchTask(
-                name, str(entry.get("column", name)), config, tuple(task_seeds),
-                None if real is None else (path.parent / real).resolve(),
-            )
-        )  # fmt: skip
-    latency = raw.get("latency", {})
-    _expect(isinstance(latency, dict) and "config" in latency, path, "latency", "a mapping with config and repeats")
-    latency_config = (path.parent / latency["config"]).resolve()
-    _expect(latency_config.is_file(), path, "latency.config", f"an existing config file (no file at {latency_config})")
-    repeats = latency.get("repeats", 20)
-    _expect(isinstance(repeats, int) and repeats >= 4, path, "latency.repeats", "an int >= 4")
-    return BenchSpec(path, tuple(tasks), latency_config, repeats)
+    raw = build(SpecFile, read_yaml(path, "bench spec"), str(path), base_dir=path.parent)
+
+    def existing(name: str, key: str) -> Path:
+        if not Path(name).is_file():
+            raise ConfigError(f"{path}: {key}: expected an existing file (no file at {name})")
+        return Path(name)
+
+    if not raw.tasks or not raw.seeds or any(task.seeds == () for task in raw.tasks.values()):
+        raise ConfigError(f"{path}: tasks: expected a mapping of task name to its settings, each with seeds")
+    tasks = tuple(
+        BenchTask(
+            name, entry.column or name, existing(entry.config, f"tasks.{name}.config"), entry.seeds or raw.seeds,
+            None if entry.real_data is None else Path(entry.real_data),
+        )
+        for name, entry in raw.tasks.items()
+    )  # fmt: skip
+    catalogue = existing(raw.catalogue or str(path.parent / "rows.yaml"), "catalogue")
+    rows = load_rows(catalogue)
+    keys = raw.rows or tuple(rows)
+    for key in (*keys, *(k for pair in raw.claims for k in pair)):
+        if key not in keys or key not in rows:
+            raise ConfigError(f"{path}: rows: unknown row '{key}' (the catalogue has: {', '.join(rows)})")
+    latency = raw.latency or LatencyEntry("")
+    timed = existing(latency.config, "latency.config") if raw.latency else None
+    return BenchSpec(
+        path, tasks, catalogue, tuple(rows[k] for k in keys), raw.config, raw.fidelity, raw.claims, timed,
+        latency.repeats,
+    )  # fmt: skip
+
+
+def task_config(spec: BenchSpec, task: BenchTask, patch: dict[str, Any] | None = None) -> PipelineConfig:
+    """The task's pipeline config with the spec's patch, then ``patch`` (a row's), merged in."""
+    raw = read_yaml(task.config)
+    return parse_config(merge(merge(raw, spec.config), patch or {}), str(task.config), task.config.parent)
 
 
 @dataclass(frozen=True)
@@ -103,23 +126,28 @@ class Cell:
     row: Row
     seed: int
 
+    @property
+    def id(self) -> str:
+        """``<task>__<row>__s<seed>``: the cell's file stem."""
+        return f"{self.task.name}__{self.row.key}__s{self.seed}"
+
     def path(self, out: Path) -> Path:
-        """``OUT/cells/<task>__<row>__s<seed>.json``."""
-        return out / CELLS_DIR / f"{self.task.name}__{self.row.key}__s{self.seed}.json"
+        """``OUT/cells/<id>.json``."""
+        return out / CELLS_DIR / f"{self.id}.json"
 
 
 def planned_cells(spec: BenchSpec, rows: tuple[str, ...] = (), tasks: tuple[str, ...] = ()) -> list[Cell]:
     """Every cell the spec asks for that applies (optionally only the named rows / tasks)."""
-    known_rows, known_tasks = {r.key for r in ROWS}, {t.name for t in spec.tasks}
+    known_rows, known_tasks = {r.key for r in spec.rows}, {t.name for t in spec.tasks}
     for key in rows:
         if key not in known_rows:
-            raise ConfigError(f"bench --rows: unknown row '{key}' (known: {', '.join(r.key for r in ROWS)})")
+            raise ConfigError(f"bench --rows: unknown row '{key}' (known: {', '.join(r.key for r in spec.rows)})")
     for name in tasks:
         if name not in known_tasks:
             raise ConfigError(f"bench --tasks: unknown task '{name}' (the spec has: {', '.join(sorted(known_tasks))})")
-    families = {task.name: task_family(load_config(task.config)) for task in spec.tasks}
+    families = {task.name: task_family(task_config(spec, task)) for task in spec.tasks}
     cells = []
-    for row in ROWS:
+    for row in spec.rows:
         if rows and row.key not in rows:
             continue
         for task in spec.tasks:
@@ -134,12 +162,9 @@ def planned_cells(spec: BenchSpec, rows: tuple[str, ...] = (), tasks: tuple[str,
     return cells
 
 
-def _cell_command(cell: Cell, out_file: Path) -> list[str]:
-    command = [sys.executable, "-m", "pipeline.benchmark_cell", "--config", str(cell.task.config)]
-    command += ["--row", cell.row.key, "--seed", str(cell.seed), "--out", str(out_file)]
-    if cell.row.uses_data:
-        command += ["--real-data", str(cell.task.real_data)]
-    return command
+def _cell_command(spec: BenchSpec, cell: Cell, out_file: Path) -> list[str]:
+    command = [sys.executable, "-m", "pipeline.benchmark_cell", "--spec", str(spec.path), "--task", cell.task.name]
+    return command + ["--row", cell.row.key, "--seed", str(cell.seed), "--out", str(out_file)]
 
 
 def _run(command: list[str], failure_file: Path) -> bool:
@@ -159,22 +184,19 @@ def run_missing(spec: BenchSpec, out: Path, cells: list[Cell], latency: bool) ->
     failures = []
     todo = [c for c in cells if not c.path(out).is_file()]
     latency_file = out / CELLS_DIR / LATENCY_CELL
-    with tqdm(total=len(todo) + (latency and not latency_file.is_file()), desc="bench cells", unit="cell") as bar:
-        if latency and not latency_file.is_file():
+    measure = latency and spec.latency_config is not None and not latency_file.is_file()
+    with tqdm(total=len(todo) + measure, desc="bench cells", unit="cell") as bar:
+        if measure:
             bar.set_postfix_str("latency")
-            command = [sys.executable, "-m", "pipeline.benchmark_cell", "--config", str(spec.latency_config)]
-            command += ["--latency", str(spec.latency_repeats), "--out", str(latency_file)]
-            if not _run(command, latency_file.with_suffix(".error.txt")):
+            command = [sys.executable, "-m", "pipeline.benchmark_cell", "--spec", str(spec.path), "--latency"]
+            if not _run([*command, "--out", str(latency_file)], latency_file.with_suffix(".error.txt")):
                 failures.append("latency")
             bar.update()
         for cell in todo:
-            bar.set_postfix_str(f"{cell.task.name} {cell.row.key} seed {cell.seed}")
+            bar.set_postfix_str(cell.id)
             path = cell.path(out)
-            if not _run(_cell_command(cell, path), path.with_suffix(".error.txt")):
-                failures.append(
-                    f"{cell.task.name} {cell.row.key} seed {cell.seed}: "
-                    + path.with_suffix(".error.txt").read_text().strip()
-                )
+            if not _run(_cell_command(spec, cell, path), path.with_suffix(".error.txt")):
+                failures.append(f"{cell.id}: " + path.with_suffix(".error.txt").read_text().strip())
             bar.update()
     return failures
 
@@ -183,7 +205,7 @@ def read_cells(spec: BenchSpec, out: Path) -> dict[tuple[str, str], list[dict[st
     """``{(task, row): [cell results over seeds]}`` for every cell file present."""
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for task in spec.tasks:
-        for row in ROWS:
+        for row in spec.rows:
             for seed in task.seeds:
                 path = Cell(task, row, seed).path(out)
                 if path.is_file():

@@ -1,10 +1,6 @@
-"""One cell of the comparison table (a row on a task with a seed), or the latency / size measurement.
-
-Each cell runs in its own process (``python -m pipeline.benchmark_cell``) so its peak memory is its own
-and a crash loses one cell; the table is rendered from the cell files, so a stopped benchmark resumes.
-Minutes count what the method costs (calibration and quantization, or export for ONNX Runtime's
-dynamic quantization), not the evaluation.
-"""
+"""One cell of a comparison table (a row on a task with a seed), or the latency / size measurement, in its
+own process. A row's procedure (:data:`PROCEDURES`) makes its model with the calls the pipeline's stages
+make (:func:`calib.methods.calibrate`, :func:`calib.methods.quantize_student`)."""
 
 from __future__ import annotations
 
@@ -14,165 +10,154 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import onnx
+import numpy as np
 import torch
-from onnxruntime.quantization import quantize_dynamic
 
-from calib.gptq import apply_gptq
-from calib.inputs import random_tokens
-from calib.learn import learn_quantizers
-from calib.models import TaskModel, load_backbone, load_source_tokenizer
-from calib.student import build_student, init_ranges
-from calib.zsaq import calibrate_zsaq
+from calib.methods import CalibrationRequest, calibrate, int4_weight_only_quant, quantize_student
+from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
+from calib.student import student_state
 from exporters.cpu_kernels import machine_description
+from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph
+from exporters.metrics import fidelity
 from exporters.onnx_export import export_onnx, teacher_export_model
-from exporters.runners import OrtRunner, measure_latencies
+from exporters.runners import OrtRunner, speedups
 from exporters.validation import EvalInputs, build_eval_inputs, evaluate_torch, task_metric
-from pipeline.benchmark_rows import RTN_GROUP, Row, row_by_key, row_config
-from pipeline.config import ActivationQuant, PipelineConfig, QuantConfig, WeightQuant, load_config
+from pipeline.benchmark import BenchSpec, BenchTask, load_spec, task_config
+from pipeline.benchmark_rows import Row, row_patch
+from pipeline.config import PipelineConfig, load_config
 from pipeline.runfolder import atomic_write_text
-from pipeline.stages.calibrate import baseline_inputs, special_token_ids
-from pipeline.stages.export import int4_weight_only_graph, int4_weight_only_quant, round_to_nearest_graph
 
-LATENCY_SCHEMES = {
-    "w8a8": (8, 8),
-    "w4a8": (4, 8),
-    "w8a16": (8, 16),
-}
+Evaluation = tuple[float | None, np.ndarray]  # the task metric and the flattened outputs (for fidelity)
+Procedure = Callable[[PipelineConfig, TaskModel, Any, EvalInputs], Evaluation]
+StudentProcedure = Callable[[PipelineConfig, TaskModel, Any], TaskModel]
 
 
 def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def load_frozen_teacher(config: PipelineConfig) -> TaskModel:
-    """The task's FP teacher, frozen."""
-    teacher = TaskModel(load_backbone(config.model, config.task), config.task.kind).eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    return teacher
+def _learned(steps: int | None) -> Callable[[PipelineConfig], PipelineConfig]:
+    """A config change: ``quant.learn.steps`` (None: ZSAQ's student-step budget, rounds x student steps)."""
+
+    def change(config: PipelineConfig) -> PipelineConfig:
+        sga = config.calib.sam_sga
+        budget = sga.rounds * sga.student_steps if steps is None else steps
+        learn = dataclasses.replace(config.quant.learn, steps=budget)
+        return dataclasses.replace(config, quant=dataclasses.replace(config.quant, learn=learn))
+
+    return change
 
 
-def quantized_student(row: Row, config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:  # noqa: ANN401
-    """The student the row's method produces, with the task config's quantizer and step budget."""
-    calib = config.calib
-    torch.manual_seed(calib.seed)
-    if row.method == "zsaq":
-        specials, _ = special_token_ids(tokenizer)
-        game, _ = calibrate_zsaq(config, teacher, specials, show_progress=True, tokenizer=tokenizer)
-        return game.student
-    if row.method == "rtn" and row.weight_bits == 4:  # exactly the W4A16 model the export stage ships
-        quant = int4_weight_only_quant(teacher, RTN_GROUP)
-        student = build_student(teacher, quant)
-        init_ranges(student, quant, [])
-        return student
-    student = build_student(teacher, config.quant)
-    if row.method == "rtn":
-        init_ranges(student, config.quant, [])  # weights only: no activation ranges to set
-        return student
-    batches = baseline_inputs(config, teacher, tokenizer).batches(calib.generator.batch_size)
-    init_ranges(student, config.quant, batches)
-    if row.method == "gptq":
-        apply_gptq(student, batches)
-    elif row.method == "qat":
-        steps = calib.sam_sga.rounds * calib.sam_sga.student_steps  # ZSAQ's student-step budget
-        learn = dataclasses.replace(config.quant.learn, steps=steps)
-        learn_quantizers(teacher, student, batches, learn, show_progress=True)
+def _calibrated(change: Callable[[PipelineConfig], PipelineConfig]) -> StudentProcedure:
+    """The pipeline's calibrate + quantize in-process on the changed config. Learning steps on batches of the
+    generator's size, as ZSAQ's student does, so every learning row takes the same steps on the same batch size."""
+
+    def student(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:
+        config = change(config)
+        calib = config.calib
+        torch.manual_seed(calib.seed)
+        calibration = calibrate(CalibrationRequest(teacher, tokenizer, calib, config.quant, config.task))
+        game = calibration.game
+        state = None if game is None else student_state(game.student, "weights" in config.quant.learn.params)
+        batches = calibration.samples.batches(calib.generator.batch_size)
+        return quantize_student(teacher, config.quant, batches, state)[0]
+
     return student
 
 
-def _onnx_metric(path: Path, inputs: EvalInputs) -> float | None:
-    runner = OrtRunner("model", path, os.cpu_count() or 1)
-    return task_metric(inputs, [runner(i, m) for i, m in inputs.batches_a], [runner(i, m) for i, m in inputs.batches_b])
+def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:
+    """Weight-only, no calibration: int4 rows are exactly the W4A16 model the export stage ships."""
+    w, a = config.quant.weights, config.quant.activations
+    quant = (
+        int4_weight_only_quant(teacher, WEIGHT_ONLY_GROUP) if (w.bits, a.bits) == (4, 16) else _learned(0)(config).quant
+    )
+    return quantize_student(teacher, quant, [], show_progress=False)[0]
 
 
-def run_cell(base: PipelineConfig, row: Row, seed: int, real_data: str | None) -> dict[str, Any]:
-    """Metric, minutes and peak memory of one row on one task with one seed."""
-    teacher = load_frozen_teacher(base)
-    tokenizer = load_source_tokenizer(base.model)
-    inputs, fallback = build_eval_inputs(base, tokenizer, teacher.backbone.config.vocab_size)
+def _ort_dynamic(config: PipelineConfig, teacher: TaskModel, tokenizer: Any, inputs: EvalInputs) -> Evaluation:
+    with tempfile.TemporaryDirectory(prefix="zsaq-bench-") as tmp:
+        fp32, dynamic = Path(tmp) / "fp32.onnx", Path(tmp) / "dynamic.onnx"
+        export_onnx(teacher_export_model(teacher), fp32, config.export.opset)
+        ort_dynamic_graph(fp32, dynamic)
+        runner = OrtRunner("model", dynamic, os.cpu_count() or 1)
+        outs_a = [runner(i, m) for i, m in inputs.batches_a]
+        outs_b = [runner(i, m) for i, m in inputs.batches_b]
+    return task_metric(inputs, outs_a, outs_b), np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+
+
+def _evaluated(student: StudentProcedure) -> Procedure:
+    def run(config: PipelineConfig, teacher: TaskModel, tokenizer: Any, inputs: EvalInputs) -> Evaluation:
+        return evaluate_torch(student(config, teacher, tokenizer), inputs)
+
+    return run
+
+
+# How each row method makes its quantized student (benchmark_rows.PROCEDURE_NAMES names them all).
+STUDENTS: dict[str, StudentProcedure] = {
+    "rtn": _round_to_nearest,
+    "ptq": _calibrated(_learned(0)),
+    "qat": _calibrated(_learned(None)),
+    "zsaq": _calibrated(_learned(0)),
+}
+PROCEDURES: dict[str, Procedure] = {
+    "fp32": lambda config, teacher, tokenizer, inputs: evaluate_torch(teacher, inputs),
+    "ort-dynamic": _ort_dynamic,
+    **{name: _evaluated(student) for name, student in STUDENTS.items()},
+}
+
+
+def run_cell(spec: BenchSpec, task: BenchTask, row: Row, seed: int) -> dict[str, Any]:
+    """Metric (and fidelity to FP, if the spec asks), minutes and peak memory of one row on one task."""
+    real_data = str(task.real_data) if row.uses_data else None
+    config = task_config(spec, task, row_patch(row, seed, real_data) if row.method != "fp32" else {})
+    teacher = frozen_teacher(load_backbone(config.model, config.task), config.task.kind)
+    tokenizer = load_source_tokenizer(config.model)
+    vocab = teacher.backbone.config.vocab_size
+    inputs, fallback = build_eval_inputs(config.task, config.validate, config.calib.seed, tokenizer, vocab)
     if fallback:
         raise click.ClickException(f"the benchmark needs task data: {fallback}")
     started = time.perf_counter()
-    if row.method == "fp32":
-        metric = evaluate_torch(teacher, base, inputs)[0]
-        minutes = 0.0
-    elif row.method == "ort-dynamic":
-        with tempfile.TemporaryDirectory(prefix="zsaq-bench-") as tmp:
-            fp32, dynamic = Path(tmp) / "fp32.onnx", Path(tmp) / "dynamic.onnx"
-            export_onnx(teacher_export_model(teacher), fp32, base.export.opset)
-            quantize_dynamic(fp32, dynamic, per_channel=True)
-            minutes = (time.perf_counter() - started) / 60
-            metric = _onnx_metric(dynamic, inputs)
-    else:
-        student = quantized_student(row, row_config(base, row, seed, real_data), teacher, tokenizer)
-        minutes = (time.perf_counter() - started) / 60
-        metric = evaluate_torch(student, base, inputs)[0]
-    return {
-        "metric": metric,
-        "minutes": round(minutes, 3),
-        "peak_gib": round(_peak_gib(), 3),
-        "seed": seed,
-        "machine": machine_description(),
-    }
+    metric, outputs = PROCEDURES[row.method](config, teacher, tokenizer, inputs)
+    minutes = 0.0 if row.method == "fp32" else (time.perf_counter() - started) / 60
+    result = {"metric": metric, "minutes": round(minutes, 3), "peak_gib": round(_peak_gib(), 3), "seed": seed}
+    if spec.fidelity:
+        result["fidelity"] = fidelity(evaluate_torch(teacher, inputs)[1], outputs, config.task.kind)
+    return {**result, "machine": machine_description()}
 
 
 def measure_formats(base: PipelineConfig, repeats: int) -> dict[str, Any]:
     """Speed-up over FP32 (median latency, side by side in one run) and file size of each CPU format."""
-    teacher = load_frozen_teacher(base)
-    vocab = teacher.backbone.config.vocab_size
-    seq_len = max(s for _, s in base.validate.shapes)
-    batches = random_tokens(16, seq_len, vocab, seed=0).batches(8)  # latency does not depend on range values
-    opset = base.export.opset
+    teacher = frozen_teacher(load_backbone(base.model, base.task), base.task.kind)
+    formats = ("ort-dynamic", *FORMAT_SCHEMES, "w4a16")
+    threads = base.validate.threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="zsaq-bench-") as tmp:
-        paths = {"fp32": Path(tmp) / "fp32.onnx"}
-        export_onnx(teacher_export_model(teacher), paths["fp32"], opset)
-        paths["ort-dynamic"] = Path(tmp) / "ort-dynamic.onnx"
-        quantize_dynamic(paths["fp32"], paths["ort-dynamic"], per_channel=True)
-        for name, (w_bits, a_bits) in LATENCY_SCHEMES.items():
-            quant = QuantConfig(
-                weights=WeightQuant(bits=w_bits), activations=ActivationQuant(bits=a_bits, init="minmax")
-            )
-            paths[name] = Path(tmp) / f"{name}.onnx"
-            onnx.save(round_to_nearest_graph(teacher, quant, batches, "cpu", opset), str(paths[name]))
-        paths["w4a16"] = Path(tmp) / "w4a16.onnx"
-        onnx.save(int4_weight_only_graph(teacher, 32, opset), str(paths["w4a16"]))
-        threads = base.validate.threads or os.cpu_count() or 1
-        runners = [OrtRunner(name, path, threads) for name, path in paths.items()]
-        shapes = base.validate.shapes
-        latencies = measure_latencies(runners, shapes, warmup=2, repeats=repeats, vocab_size=vocab)
-        sizes = {name: path.stat().st_size / 2**20 for name, path in paths.items()}
-    p50 = {name: {f"b{x.batch}x{x.seq_len}": x.p50_ms for x in lats} for name, lats in latencies.items()}
-    return {
-        "shapes": [f"b{b}x{s}" for b, s in shapes],
-        "p50_ms": p50,
-        "speedup": {name: {s: p50["fp32"][s] / ms for s, ms in shapes_ms.items()} for name, shapes_ms in p50.items()},
-        "size_mb": sizes,
-        "threads": threads,
-        "machine": machine_description(),
-    }
+        seq_len = max(s for _, s in base.validate.shapes)
+        paths = cpu_format_graphs(teacher, formats, Path(tmp), base.export.opset, seq_len)
+        vocab = teacher.backbone.config.vocab_size
+        result = speedups(paths, base.validate.shapes, repeats, vocab, dict.fromkeys(paths, threads))
+    return {**result, "threads": threads, "machine": machine_description()}
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--row", "row_key", help="Row key (see pipeline.benchmark_rows); omit with --latency.")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--task", "task_name", help="Task name in the spec; omit with --latency.")
+@click.option("--row", "row_key", help="Row key in the spec; omit with --latency.")
 @click.option("--seed", type=int, default=0)
-@click.option("--real-data", "real_data", default=None, help="Task training file for the real-data rows.")
-@click.option("--latency", "latency_repeats", type=int, default=None, help="Measure the CPU formats instead.")
+@click.option("--latency", is_flag=True, help="Measure the CPU formats of the spec's latency model instead.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def main(
-    config_path: Path, row_key: str | None, seed: int, real_data: str | None, latency_repeats: int | None, out: Path
-) -> None:
+def main(spec_path: Path, task_name: str | None, row_key: str | None, seed: int, latency: bool, out: Path) -> None:
     """Run one cell and write its JSON (through a temporary name: a killed cell leaves no file)."""
-    base = load_config(config_path)
-    if latency_repeats is not None:
-        result = measure_formats(base, latency_repeats)
+    spec = load_spec(spec_path)
+    if latency:
+        result = measure_formats(load_config(spec.latency_config), spec.latency_repeats)
     else:
-        result = run_cell(base, row_by_key(row_key), seed, real_data)
+        task = next(t for t in spec.tasks if t.name == task_name)
+        result = run_cell(spec, task, next(r for r in spec.rows if r.key == row_key), seed)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 

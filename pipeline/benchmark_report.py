@@ -13,20 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import onnxruntime as ort
+import torch
+
+from calib.errors import ConfigError
+from exporters.cpu_kernels import machine_description
+from pipeline.benchmark import CELLS_DIR, LATENCY_CELL, BenchSpec, BenchTask, read_cells, task_config
+from pipeline.benchmark_rows import Row, task_family
+from pipeline.config import PipelineConfig, load_config
+from pipeline.runfolder import atomic_write_text
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-
-from exporters.cpu_kernels import machine_description  # noqa: E402
-from pipeline.benchmark import CELLS_DIR, LATENCY_CELL, BenchSpec, BenchTask, read_cells  # noqa: E402
-from pipeline.benchmark_rows import ROWS, Row, task_family  # noqa: E402
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.runfolder import atomic_write_text  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
 
 LOWER_IS_BETTER = {"perplexity"}
+FIDELITY_NAMES = {
+    "embedding": "cosine to FP x100",
+    "classification": "agreement with FP %",
+    "causal-lm": "agreement with FP %",
+}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -34,9 +39,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _metric_text(values: list[float], planned: int) -> str:
+def mean_std_text(values: list[float]) -> str:
+    """``86.43 ± 0.46`` (one value: ``86.43``)."""
     mean, std = mean_std(values)
-    text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def _metric_text(values: list[float], planned: int) -> str:
+    text = mean_std_text(values)
     return text if len(values) == planned else f"{text} ({len(values)}/{planned} seeds)"
 
 
@@ -52,11 +62,13 @@ class TableData:
             self.latency = json.loads(latency_file.read_text(encoding="utf-8"))
             if not isinstance(self.latency, dict) or "speedup" not in self.latency:
                 raise ConfigError(f"{latency_file}: not a latency cell; delete it to measure again")
-        self.families = {task.name: task_family(load_config(task.config)) for task in spec.tasks}
-        self.metrics = {task.name: load_config(task.config).task.eval.metric for task in spec.tasks}
+        configs = {task.name: task_config(spec, task) for task in spec.tasks}
+        self.families = {name: task_family(config) for name, config in configs.items()}
+        self.metrics = {name: config.task.eval.metric for name, config in configs.items()}
+        self.kinds = {name: config.task.kind for name, config in configs.items()}
 
-    def metric_cell(self, row: Row, task_name: str) -> str:
-        """The figure for one row and task, or why there is none."""
+    def metric_cell(self, row: Row, task_name: str, field: str = "metric") -> str:
+        """The figure (``metric`` or ``fidelity``) for one row and task, or why there is none."""
         task = next(t for t in self.spec.tasks if t.name == task_name)
         reason = row.reason_not_run(self.families[task_name])
         if reason is not None:
@@ -67,21 +79,27 @@ class TableData:
         failure = self.out / CELLS_DIR / f"{task_name}__{row.key}__s{task.seeds[0]}.error.txt"
         if not results:
             return f"failed: {failure.read_text().strip()}" if failure.is_file() else "pending"
-        return _metric_text([r["metric"] for r in results], len(task.seeds) if row.seeded else 1)
+        values = [r[field] for r in results if r.get(field) is not None]
+        return _metric_text(values, len(task.seeds) if row.seeded else 1) if values else "not recorded"
 
-    def values(self, row: Row, task_name: str) -> list[float]:
-        """Every seed's metric of one row on one task."""
-        return [r["metric"] for r in self.cells.get((task_name, row.key), [])]
+    def values(self, row: Row, task_name: str) -> dict[int, float]:
+        """Every seed's metric of one row on one task, by seed."""
+        return {r["seed"]: r["metric"] for r in self.cells.get((task_name, row.key), [])}
 
     @property
     def shapes(self) -> list[str]:
-        """The timed shapes (``b1x128``), from the latency file or the latency config."""
+        """The timed shapes (``b1x128``), from the latency file or the latency config (none without one)."""
         if self.latency is not None:
             return self.latency["shapes"]
+        if self.spec.latency_config is None:
+            return []
         return [f"b{b}x{s}" for b, s in load_config(self.spec.latency_config).validate.shapes]
 
     def format_figures(self, row: Row) -> list[str]:
-        """Speed-up at each timed shape, and size (MB and % of FP32), of the row's CPU format."""
+        """Speed-up at each timed shape, and size (MB and % of FP32), of the row's CPU format (none without a
+        latency model in the spec)."""
+        if self.spec.latency_config is None:
+            return []
         fmt = row.latency_format
         if fmt is None:
             return ["n/a (PyTorch only)"] + ["n/a"] * len(self.shapes)
@@ -102,40 +120,42 @@ class TableData:
 
 
 def _header(data: TableData) -> list[str]:
-    columns = [t.column for t in data.spec.tasks]
     tasks = " / ".join(t.name for t in data.spec.tasks)
-    speedups = [f"speed-up {shape}" for shape in data.shapes]
-    return ["method", "scheme", "data-free", *columns, *speedups, "size MB (% FP32)", f"minutes ({tasks})",
-            f"peak GiB ({tasks})"]  # fmt: skip
+    columns = [t.column for t in data.spec.tasks]
+    if data.spec.fidelity:
+        columns += [f"{t.name}: {FIDELITY_NAMES[data.kinds[t.name]]}" for t in data.spec.tasks]
+    speedups = [f"speed-up {shape}" for shape in data.shapes] + (["size MB (% FP32)"] if data.shapes else [])
+    return ["method", "scheme", "data-free", *columns, *speedups, f"minutes ({tasks})", f"peak GiB ({tasks})"]
 
 
 def table_rows(data: TableData) -> list[list[str]]:
-    """One list of strings per row of the table, in :data:`ROWS` order."""
+    """One list of strings per row of the table, in the spec's row order."""
+    fields = ["metric", "fidelity"] if data.spec.fidelity else ["metric"]
     rows = []
-    for row in ROWS:
-        metrics = [data.metric_cell(row, t.name) for t in data.spec.tasks]
+    for row in data.spec.rows:
+        figures = [data.metric_cell(row, t.name, f) for f in fields for t in data.spec.tasks]
         minutes, peak = data.cost(row)
-        rows.append([row.label, row.scheme, "no (uses data)" if row.uses_data else "yes", *metrics,
+        rows.append([row.label, row.scheme, "no (uses data)" if row.uses_data else "yes", *figures,
                      *data.format_figures(row), minutes, peak])  # fmt: skip
     return rows
 
 
 def _claims(data: TableData) -> list[str]:
-    """The issue's acceptance comparisons on the first task, computed from the cells (not typed in)."""
-    first = data.spec.tasks[0].name
-    by_key = {r.key: r for r in ROWS}
+    """The spec's comparisons on each task, computed from the cells (not typed in), paired by seed."""
+    by_key = {r.key: r for r in data.spec.rows}
     lines = []
-    for ours, theirs in (
-        ("zsaq-w4a8", "ptq-random-w4a8"),
-        ("zsaq-w4a8", "qat-random-w4a8"),
-        ("zsaq-w8a8", "ort-dynamic"),
-    ):
-        a, b = data.values(by_key[ours], first), data.values(by_key[theirs], first)
-        if a and b:
-            delta = statistics.mean(a) - statistics.mean(b)
+    for task in data.spec.tasks:
+        lower = data.metrics[task.name] in LOWER_IS_BETTER
+        units = f" {data.metrics[task.name]} (lower is better)" if lower else " points"
+        for ours, theirs in data.spec.claims:
+            a, b = data.values(by_key[ours], task.name), data.values(by_key[theirs], task.name)
+            if not (a and b):
+                continue
+            delta = statistics.mean(a.values()) - statistics.mean(b.values())
+            paired = [a[seed] - b.get(seed, b[min(b)]) for seed in sorted(a)]  # an unseeded row: its one value
             lines.append(
-                f"- {first}: {by_key[ours].label} {by_key[ours].scheme} vs {by_key[theirs].label} "
-                f"{by_key[theirs].scheme}: {delta:+.2f} points"
+                f"- {task.name}: {by_key[ours].label} {by_key[ours].scheme} vs {by_key[theirs].label} "
+                f"{by_key[theirs].scheme}: {delta:+.2f}{units} (by seed: {', '.join(f'{d:+.2f}' for d in paired)})"
             )
     return lines
 
@@ -147,9 +167,9 @@ def _model_label(config: PipelineConfig) -> str:
     return config.model.describe()
 
 
-def _protocol(task: BenchTask) -> str:
+def _protocol(spec: BenchSpec, task: BenchTask) -> str:
     """How one task's column was measured."""
-    config = load_config(task.config)
+    config = task_config(spec, task)
     calib, ev, weights = config.calib, config.task.eval, config.quant.weights
     data = Path(ev.data).name
     if ev.metric == "perplexity":
@@ -172,37 +192,51 @@ def _machines(data: TableData) -> str:
     return "; ".join(f"{label} ({n} cells)" for label, n in sorted(counts.items())) or "none yet"
 
 
+def _latency_protocol(data: TableData) -> list[str]:
+    if data.spec.latency_config is None:
+        return []
+    machine = (data.latency or {}).get("machine", "a machine its cell does not record")
+    return [
+        "- Speed-up and size: the CPU ONNX model of each scheme, built from the latency model "
+        f"(`{data.spec.latency_config.name}`), timed against its FP32 ONNX side by side in one run on {machine} "
+        "(alternating blocks, medians): speed and size belong to that encoder, for every task's row. W4A8 (int4 "
+        "per channel) runs on the int8 kernel, its integers stored as int8; W4A16 is MatMulNBits with groups of 32 "
+        "and an int8 embedding table; W2A8 has no runtime that executes it (PyTorch student only)."
+    ]
+
+
 def render_markdown(data: TableData, command: str) -> str:
     """The table, how it was made, and the protocol."""
     header = _header(data)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(data)]
-    lat = data.latency or {}
-    proto = [f"- **{task.name}**: {_protocol(task)}" for task in data.spec.tasks]
+    threads = (data.latency or {}).get("threads", "?")
+    proto = [f"- **{task.name}**: {_protocol(data.spec, task)}" for task in data.spec.tasks]
+    fidelity = (
+        ["- Fidelity: on the same evaluation inputs, the share of predictions equal to the FP model's (cosine to "
+         "its outputs for embedding models): a task metric moves both ways as predictions flip; fidelity counts "
+         "every flip."] if data.spec.fidelity else []
+    )  # fmt: skip
     return "\n".join(
         [
             f"# Benchmark: data-free quantization against the field ({date.today().isoformat()})",
             "",
             f"Made by `{command}`. Rendered on {machine_description()}, ONNX Runtime {ort.__version__}, "
             f"torch {torch.__version__}, "
-            f"{lat.get('threads', '?')} threads for latency. Metrics: mean ± std over seeds; every figure comes from "
+            f"{threads} threads for latency. Metrics: mean ± std over seeds; every figure comes from "
             f"a cell file under `{CELLS_DIR}/`. Cells ran on: {_machines(data)}.",
             "",
             *lines,
             "",
-            "Acceptance comparisons (mean over seeds):",
+            "Comparisons (mean over seeds, and the paired difference of each seed):",
             *(_claims(data) or ["- pending"]),
             "",
             "Protocol:",
             *proto,
-            "- Speed-up and size: the CPU ONNX model of each scheme, built from the latency model "
-            f"(`{data.spec.latency_config.name}`), timed against its FP32 ONNX side by side in one run "
-            f"on {lat.get('machine', 'a machine its cell does not record')} "
-            "(alternating blocks, medians): speed and size belong to that encoder, for every task's row. W4A8 (int4 "
-            "per channel) runs on the int8 kernel, its integers stored as int8; W4A16 is MatMulNBits with groups of 32 "
-            "and an int8 embedding table; W2A8 has no runtime that executes it (PyTorch student only).",
+            *_latency_protocol(data),
+            *fidelity,
             "- 'n/a' in a task's column: the row is not benchmarked on that task's model family (encoder or decoder; "
-            "each row names its families in `pipeline/benchmark_rows.py`).",
+            f"each row names its families in `{os.path.relpath(data.spec.catalogue)}`).",
             "- Rows marked 'uses data' calibrate on the task's training split: an upper bound, not a data-free result. "
             "Nothing is selected on an evaluation split.",
             "",
@@ -218,8 +252,8 @@ def render_csv(data: TableData) -> str:
     writer = csv.writer(buffer)
     speed_columns = [f"speedup_{shape}" for shape in data.shapes]
     writer.writerow(["row", "label", "scheme", "uses_data", "task", "metric", "mean", "std", "seeds", "values",
-                     "minutes_mean", "peak_gib", *speed_columns, "size_mb"])  # fmt: skip
-    for row in ROWS:
+                     "fidelity_mean", "minutes_mean", "peak_gib", *speed_columns, "size_mb"])  # fmt: skip
+    for row in data.spec.rows:
         fmt = row.latency_format
         speed = (data.latency or {}).get("speedup", {}).get(fmt, {})
         size = (data.latency or {}).get("size_mb", {}).get(fmt)
@@ -228,9 +262,11 @@ def render_csv(data: TableData) -> str:
             if not results:
                 continue
             mean, std = mean_std([r["metric"] for r in results])
+            fidelity = [r["fidelity"] for r in results if r.get("fidelity") is not None]
             writer.writerow([
                 row.key, row.label, row.scheme, row.uses_data, task.name, data.metrics[task.name],
                 f"{mean:.4f}", f"{std:.4f}", len(results), " ".join(f"{r['metric']:.4f}" for r in results),
+                f"{statistics.mean(fidelity):.4f}" if fidelity else "",
                 f"{statistics.mean(r['minutes'] for r in results):.3f}", f"{max(r['peak_gib'] for r in results):.3f}",
                 *(f"{speed[shape]:.3f}" if shape in speed else "" for shape in data.shapes),
                 "" if size is None else f"{size:.2f}",
@@ -242,8 +278,8 @@ def _plot_task(ax: plt.Axes, data: TableData, task: BenchTask) -> None:
     """Each row's mean ± std as a point; FP32 as a dashed line; points far below FP32 clipped and labelled."""
     lower_better = data.metrics[task.name] in LOWER_IS_BETTER
     points, fp32 = [], None
-    for row in ROWS:
-        values = data.values(row, task.name)
+    for row in data.spec.rows:
+        values = list(data.values(row, task.name).values())
         if not values:
             continue
         mean, std = mean_std(values)

@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
+from calib.errors import ConfigError, PipelineError, ThresholdFailed
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.layout import MANIFEST, REPORT_MD, SERVE_DIR, SERVE_LOAD, SERVE_REPORT, STUDENT_ONNX, TEACHER_MODEL
 
 EXPORT_CHOICES = ("onnx", "trt", "triton")
 
@@ -71,13 +72,13 @@ def run(config_path: Path, exports: tuple[str, ...], out: Path | None, resume: b
 
     hf_logging.disable_progress_bar()  # our own stage lines and bars are the progress; not every weight load
     hf_logging.set_verbosity_error()
-    config = with_export_formats(load_config(config_path), exports)
+    config = with_export_formats(load_config(config_path), exports, str(config_path))
     check_against_model(config, str(config_path))
     out = out or Path("runs") / config_path.stem
     run_pipeline(config, out, resume=resume, force=force, show_progress=not quiet)
     if not quiet:
         click.echo(f"done: {out}/manifest.json")
-        report = out / "validate" / "report.md"
+        report = REPORT_MD.path(out)
         if report.is_file():
             click.echo(report.read_text(encoding="utf-8"))
 
@@ -88,7 +89,7 @@ def run(config_path: Path, exports: tuple[str, ...], out: Path | None, resume: b
 @user_errors
 def inspect(run_dir: Path, as_json: bool) -> None:
     """Show a run folder's stages, timings, artifacts and headline metrics."""
-    from pipeline.inspect import summarize
+    from pipeline.run_summary import summarize
 
     summary = summarize(run_dir)
     if as_json:
@@ -122,23 +123,40 @@ def inspect(run_dir: Path, as_json: bool) -> None:
 def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: int, time_limit: float) -> None:
     """Serve a run's CPU student (raw text in) through a Triton server on 127.0.0.1 (needs the serve extra)."""
     from exporters import triton_serve
-    from pipeline.errors import ThresholdFailed
 
     triton_serve.require_pytriton()
-    model = triton_serve.load_served_model(run_dir, threads)
-    folder = run_dir / "serve"
-    with triton_serve.TextServer(model, port, folder / f"triton-{port}.log") as server:
+    model = _served_model(run_dir, threads)
+    with triton_serve.TextServer(model, port, run_dir / SERVE_DIR / f"triton-{port}.log") as server:
         if load_check:
             report = triton_serve.load_check(server, requests, time_limit)
-            triton_serve.write_load_report(folder, report)
+            triton_serve.write_load_report(report, run_dir / SERVE_LOAD, run_dir / SERVE_REPORT)
             click.echo(triton_serve.render_load_markdown(report))
             if not report["passed"]:
-                raise ThresholdFailed(f"serve: the load check failed; see {folder / 'report.md'}")
+                raise ThresholdFailed(f"serve: the load check failed; see {run_dir / SERVE_REPORT}")
             return
         name = triton_serve.MODEL_NAME
         click.echo(f"serving {name} at http://{server.url}/v2/models/{name} (log: {server.log_file}; Ctrl-C stops)")
         server.wait()
     click.echo("stopped")
+
+
+def _served_model(run_dir: Path, threads: int) -> Any:
+    """The run's CPU student, tokenizer and serving limits, found through the run layout."""
+    from exporters.triton_serve import load_served_model
+
+    if not (run_dir / MANIFEST).is_file():
+        raise PipelineError(f"{run_dir}: no {MANIFEST} here (not a run folder)")
+    graph = STUDENT_ONNX["cpu"]
+    if not graph.path(run_dir).is_file():
+        raise PipelineError(
+            f"{run_dir}: no CPU student graph {graph.stage}/{graph.name}; run the pipeline into it first"
+        )
+    config = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))["config"]
+    task = config["task"]
+    shapes = config["validate"]["shapes"]
+    return load_served_model(
+        graph.path(run_dir), TEACHER_MODEL.path(run_dir), task["kind"], task["num_labels"], shapes, threads
+    )
 
 
 @main.command()
@@ -178,7 +196,7 @@ def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: in
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime threads (part of the baseline key).")
 @click.option("--repeats", default=40, show_default=True, help="Timed calls per model and shape.")
 @user_errors
-def bench(  # noqa: PLR0913
+def bench(
     check_path: Path | None,
     record_path: Path | None,
     table_spec: Path | None,
@@ -193,8 +211,6 @@ def bench(  # noqa: PLR0913
     repeats: int,
 ) -> None:
     """Latency regression check on a small fixed model (--check / --record), or the comparison table (--table)."""
-    from pipeline.errors import ConfigError, ThresholdFailed
-
     if sum(p is not None for p in (check_path, record_path, table_spec)) != 1:
         raise ConfigError("bench: give exactly one of --check BASELINE.json, --record BASELINE.json, --table SPEC.yaml")
     if table_spec is not None:
@@ -234,7 +250,7 @@ def bench(  # noqa: PLR0913
     click.echo("latency check passed")
 
 
-def _bench_table(  # noqa: PLR0913
+def _bench_table(
     spec_path: Path,
     out: Path | None,
     rows: tuple[str, ...],
@@ -244,7 +260,6 @@ def _bench_table(  # noqa: PLR0913
     render_only: bool,
 ) -> None:
     from pipeline import benchmark, benchmark_report
-    from pipeline.errors import ConfigError, PipelineError
 
     if out is None:
         raise ConfigError("bench --table: give --out FOLDER for the table and its cells")

@@ -1,12 +1,5 @@
-"""Latency regression check: quantized/FP32 speed-up of a small fixed model against a stored baseline.
-
-Absolute times drift 20-30% between runs on shared machines; the ratio of two models measured side by
-side in one run (alternating blocks, :func:`exporters.runners.measure_latencies`) is what a code change
-moves. The model is MiniLM-shaped (6 layers, hidden 384) with seeded random weights, so the check needs
-no model package and no data; its quantizer ranges come from min-max on random tokens (latency does
-not depend on their values). Baselines are keyed by CPU features, thread count and ONNX Runtime
-version: a figure from another machine or runtime says nothing about this one.
-"""
+"""Latency regression check: quantized/FP32 speed-ups of a fixed MiniLM-shaped random model, timed side by
+side, against a baseline keyed by CPU features, threads and ONNX Runtime version (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -18,28 +11,20 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnxruntime as ort
 
-from calib.inputs import random_tokens
-from calib.models import TaskModel, load_backbone
+from calib.config import ModelSource, RandomModel, TaskConfig
+from calib.errors import ConfigError, StageUnavailable
+from calib.models import frozen_teacher, load_backbone
 from exporters.cpu_kernels import cpu_features
-from exporters.onnx_export import export_onnx, teacher_export_model
-from exporters.runners import OrtRunner, measure_latencies
-from pipeline.config import ActivationQuant, ModelSource, QuantConfig, RandomModel, TaskConfig, WeightQuant
-from pipeline.errors import ConfigError, StageUnavailable
+from exporters.graphs import cpu_format_graphs
+from exporters.runners import speedups
 from pipeline.runfolder import atomic_write_text
-from pipeline.stages.export import round_to_nearest_graph
 
 CHECK_MODEL = RandomModel(
     family="bert", layers=6, hidden=384, heads=12, intermediate=1536, vocab_size=30522, max_positions=512, seed=0
 )
-SCHEMES = {
-    "int8": QuantConfig(weights=WeightQuant(bits=8), activations=ActivationQuant(bits=8, init="minmax")),
-    "int4": QuantConfig(
-        weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
-    ),
-}
+SCHEMES = {"int8": "w8a8", "int4": "w4a16"}  # the check's names -> the CPU formats (exporters.graphs)
 SHAPES = ((1, 128), (8, 128))
 DEFAULT_TOLERANCE = 0.3  # a speed-up may fall this fraction below the baseline before the check fails (ratios
 # moved by up to ~20% between runs here when the shared machine was busy)
@@ -59,38 +44,20 @@ class Measurement:
     p50_ms: dict[str, dict[str, float]]
 
 
-def _shape_label(batch: int, seq_len: int) -> str:
-    return f"b{batch}x{seq_len}"
-
-
-def build_check_models(folder: Path) -> dict[str, Path]:
-    """FP32, int8 (W8A8) and int4 (W4A16, groups of 32) ONNX files of the fixed model, as the pipeline writes them."""
-    task = TaskConfig(kind="embedding")
-    teacher = TaskModel(load_backbone(ModelSource(random=CHECK_MODEL), task), task.kind).eval()
-    paths = {"fp32": folder / "fp32.onnx"}
-    export_onnx(teacher_export_model(teacher), paths["fp32"], 17)
-    batches = list(random_tokens(16, 128, CHECK_MODEL.vocab_size, seed=0).batches(8))
-    for scheme, quant in SCHEMES.items():
-        paths[scheme] = folder / f"{scheme}_cpu.onnx"
-        onnx.save(round_to_nearest_graph(teacher, quant, batches, "cpu", 17), str(paths[scheme]))
-    return paths
-
-
 def measure(threads: int, repeats: int, int8_threads: int | None = None) -> Measurement:
     """Build the models in a temporary folder and measure every scheme's speed-up over FP32 side by side.
 
     ``int8_threads`` (default: ``threads``) exists so a test can slow the int8 path down on purpose."""
+    task = TaskConfig(kind="embedding")
+    teacher = frozen_teacher(load_backbone(ModelSource(random=CHECK_MODEL), task), task.kind)
     with tempfile.TemporaryDirectory(prefix="zsaq-latency-") as tmp:
-        paths = build_check_models(Path(tmp))
-        counts = {name: int8_threads if name == "int8" and int8_threads else threads for name in paths}
-        runners = [OrtRunner(name, path, counts[name]) for name, path in paths.items()]
-        latencies = measure_latencies(runners, SHAPES, warmup=2, repeats=repeats, vocab_size=CHECK_MODEL.vocab_size)
-    p50 = {name: {_shape_label(x.batch, x.seq_len): x.p50_ms for x in lats} for name, lats in latencies.items()}
-    speedups = {
-        scheme: {shape: round(p50["fp32"][shape] / p50[scheme][shape], 3) for shape in p50["fp32"]}
-        for scheme in SCHEMES
-    }
-    return Measurement(machine_key(threads), speedups, p50)
+        paths = cpu_format_graphs(teacher, tuple(SCHEMES.values()), Path(tmp), 17, max(s for _, s in SHAPES))
+        counts = {**dict.fromkeys(paths, threads), SCHEMES["int8"]: int8_threads or threads}
+        result = speedups(paths, SHAPES, repeats, CHECK_MODEL.vocab_size, counts)
+    names = {"fp32": "fp32", **{fmt: scheme for scheme, fmt in SCHEMES.items()}}
+    speedup = {names[f]: {s: round(r, 3) for s, r in by_shape.items()} for f, by_shape in result["speedup"].items()}
+    del speedup["fp32"]
+    return Measurement(machine_key(threads), speedup, {names[f]: ms for f, ms in result["p50_ms"].items()})
 
 
 def read_baseline(path: Path) -> dict[str, Any]:

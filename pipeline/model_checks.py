@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from calib.errors import ConfigError
+from calib.families import family_of, layer_widths
 from calib.models import load_model_config
 from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError
 
 
 def max_positions(model_config: PretrainedConfig) -> int | None:
@@ -18,19 +19,19 @@ def max_positions(model_config: PretrainedConfig) -> int | None:
     return None
 
 
-def layer_widths(model_config: PretrainedConfig) -> set[int]:
-    """Input widths of the quantized layers: the hidden size and the MLP's inner size."""
-    hidden = getattr(model_config, "hidden_size", None) or model_config.n_embd
-    inner = getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None) or 4 * hidden
-    return {hidden, inner}
-
-
 def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig:
     """Raise a one-line :class:`ConfigError` for values the model cannot take; returns its config."""
     try:
         model_config = load_model_config(config.model, config.task)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    try:
+        family = family_of(model_config)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: model: {exc}") from None
+    if config.task.kind not in family.task_kinds:
+        kinds = " or ".join(family.task_kinds)
+        raise ConfigError(f"{source}: task.kind: expected {kinds} for a {family.name} model, got {config.task.kind!r}")
     limit = max_positions(model_config)
     if limit is not None:
         if config.calib.seq_len > limit:

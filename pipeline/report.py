@@ -1,4 +1,5 @@
-"""The validation report: JSON for scripts, Markdown for people, and a plot (metric vs latency vs size)."""
+"""Reports for people: the validation report (JSON for scripts, Markdown and a metric / latency / size plot)
+and the SAM-SGA training curves."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any
 
 import matplotlib
 
+from pipeline.layout import REPORT_JSON, REPORT_MD, REPORT_PLOT
+
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -76,7 +79,33 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
-    """report.json, report.md and plot.png in ``folder``."""
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    render_plot(report, folder / "plot.png")
+    """The JSON, Markdown and plot files of the validate stage (:mod:`pipeline.layout`) in ``folder``."""
+    (folder / REPORT_JSON.name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / REPORT_MD.name).write_text(render_markdown(report), encoding="utf-8")
+    render_plot(report, folder / REPORT_PLOT.name)
+
+
+CURVES = {
+    "student_discrepancy": "student (SAM descent)",
+    "generator_discrepancy": "generator (ascent)",
+    "prior": "generator priors",
+    "sharpness": "sharpness-aware term",
+}
+
+
+def plot_losses(history: dict[str, Any], path: Path, title: str) -> None:
+    """One line per non-empty curve of a SAM-SGA history, log scale."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in CURVES.items():
+        values = history.get(key) or []
+        if values:
+            ax.plot(range(1, len(values) + 1), values, label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,9 +1,5 @@
-"""The run folder: one sub-folder per stage, and ``manifest.json`` describing all of it.
-
-Stages write into ``.tmp-<stage>/`` and the folder is renamed to ``<stage>/`` only when the stage
-finished, so a killed stage never leaves a half-written artifact under its final name. The manifest
-itself is replaced atomically (write to a temp file, then ``os.replace``).
-"""
+"""The run folder: one sub-folder per stage, written as ``.tmp-<stage>/`` and renamed when the stage finishes
+(a killed stage leaves nothing under a final name), and ``manifest.json``, replaced atomically."""
 
 from __future__ import annotations
 
@@ -17,7 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from pipeline.layout import MANIFEST
+
 TRACKED_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt")
 
 

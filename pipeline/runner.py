@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calib.errors import PipelineError, StageUnavailable, ThresholdFailed
 from pipeline import __version__
 from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError, StageUnavailable, ThresholdFailed
 from pipeline.runfolder import RunFolder, now, package_versions
 from pipeline.stages import STAGES
-from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.base import StageContext
 
 
 def config_sha256(config: PipelineConfig) -> str:
@@ -21,11 +21,11 @@ def config_sha256(config: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _is_reusable(run: RunFolder, entry: dict[str, Any] | None, stage: Stage, config: PipelineConfig) -> bool:
+def _is_reusable(run: RunFolder, entry: dict[str, Any] | None, fingerprint: str) -> bool:
     return bool(
         entry
         and entry.get("status") == "done"
-        and entry.get("fingerprint") == stage.fingerprint(config)
+        and entry.get("fingerprint") == fingerprint
         and run.verify(entry.get("artifacts", {}))
     )
 
@@ -62,7 +62,6 @@ def run_pipeline(
     stages: dict[str, Any] = manifest.setdefault("stages", {})
     run.save_manifest(manifest)
 
-    upstream_changed = False
     unavailable: list[StageUnavailable] = []
     for stage in STAGES:
         skip_reason = stage.enabled(config)
@@ -70,12 +69,11 @@ def run_pipeline(
             stages[stage.name] = {"status": "skipped", "reason": skip_reason}
             run.save_manifest(manifest)
             continue
-        entry = stages.get(stage.name)
-        if resume and not upstream_changed and _is_reusable(run, entry, stage, config):
+        fingerprint = stage.fingerprint(config, stages)  # its config keys and its input stages' artifacts
+        if resume and _is_reusable(run, stages.get(stage.name), fingerprint):
             if show_progress:
                 print(f"[{stage.name}] artifacts verified, skipping", flush=True)
             continue
-        upstream_changed = True
         stages[stage.name] = {"status": "running", "started": now()}
         run.save_manifest(manifest)
         if show_progress:
@@ -83,7 +81,7 @@ def run_pipeline(
         staging = run.staging_dir(stage.name)
         started = time.perf_counter()
         try:
-            summary = stage.run(StageContext(config, run, staging, show_progress))
+            summary = stage.run(StageContext(config, run, staging, fingerprint, show_progress))
         except StageUnavailable as exc:
             stages[stage.name] = {"status": "unavailable", "reason": str(exc)}
             run.save_manifest(manifest)
@@ -105,7 +103,7 @@ def run_pipeline(
         stages[stage.name] = {
             "status": "done",
             "seconds": round(time.perf_counter() - started, 3),
-            "fingerprint": stage.fingerprint(config),
+            "fingerprint": fingerprint,
             "artifacts": artifacts,
             "summary": summary,
         }

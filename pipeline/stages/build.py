@@ -8,16 +8,13 @@ from typing import Any
 
 import onnx
 
+from calib.errors import StageUnavailable
 from exporters.engine_compare import compare_runners, onnxruntime_runner, random_feeds, tensorrt_runner
 from exporters.tensorrt_build import ShapeRange, build_engine, require_tensorrt
 from exporters.trt_check import TrtIncompatible, require_trt_compatible
 from pipeline.config import PipelineConfig
-from pipeline.errors import StageUnavailable
+from pipeline.layout import BUILD_LOG, ENGINE, STUDENT_ONNX, TEACHER_MODEL, TIMING_CACHE
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.export import STUDENT_ONNX
-from pipeline.stages.teacher import MODEL_DIR
-
-ENGINE = "student.plan"
 
 
 class BuildStage(Stage):
@@ -25,15 +22,15 @@ class BuildStage(Stage):
 
     name = "build"
     requires = ("teacher", "export")
-    config_sections = ("model", "task", "calib", "quant", "export", "validate")
+    reads = ("validate.shapes", "calib.seed")
 
     def enabled(self, config: PipelineConfig) -> str | None:
         return None if "trt" in config.export.formats else "no TensorRT engine requested (--export trt)"
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        onnx_path = ctx.input_dir("export") / STUDENT_ONNX["trt"]
+        onnx_path = ctx.path(STUDENT_ONNX["trt"])
         hint = (
-            f"the ONNX graphs are in {ctx.input_dir('export')}; build the engine later on a GPU machine with "
+            f"the ONNX graphs are in {onnx_path.parent}; build the engine later on a GPU machine with "
             f"`zsaq-pipeline run CONFIG --out {ctx.run.root} --resume --export trt`"
         )
         try:
@@ -41,7 +38,7 @@ class BuildStage(Stage):
         except StageUnavailable as exc:
             raise StageUnavailable(f"build: {exc}; {hint}") from None
         if not onnx_path.is_file():
-            raise StageUnavailable(f"build: no TensorRT-flavour graph to build ({ctx.input_dir('export')})")
+            raise StageUnavailable(f"build: no TensorRT-flavour graph to build ({onnx_path.parent})")
         try:
             require_trt_compatible(onnx.load(str(onnx_path)))
         except TrtIncompatible as exc:
@@ -49,16 +46,17 @@ class BuildStage(Stage):
         batches = [b for b, _ in ctx.config.validate.shapes]
         seqs = [s for _, s in ctx.config.validate.shapes]
         shapes = ShapeRange(min=(1, 1), opt=(max(batches), max(seqs)), max=(max(batches), max(seqs)))
-        build_engine(onnx_path, ctx.out / ENGINE, ctx.out / "timing.cache", ctx.out / "build.log", shapes)
-        teacher_config = json.loads((ctx.input_dir("teacher") / MODEL_DIR / "config.json").read_text())
+        engine = ctx.out / ENGINE.name
+        build_engine(onnx_path, engine, ctx.out / TIMING_CACHE.name, ctx.out / BUILD_LOG.name, shapes)
+        teacher_config = json.loads((ctx.path(TEACHER_MODEL) / "config.json").read_text())
         comparison = compare_runners(
             onnxruntime_runner(onnx_path, "onnxruntime"),
-            tensorrt_runner(ctx.out / ENGINE, "tensorrt"),
+            tensorrt_runner(engine, "tensorrt"),
             random_feeds(ctx.config.validate.shapes, teacher_config["vocab_size"], ctx.config.calib.seed),
         )
         ctx.log(f"[build] {comparison.describe()}")
         return {
-            "engine": ENGINE,
+            "engine": ENGINE.name,
             "profile": {"min": shapes.min, "opt": shapes.opt, "max": shapes.max},
             "comparison_with_onnxruntime": asdict(comparison),
         }

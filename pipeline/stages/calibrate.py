@@ -1,93 +1,38 @@
-"""Stage 2: data-free calibration. ``zsaq`` trains a generator against the student (SAM-SGA); the
-baselines make inputs without learning. Only ``real-data`` reads task data, and every report flags it."""
+"""Stage 2: data-free calibration by the configured method (:data:`calib.registry.METHODS`). ``zsaq`` trains a
+generator against the student (SAM-SGA); the baselines make inputs without learning. Only a method that
+uses data (``real-data``) reads task data, and every report flags it."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerBase
 
-from calib.generators import embedding_table, nearest_tokens
-from calib.inputs import CalibrationSet, gaussian_embeds, random_tokens
-from calib.models import TaskModel
-from calib.sampling import sample_sequences
+from calib.inputs import CalibrationSet
+from calib.methods import CalibrationRequest, calibrate
+from calib.models import embedding_table, nearest_tokens
+from calib.registry import METHODS
 from calib.student import student_state
-from calib.zsaq import calibrate_zsaq
-from exporters.eval_data import load_eval_set
+from calib.task_data import REAL_DATA_FLAG
 from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError
-from pipeline.plots import plot_losses
+from pipeline.layout import (
+    CALIB_INPUTS,
+    CALIB_SAMPLES,
+    CALIBRATE_CHECKPOINTS,
+    GAME_HISTORY,
+    GAME_PLOT,
+    GENERATOR_STATE,
+    STUDENT_STATE,
+)
+from pipeline.report import plot_losses
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.teacher import load_teacher, load_teacher_tokenizer
 
-INPUTS_FILE = "inputs.safetensors"
-STUDENT_STATE = "student_state.safetensors"
 SAMPLES_SHOWN = 16
-REAL_DATA_FLAG = "uses REAL TASK DATA: an upper bound for benchmarks, not a data-free result"
 
 
-def special_token_ids(tokenizer: PreTrainedTokenizerBase | None) -> tuple[tuple[int, ...], int]:
-    """(special and unused ids to avoid, pad id); nothing to avoid without a tokenizer."""
-    if tokenizer is None:
-        return (), 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    specials = set(tokenizer.all_special_ids)
-    specials.update(i for tok, i in tokenizer.get_vocab().items() if tok.startswith("[unused"))
-    return tuple(sorted(specials)), pad
-
-
-def real_data_set(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase | None) -> CalibrationSet:
-    """``calib.samples`` examples drawn (seeded) from the task file ``calib.real_data``, tokenized as the
-    model reads them: sentence pairs together for a classifier, each sentence alone for an embedding model."""
-    if tokenizer is None:
-        raise ConfigError("calib.real_data: the model has no tokenizer to read task text")
-    path = Path(config.calib.real_data)
-    if not path.is_file():
-        raise ConfigError(f"calib.real_data: no file at {path}")
-    data = load_eval_set(path, "accuracy", None)
-    pairs = bool(data.texts_b) and config.task.kind != "embedding"
-    texts = data.texts_a if pairs or not data.texts_b else data.texts_a + data.texts_b
-    generator = torch.Generator().manual_seed(config.calib.seed)
-    picked = torch.randperm(len(texts), generator=generator)[: config.calib.samples].tolist()
-    enc = tokenizer(
-        [texts[i] for i in picked], [data.texts_b[i] for i in picked] if pairs else None,
-        padding="max_length", truncation=True, max_length=config.calib.seq_len, return_tensors="pt",
-    )  # fmt: skip
-    return CalibrationSet(enc["attention_mask"].long(), input_ids=enc["input_ids"].long())
-
-
-def baseline_inputs(
-    config: PipelineConfig, teacher: TaskModel, tokenizer: PreTrainedTokenizerBase | None
-) -> CalibrationSet:
-    """The fixed inputs of a method without a generator (every method but zsaq)."""
-    calib = config.calib
-    specials, pad = special_token_ids(tokenizer)
-    table = embedding_table(teacher)
-    if calib.method == "random-tokens":
-        return random_tokens(calib.samples, calib.seq_len, len(table), calib.seed, specials, pad)
-    if calib.method == "gaussian-embeds":
-        return gaussian_embeds(calib.samples, calib.seq_len, table, calib.seed)
-    if calib.method == "teacher-sampled":
-        if teacher.kind != "causal-lm":
-            raise ConfigError("calib.method: teacher-sampled needs a causal-LM teacher (task.kind: causal-lm)")
-        ids = sample_sequences(teacher.backbone, calib.samples, calib.seq_len, calib.seed)
-        return CalibrationSet(torch.ones_like(ids), input_ids=ids)
-    return real_data_set(config, tokenizer)
-
-
-def _save_checkpoint(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _decoded_samples(samples: CalibrationSet, tokenizer, table: torch.Tensor) -> str:  # noqa: ANN001
+def decoded_samples(samples: CalibrationSet, tokenizer: Any, table: Any) -> str:
     """The first samples as text: token ids as they are, or the nearest vocabulary rows of embeddings."""
     lines = []
     for i in range(min(SAMPLES_SHOWN, len(samples))):
@@ -102,41 +47,41 @@ def _decoded_samples(samples: CalibrationSet, tokenizer, table: torch.Tensor) ->
 
 
 class CalibrateStage(Stage):
-    """Writes ``inputs.safetensors``, ``samples.txt`` and, for zsaq, the student state, generator, history
-    and loss plot."""
+    """Writes the calibration inputs and samples.txt and, for a method that trains the student (zsaq), the
+    student state, generator, history and loss plot."""
 
     name = "calibrate"
     requires = ("teacher",)
-    config_sections = ("model", "task", "calib")
+    reads = ("task.kind", "calib")
 
-    def sections(self, config: PipelineConfig) -> tuple[str, ...]:
-        """zsaq trains the quantized student, so its output also depends on ``quant``."""
-        return self.config_sections + (("quant",) if config.calib.method == "zsaq" else ())
+    def config_keys(self, config: PipelineConfig) -> tuple[str, ...]:
+        """A method that trains the student also depends on ``quant``."""
+        return self.reads + (("quant",) if METHODS[config.calib.method].trains_student else ())
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config, calib = ctx.config, ctx.config.calib
-        teacher = load_teacher(ctx)
-        tokenizer = load_teacher_tokenizer(ctx)
-        specials, pad = special_token_ids(tokenizer)
-        table = embedding_table(teacher)
+        teacher, tokenizer = ctx.teacher(), ctx.tokenizer()
+        checkpoints = ctx.run.root / CALIBRATE_CHECKPOINTS
+        checkpoints.mkdir(exist_ok=True)
+        checkpoint = checkpoints / f"{ctx.fingerprint[:16]}.pt"  # a changed config never resumes a stale game
+        request = CalibrationRequest(
+            teacher, tokenizer, calib, config.quant, config.task, checkpoint, ctx.show_progress
+        )
+        calibration = calibrate(request)
+        samples, game = calibration.samples, calibration.game
         summary: dict[str, Any] = {"method": calib.method, "samples": calib.samples, "seq_len": calib.seq_len}
-        if calib.method == "zsaq":
-            checkpoint_dir = ctx.run.root / ".ckpt-calibrate"
-            checkpoint_dir.mkdir(exist_ok=True)
-            checkpoint = checkpoint_dir / f"{self.fingerprint(config)[:16]}.pt"
-            game, samples = calibrate_zsaq(
-                config, teacher, specials, checkpoint, _save_checkpoint, ctx.show_progress, tokenizer
+        if game is not None:
+            save_file(
+                student_state(game.student, "weights" in config.quant.learn.params), str(ctx.out / STUDENT_STATE.name)
             )
-            save_file(student_state(game.student, "weights" in config.quant.learn.params), str(ctx.out / STUDENT_STATE))
             save_file(
                 {k: v.contiguous() for k, v in game.generator.state_dict().items()},
-                str(ctx.out / "generator.safetensors"),
+                str(ctx.out / GENERATOR_STATE.name),
             )
             history = vars(game.history)
             losses = {k: v for k, v in history.items() if isinstance(v, list)}  # timings go to the manifest
-            (ctx.out / "history.json").write_text(json.dumps(losses) + "\n", encoding="utf-8")
-            plot_losses(history, ctx.out / "loss.png", f"SAM-SGA on {config.model.describe()}")
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            (ctx.out / GAME_HISTORY.name).write_text(json.dumps(losses) + "\n", encoding="utf-8")
+            plot_losses(history, ctx.out / GAME_PLOT.name, f"SAM-SGA on {config.model.describe()}")
             summary.update(
                 generator=calib.generator.kind,
                 rounds=calib.sam_sga.rounds,
@@ -148,12 +93,12 @@ class CalibrateStage(Stage):
             )
             if calib.sharpness.enabled:
                 summary["seconds_sharpness_aware"] = round(history["sharpness_seconds"], 2)
-        else:
-            samples = baseline_inputs(config, teacher, tokenizer)
-            if calib.method == "real-data":
-                summary["flag"] = REAL_DATA_FLAG
-                ctx.log(f"[calibrate] {REAL_DATA_FLAG}")
-        save_file(samples.tensors(), str(ctx.out / INPUTS_FILE))
-        (ctx.out / "samples.txt").write_text(_decoded_samples(samples, tokenizer, table), encoding="utf-8")
+        if METHODS[calib.method].uses_data:
+            summary["flag"] = REAL_DATA_FLAG
+            ctx.log(f"[calibrate] {REAL_DATA_FLAG}")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        save_file(samples.tensors(), str(ctx.out / CALIB_INPUTS.name))
+        text = decoded_samples(samples, tokenizer, embedding_table(teacher))
+        (ctx.out / CALIB_SAMPLES.name).write_text(text, encoding="utf-8")
         summary["mean_length"] = round(float(samples.attention_mask.sum(1).float().mean()), 2)
         return summary

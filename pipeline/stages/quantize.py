@@ -1,4 +1,4 @@
-"""Stage 3: the quantized student: insert quantizers, initialise ranges, learn step sizes, write the contract."""
+"""Stage 3: the quantized student (:func:`calib.methods.quantize_student`) and its export contract."""
 
 from __future__ import annotations
 
@@ -9,17 +9,11 @@ from safetensors.torch import load_file
 
 from calib.contract import build_contract, save_contract
 from calib.inputs import CalibrationSet
-from calib.learn import learn_quantizers
-from calib.student import build_student, init_ranges, load_student_state, quant_layers
+from calib.methods import quantize_student
+from calib.student import quant_layers
 from pipeline.config import PipelineConfig
+from pipeline.layout import CALIB_INPUTS, STUDENT_STATE
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.calibrate import INPUTS_FILE, STUDENT_STATE
-from pipeline.stages.teacher import load_teacher
-
-
-def load_calibration_inputs(ctx: StageContext) -> CalibrationSet:
-    """The inputs the calibrate stage wrote."""
-    return CalibrationSet.from_tensors(load_file(str(ctx.input_dir("calibrate") / INPUTS_FILE)))
 
 
 def quant_label(config: PipelineConfig) -> str:
@@ -34,20 +28,16 @@ class QuantizeStage(Stage):
 
     name = "quantize"
     requires = ("teacher", "calibrate")
-    config_sections = ("model", "task", "calib", "quant")
+    reads = ("calib.seed", "calib.batch_size", "quant")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config = ctx.config
         torch.manual_seed(config.calib.seed)
-        teacher = load_teacher(ctx)
-        batches = load_calibration_inputs(ctx).batches(config.calib.batch_size)
-        student = build_student(teacher, config.quant)
-        state_file = ctx.input_dir("calibrate") / STUDENT_STATE
-        if state_file.is_file():  # zsaq: SAM-SGA already learned the quantizers
-            load_student_state(student, load_file(str(state_file)))
-        else:
-            init_ranges(student, config.quant, batches)
-        result = learn_quantizers(teacher, student, batches, config.quant.learn, ctx.show_progress)
+        teacher = ctx.teacher()
+        batches = CalibrationSet.from_tensors(load_file(str(ctx.path(CALIB_INPUTS)))).batches(config.calib.batch_size)
+        state_file = ctx.path(STUDENT_STATE)  # a method that trained the student (zsaq) left its state
+        state = load_file(str(state_file)) if state_file.is_file() else None
+        student, result = quantize_student(teacher, config.quant, batches, state, ctx.show_progress)
         save_contract(build_contract(student), ctx.out)
         summary: dict[str, Any] = {
             "scheme": quant_label(config),

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from calib.contract import load_contract, load_student
+from calib.errors import ThresholdFailed
+from calib.registry import METHODS
+from calib.task_data import REAL_DATA_FLAG
+from exporters.onnx_qdq import FLAVOURS
 from exporters.runners import OrtRunner, TorchRunner
 from exporters.validation import build_eval_inputs, validate_models
-from pipeline.errors import ThresholdFailed
+from pipeline.layout import ORT_DYNAMIC_ONNX, STUDENT_ONNX, TEACHER_MODEL, TEACHER_ONNX, int4_weight_only_onnx
 from pipeline.report import write_report
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.calibrate import REAL_DATA_FLAG
-from pipeline.stages.export import ORT_DYNAMIC_ONNX, STUDENT_ONNX, TEACHER_ONNX, int4_filename
 from pipeline.stages.quantize import quant_label
-from pipeline.stages.teacher import MODEL_DIR, load_teacher, load_teacher_tokenizer
 
 STUDENT = "student-pytorch"
 FP32_PYTORCH = "fp32-pytorch"
@@ -25,7 +27,7 @@ FP32_ONNX = "fp32-onnx"
 ORT_DYNAMIC = "ort-dynamic-int8"
 
 
-def _folder_bytes(folder) -> int:  # noqa: ANN001
+def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
@@ -34,45 +36,42 @@ class ValidateStage(Stage):
 
     name = "validate"
     requires = ("teacher", "quantize", "export")
-    config_sections = ("model", "task", "calib", "quant", "export", "validate")
+    reads = (
+        "model", "task", "calib.method", "calib.seed", "quant", "validate", "export.int4_weight_only",
+        "export.ort_dynamic_baseline",
+    )  # fmt: skip
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config = ctx.config
         threads = config.validate.threads or os.cpu_count() or 1
-        teacher = load_teacher(ctx)
-        student = load_student(teacher, config.quant, load_contract(ctx.input_dir("quantize")))
-        teacher_dir = ctx.input_dir("teacher") / MODEL_DIR
-        tokenizer = load_teacher_tokenizer(ctx)
+        teacher = ctx.teacher()
+        student = load_student(teacher, config.quant, load_contract(ctx.run.stage_dir("quantize")))
         vocab = teacher.backbone.config.vocab_size
-        inputs, fallback = build_eval_inputs(config, tokenizer, vocab)
+        inputs, fallback = build_eval_inputs(config.task, config.validate, config.calib.seed, ctx.tokenizer(), vocab)
         if fallback:
             ctx.log(f"[validate] no task metric: {fallback}; measuring agreement on generated inputs")
-        weights_bytes = _folder_bytes(teacher_dir)
+        weights_bytes = _folder_bytes(ctx.path(TEACHER_MODEL))
         runners = [
             TorchRunner(FP32_PYTORCH, teacher, weights_bytes, threads),
             TorchRunner(STUDENT, student, weights_bytes, threads),
         ]
-        export_dir = ctx.input_dir("export")
-        labels = {
-            TEACHER_ONNX: FP32_ONNX,
-            STUDENT_ONNX["trt"]: "qdq-trt-flavour",
-            STUDENT_ONNX["cpu"]: "qdq-cpu-flavour",
-        }
+        labels = {TEACHER_ONNX: FP32_ONNX, **{a: f"qdq-{name}-flavour" for name, a in STUDENT_ONNX.items()}}
         # The int4 weight-only models and ORT's dynamic int8 baseline quantize the teacher, not the student:
         # they agree with the FP teacher (validate.min_agreement, a check of the student's exports, skips them).
-        teacher_rows = {int4_filename(group): f"w4a16-g{group}-cpu" for group in config.export.int4_weight_only}
+        teacher_rows = {int4_weight_only_onnx(g): f"w4a16-g{g}-cpu" for g in config.export.int4_weight_only}
         if config.export.ort_dynamic_baseline:
             teacher_rows[ORT_DYNAMIC_ONNX] = ORT_DYNAMIC
         labels.update(teacher_rows)
         references = {label: FP32_PYTORCH for label in teacher_rows.values()}
-        for filename, label in labels.items():
-            if (export_dir / filename).is_file():
-                # the TensorRT flavour is checked by the ONNX definition of Q/DQ (int32 accumulation, as
-                # TensorRT computes): ORT's fused int8 CPU kernels saturate on AVX2-only CPUs
-                reference = filename == STUDENT_ONNX["trt"]
-                runners.append(OrtRunner(label, export_dir / filename, threads, reference_qdq=reference))
+        # a flavour checked by the ONNX definition of Q/DQ (int32 accumulation, as TensorRT computes), not by
+        # ORT's fused int8 CPU kernels, which saturate on AVX2-only CPUs
+        reference_qdq = {STUDENT_ONNX[name]: f.reference_qdq for name, f in FLAVOURS.items()}
+        for artifact, label in labels.items():
+            if ctx.path(artifact).is_file():
+                reference = reference_qdq.get(artifact, False)
+                runners.append(OrtRunner(label, ctx.path(artifact), threads, reference_qdq=reference))
         torch.manual_seed(0)
-        reports = validate_models(runners, STUDENT, inputs, config, vocab, config.task.kind, references)
+        reports = validate_models(runners, STUDENT, inputs, config.validate, vocab, config.task.kind, references)
         baseline = next((r for r in reports if r.name == FP32_ONNX), None)
         rows = []
         for r in reports:
@@ -91,7 +90,8 @@ class ValidateStage(Stage):
             "inputs": inputs.source,
             "fallback_reason": fallback,
             "reference": STUDENT,
-            "calibration": config.calib.method + (f" ({REAL_DATA_FLAG})" if config.calib.method == "real-data" else ""),
+            "calibration": config.calib.method
+            + (f" ({REAL_DATA_FLAG})" if METHODS[config.calib.method].uses_data else ""),
             "threads": threads,
             "repeats": config.validate.repeats,
             "shapes": [list(s) for s in config.validate.shapes],

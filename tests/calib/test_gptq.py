@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calib.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
 from calib.gptq import apply_gptq, gptq_weight
 from calib.inputs import random_tokens
 from calib.learn import distillation_loss
 from calib.quantizers import TensorQuantizer
 from calib.student import build_student, init_ranges, quant_layers
-from pipeline.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
 from tests.models import tiny_teacher
 
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from calib.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
 from calib.inputs import random_tokens
 from calib.learn import learn_quantizers, relative_adamw
 from calib.student import build_student, init_ranges, quant_layers
-from pipeline.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
 from tests.models import tiny_teacher
 
 W4 = QuantConfig(weights=WeightQuant(bits=4, init="minmax"), quadapter=QuadapterConfig(enabled=True))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import BertTokenizerFast
 
-from calib.generators import LMAdapterGenerator, aligned_features, embedding_table
+from calib.config import ModelSource, RandomModel, TaskConfig
+from calib.generators.lm_adapter import LMAdapterGenerator, aligned_features
 from calib.lm_text import align_tokens, write_text
-from calib.models import load_backbone
-from pipeline.config import ModelSource, RandomModel, TaskConfig
+from calib.models import embedding_table, load_backbone
 from tests.models import SPECIAL_TOKENS, tiny_teacher
 
 WORDS = [f"word{i}" for i in range(60)]  # more than the LM sampler's top-k of 50

@@ -6,10 +6,10 @@ import pytest
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from calib.config import QuantConfig
 from calib.placement import quantizable_layers
 from calib.quant_linear import QuantLinear
 from calib.student import build_student
-from pipeline.config import QuantConfig
 from tests.models import tiny_teacher
 
 EXPECTED_PER_BLOCK = {

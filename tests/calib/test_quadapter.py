@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
+from calib.config import QuadapterConfig, QuantConfig
 from calib.contract import build_contract
 from calib.inputs import random_tokens
 from calib.quadapter import fold_quadapters
 from calib.student import build_student, init_ranges, quadapter_owners, quant_layers
 from exporters.onnx_export import contract_export_model, export_onnx
 from exporters.onnx_qdq import quantize_graph
-from pipeline.config import QuadapterConfig, QuantConfig
 from tests.models import tiny_teacher
 
 

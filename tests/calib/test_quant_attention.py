@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+from calib.config import QuantConfig
 from calib.contract import build_contract
 from calib.inputs import random_tokens
 from calib.quant_attention import ROLES
@@ -13,7 +14,6 @@ from calib.student import attention_quantizers, build_student, init_ranges, stud
 from exporters.onnx_export import contract_export_model, export_onnx
 from exporters.onnx_qdq import quantize_graph
 from exporters.trt_check import check_trt_compatible
-from pipeline.config import QuantConfig
 from tests.models import tiny_teacher
 
 ATTENTION = QuantConfig(attention_matmuls=True)

@@ -42,7 +42,7 @@ def test_lsq_step_size_gradient_matches_the_paper_on_a_hand_computed_case():
     -v/s + round(v/s) inside the range, -Qn below it and Qp above it, times g."""
     q = TensorQuantizer(4)  # Qn = -8 (lowest integer), Qp = 7
     q.set_scale(torch.tensor(0.5))
-    q.set_learnable(True)
+    q.scale.requires_grad_(True)  # LSQ: the step size is a trained parameter
     x = torch.tensor([0.3, -1.1, 5.0, -9.0])
     q(x).sum().backward()
     # v/s = 0.6, -2.2, 10 (clipped to 7), -18 (clipped to -8)

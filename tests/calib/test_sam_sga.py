@@ -8,23 +8,20 @@ import dataclasses
 import pytest
 import torch
 
-from calib.generators import SoftTokenGenerator, embedding_table
+from calib.config import (
+    CalibConfig,
+    GeneratorConfig,
+    PriorConfig,
+    QuantConfig,
+    SamSgaConfig,
+    SharpnessConfig,
+    WeightQuant,
+)
+from calib.generators.soft_tokens import SoftTokenGenerator
+from calib.models import embedding_table
 from calib.sam_sga import SamSga
 from calib.student import build_student, init_ranges
 from calib.zsaq import build_generator, generated_set
-from pipeline.config import (
-    CalibConfig,
-    GeneratorConfig,
-    ModelSource,
-    PipelineConfig,
-    PriorConfig,
-    QuantConfig,
-    RandomModel,
-    SamSgaConfig,
-    SharpnessConfig,
-    TaskConfig,
-    WeightQuant,
-)
 from tests.models import tiny_teacher
 
 W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
@@ -32,7 +29,6 @@ W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size
 
 def _game(family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4):
     teacher = tiny_teacher(family)
-    task = TaskConfig(kind=teacher.kind)
     calib = CalibConfig(
         samples=16, seq_len=16, batch_size=8, seed=seed,
         generator=GeneratorConfig(kind=kind, batch_size=4, min_len=4, lr=1e-2),
@@ -40,12 +36,11 @@ def _game(family="bert", kind="soft-tokens", sharpness=False, adversarial=True, 
         sharpness=SharpnessConfig(enabled=sharpness),
         priors=PriorConfig(embedding_stats=0.0),  # the pure game: no plausibility terms
     )  # fmt: skip
-    config = PipelineConfig(model=ModelSource(random=RandomModel(family=family)), task=task, calib=calib, quant=W4)
     rng = torch.Generator().manual_seed(seed)
-    generator = build_generator(config, teacher, ())
+    generator = build_generator(calib, teacher, ())
     student = build_student(teacher, W4)
     init_ranges(student, W4, generated_set(generator, 16, 8, rng).batches(8))
-    return SamSga(teacher, student, generator, calib, config.quant.learn, rng), config
+    return SamSga(teacher, student, generator, calib, W4.learn, rng), calib
 
 
 @pytest.mark.parametrize(("family", "kind"), [("bert", "soft-tokens"), ("gpt2", "lm-adapter")])

@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from calib.config import QuantConfig
 from exporters.engine_compare import compare_runners, onnxruntime_runner, random_feeds
-from pipeline.config import QuantConfig
-from tests.exporters.test_onnx_qdq import _student_and_graphs
+from tests.models import student_and_graphs
 
 pytest.importorskip("polygraphy")
 
@@ -17,7 +17,7 @@ pytest.importorskip("polygraphy")
 @pytest.fixture(scope="module")
 def flavours(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flavours")
-    _, _, _, graphs = _student_and_graphs("bert", QuantConfig(), folder)
+    _, _, _, graphs = student_and_graphs("bert", QuantConfig(), folder)
     paths = {}
     for flavour, graph in graphs.items():
         paths[flavour] = folder / f"{flavour}.onnx"

@@ -8,14 +8,14 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
+from calib.config import ActivationQuant, QuadapterConfig, QuantConfig, WeightQuant
 from calib.contract import build_contract, load_student
 from calib.inputs import random_tokens
 from calib.student import build_student, init_ranges
 from exporters.cpu_kernels import ort_session, u8s8_products_exact
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph
-from pipeline.config import ActivationQuant, QuadapterConfig, QuantConfig, WeightQuant
-from tests.models import tiny_teacher
+from tests.models import student_and_graphs, tiny_teacher
 
 W8A8 = QuantConfig()
 W4A8 = QuantConfig(weights=WeightQuant(bits=4))  # int4 per channel
@@ -32,17 +32,6 @@ W4A8_G32_EMB8 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group",
 MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
 
 
-def _student_and_graphs(family, quant, tmp_path):
-    teacher = tiny_teacher(family)
-    tokens = random_tokens(32, 24, teacher.backbone.config.vocab_size, seed=0)
-    student = build_student(teacher, quant)
-    init_ranges(student, quant, tokens.batches(16))
-    contract = build_contract(student)
-    float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "float.onnx", 17)
-    graphs = {flavour: quantize_graph(float_graph, contract, flavour) for flavour in ("trt", "cpu")}
-    return teacher, student, contract, graphs
-
-
 def _run(graph, ids, mask, reference_qdq=False):
     session = ort_session(graph.SerializeToString(), reference_qdq=reference_qdq)
     return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
@@ -55,7 +44,7 @@ def _run(graph, ids, mask, reference_qdq=False):
     ids=["W8A8", "W4A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead"],
 )
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
-    teacher, student, contract, graphs = _student_and_graphs(family, quant, tmp_path)
+    teacher, student, contract, graphs = student_and_graphs(family, quant, tmp_path)
     tokens = random_tokens(8, 20, teacher.backbone.config.vocab_size, seed=7)
     ids, mask = tokens.input_ids.numpy(), tokens.attention_mask.numpy()
     with torch.no_grad():
@@ -87,7 +76,7 @@ def test_one_group_per_row_keeps_its_group_axis(tmp_path):
 
 
 def test_trt_flavour_layout(tmp_path):
-    _, _, contract, graphs = _student_and_graphs("bert", W8A8, tmp_path)
+    _, _, contract, graphs = student_and_graphs("bert", W8A8, tmp_path)
     graph = graphs["trt"]
     inits = {i.name: i for i in graph.graph.initializer}
     spec = contract.layers[0]
@@ -109,7 +98,7 @@ def test_trt_flavour_layout(tmp_path):
 
 
 def test_int4_groups_use_opset_21_blocked_dequantize(tmp_path):
-    _, _, contract, graphs = _student_and_graphs("bert", W4A8_G32, tmp_path)
+    _, _, contract, graphs = student_and_graphs("bert", W4A8_G32, tmp_path)
     graph = graphs["trt"]
     assert graph.opset_import[0].version == 21
     weight_dq = [n for n in graph.graph.node if n.name.endswith("weight_DequantizeLinear")]
@@ -121,7 +110,7 @@ def test_int4_groups_use_opset_21_blocked_dequantize(tmp_path):
 
 
 def test_cpu_flavour_uses_ort_contrib_ops_for_int4_and_the_embedding_table(tmp_path):
-    _, _, contract, graphs = _student_and_graphs("bert", W4A8_G32_EMB8, tmp_path)
+    _, _, contract, graphs = student_and_graphs("bert", W4A8_G32_EMB8, tmp_path)
     ops = [n.op_type for n in graphs["cpu"].graph.node]
     assert ops.count("MatMulNBits") == len(contract.layers) and ops.count("GatherBlockQuantized") == 1
     trt_ops = [n.op_type for n in graphs["trt"].graph.node]
@@ -132,7 +121,7 @@ def test_cpu_flavour_uses_ort_contrib_ops_for_int4_and_the_embedding_table(tmp_p
 
 @pytest.mark.parametrize("quant", [W8A8, W4A8], ids=["W8A8", "W4A8 per channel"])
 def test_cpu_flavour_runs_int8_inputs_as_one_integer_kernel_with_the_bias(quant, tmp_path):
-    _, _, contract, graphs = _student_and_graphs("bert", quant, tmp_path)
+    _, _, contract, graphs = student_and_graphs("bert", quant, tmp_path)
     nodes = graphs["cpu"].graph.node
     fused = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(contract.layers)
@@ -170,7 +159,7 @@ def test_teacher_export_matches_pytorch(tmp_path):
 def test_cpu_int8_weight_layouts_are_the_same_integers(family, tmp_path):
     """uint8 weights (zero point 128) hold the int8 integers shifted; on this CPU the layout ``auto`` picks is
     the student's function, and the other one too wherever uint8 x int8 products cannot saturate."""
-    teacher, student, contract, _ = _student_and_graphs(family, W8A8, tmp_path)
+    teacher, student, contract, _ = student_and_graphs(family, W8A8, tmp_path)
     float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "f.onnx", 17)
     layouts = {w: quantize_graph(float_graph, contract, "cpu", cpu_int8_weights=w) for w in ("int8", "uint8")}
     inits = {w: {i.name: numpy_helper.to_array(i) for i in g.graph.initializer} for w, g in layouts.items()}

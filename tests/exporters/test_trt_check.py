@@ -7,13 +7,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from calib.config import QuantConfig, WeightQuant
 from calib.contract import build_contract
 from calib.inputs import random_tokens
 from calib.student import build_student, init_ranges
 from exporters.onnx_export import contract_export_model, export_onnx
 from exporters.onnx_qdq import quantize_graph
 from exporters.trt_check import TrtIncompatible, check_trt_compatible, require_trt_compatible
-from pipeline.config import QuantConfig, WeightQuant
 from tests.models import tiny_teacher
 
 K, N, BLOCK = 128, 6, 64

@@ -1,39 +1,38 @@
-"""The comparison-table harness: spec checks, which cells run, each method's student, and the rendered table."""
+"""The comparison-table harness: spec and row checks, which cells run, each procedure's student, the rendered
+table."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from calib.config import CalibConfig, LearnConfig, QuantConfig, TaskConfig
+from calib.errors import ConfigError
 from calib.inputs import random_tokens
 from calib.learn import distillation_loss
+from calib.methods import CalibrationRequest, calibrate
 from calib.models import load_source_tokenizer
 from calib.student import activation_quantizers, quant_layers
 from exporters.cpu_kernels import machine_description
-from pipeline.benchmark import Cell, load_spec, planned_cells
-from pipeline.benchmark_cell import quantized_student
+from exporters.metrics import fidelity
+from pipeline.benchmark import Cell, load_spec, planned_cells, task_config
+from pipeline.benchmark_cell import PROCEDURES, STUDENTS
 from pipeline.benchmark_report import TableData, render_markdown
-from pipeline.benchmark_rows import ROWS, row_by_key, row_config
-from pipeline.config import (
-    CalibConfig,
-    LearnConfig,
-    ModelSource,
-    PipelineConfig,
-    QuantConfig,
-    SamSgaConfig,
-    load_config,
-)
-from pipeline.errors import ConfigError
-from pipeline.stages.calibrate import real_data_set
+from pipeline.benchmark_rows import load_rows, row_patch
+from pipeline.config import load_config
 from tests.models import save_tiny_bert_folder, tiny_teacher
+
+CATALOGUE = Path(__file__).resolve().parents[2] / "bench" / "rows.yaml"
+ROWS = load_rows(CATALOGUE)
 
 WORDS = ("the", "a", "movie", "film", "good", "bad", "great", "not", "is", "it", "and", "plot", "dull", "fun")
 SENTENCES = [("a good movie", 1), ("the plot is dull", 0), ("great fun", 1), ("not good", 0), ("it is bad", 0)]
@@ -55,8 +54,10 @@ def bench_files(tmp_path: Path) -> Path:
     }
     (tmp_path / "task.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     spec = {
+        "catalogue": str(CATALOGUE),
         "seeds": [0, 1],
         "tasks": {"tiny": {"config": "task.yaml", "column": "tiny acc", "real_data": "train.tsv"}},
+        "claims": [["zsaq-w4a8", "ptq-random-w4a8"]],
         "latency": {"config": "task.yaml", "repeats": 4},
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
@@ -67,20 +68,38 @@ def bench_files(tmp_path: Path) -> Path:
     ("spec", "message"),
     [
         ("tasks: {}\n", "tasks: expected a mapping of task name"),
-        (
-            "tasks: {a: {config: nowhere.yaml}}\nlatency: {config: nowhere.yaml}\n",
-            "tasks.a.config: expected an existing",
-        ),
-        ("colour: red\n", "colour: expected one of tasks, seeds, latency"),
-        ("seeds: [zero]\n", "seeds: expected a list of ints"),
+        ("tasks: {a: {config: nowhere.yaml}}\n", "tasks.a.config: expected an existing"),
+        ("colour: red\n", "colour: unknown key (expected one of: tasks, catalogue, rows"),
+        ("tasks: {a: {config: task.yaml}}\nseeds: [zero]\n", "seeds[0]: expected an integer"),
         ("[unclosed", "not valid YAML"),
+        ("tasks: {a: {config: task.yaml}}\nrows: [nope]\n", "unknown row 'nope'"),
+        ("tasks: {a: {config: task.yaml}}\nclaims: [[fp32]]\n", "claims[0]: expected a list of 2 items"),
+        ("tasks: {a: {config: task.yaml}}\nlatency: {config: task.yaml, repeats: 2}\n", "latency.repeats: expected 4"),
     ],
 )
-def test_a_bad_spec_is_a_one_line_error(tmp_path, spec, message):
-    path = tmp_path / "spec.yaml"
-    path.write_text(spec, encoding="utf-8")
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+def test_a_bad_spec_is_a_one_line_error(bench_files, spec, message):
+    path = bench_files / "bad.yaml"
+    path.write_text(f"catalogue: {CATALOGUE}\n" + spec, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_spec(path)
+
+
+def test_a_bad_row_catalogue_is_a_one_line_error(tmp_path):
+    for text, message in (
+        ("- {key: a, label: A}\n", "rows[0].method: required key is missing"),
+        ("- {key: a, label: A, method: magic}\n", "rows[0].method: expected one of fp32, rtn"),
+        ("- {key: a, label: A, method: ptq, inputs: dreams}\n", "rows[0].inputs: expected one of zsaq, random-tokens"),
+        ("- {key: a, label: A, method: ptq, colour: red}\n", "rows[0].colour: unknown key"),
+    ):
+        (tmp_path / "rows.yaml").write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_rows(tmp_path / "rows.yaml")
+
+
+def test_every_catalogue_method_has_a_procedure():
+    assert {row.method for row in ROWS.values()} <= set(PROCEDURES)
+    assert {r.key for r in ROWS.values() if r.uses_data} == {"ptq-real-w4a8", "qat-real-w4a8", "qat-real-w2a8"}
+    assert ROWS["zsaq-w2a8"].latency_format is None  # no runtime executes 2-bit weights
 
 
 def test_cells_follow_the_rows_kinds_seeds_and_filters(bench_files):
@@ -97,16 +116,16 @@ def test_cells_follow_the_rows_kinds_seeds_and_filters(bench_files):
         planned_cells(spec, tasks=("other",))
 
 
-def test_row_config_applies_the_scheme_switches_and_seed():
-    base = PipelineConfig(model=ModelSource(id="x"))
-    config = row_config(base, row_by_key("zsaq-no-ascent-w4a8"), seed=5, real_data=None)
+def test_a_row_patches_the_task_config_with_its_switches_scheme_and_seed(bench_files):
+    spec = load_spec(bench_files / "spec.yaml")
+    task = spec.tasks[0]
+    config = task_config(spec, task, row_patch(ROWS["zsaq-no-ascent-w4a8"], seed=5, real_data=None))
     assert config.quant.weights.bits == 4 and config.quant.activations.bits == 8
     assert config.calib.seed == 5 and config.calib.method == "zsaq"
     assert config.calib.sam_sga.adversarial is False and config.calib.sam_sga.sam is True
-    assert row_config(base, row_by_key("qat-random-w4a16"), 0, None).quant.activations.bits == 16
-    assert row_config(base, row_by_key("qat-real-w4a8"), 0, "t.tsv").calib.real_data == "t.tsv"
-    assert row_by_key("zsaq-w2a8").latency_format is None  # no runtime executes 2-bit weights
-    assert {r.key for r in ROWS if r.uses_data} == {"ptq-real-w4a8", "qat-real-w4a8"}
+    assert task_config(spec, task, row_patch(ROWS["qat-random-w4a16"], 0, None)).quant.activations.bits == 16
+    real = task_config(spec, task, row_patch(ROWS["qat-real-w4a8"], 0, "t.tsv"))
+    assert real.calib.real_data == str(bench_files / "t.tsv") and real.calib.method == "real-data"
 
 
 @torch.no_grad()
@@ -118,18 +137,15 @@ def _discrepancy(teacher, student, batches) -> float:
     return total
 
 
-def test_each_method_makes_its_own_student_from_one_quantizer():
+def test_each_procedure_makes_its_own_student_from_one_quantizer(bench_files):
+    spec = load_spec(bench_files / "spec.yaml")
     teacher = tiny_teacher("bert", hidden=64)
-    base = PipelineConfig(
-        model=ModelSource(id="tiny"),
-        calib=CalibConfig(samples=16, seq_len=16, sam_sga=SamSgaConfig(rounds=8)),
-        quant=QuantConfig(learn=LearnConfig(lr=1e-2)),
-    )
     batches = random_tokens(16, 16, 512, seed=9).batches(8)
     students = {}
     for key in ("rtn-w8a16", "ptq-random-w4a8", "qat-random-w4a8", "gptq-random-w4a8"):
-        row = row_by_key(key)
-        students[key] = quantized_student(row, row_config(base, row, 0, None), teacher, None)
+        row = ROWS[key]
+        config = task_config(spec, spec.tasks[0], row_patch(row, 0, None))
+        students[key] = STUDENTS[row.method](config, teacher, None)
     assert not activation_quantizers(students["rtn-w8a16"])  # weight-only: activations stay float
     ptq, qat, gptq = (quant_layers(students[k]) for k in ("ptq-random-w4a8", "qat-random-w4a8", "gptq-random-w4a8"))
     name = next(iter(ptq))
@@ -141,9 +157,19 @@ def test_each_method_makes_its_own_student_from_one_quantizer():
     )
 
 
+def test_fidelity_counts_every_flip_for_classifiers_and_cosine_for_embeddings():
+    fp = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    flipped_both_ways = np.array([[0.0, 2.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    assert fidelity(fp, flipped_both_ways, "classification") == pytest.approx(50.0)
+    embeddings = np.array([[1.0, 0.0], [1.0, 1.0]])
+    turned = np.array([[1.0, 1.0], [2.0, 2.0]])  # 45 degrees off, then the same direction
+    assert fidelity(embeddings, turned, "embedding") == pytest.approx(100 * (np.sqrt(0.5) + 1.0) / 2)
+
+
 def test_real_data_draws_a_seeded_subset_and_reads_pairs_as_the_model_does(bench_files):
     config = load_config(bench_files / "task.yaml")
     tokenizer = load_source_tokenizer(config.model)
+    teacher = tiny_teacher("bert")
     pairs = bench_files / "pairs.tsv"
     pairs.write_text(
         "sentence1\tsentence2\tscore\n"
@@ -151,8 +177,9 @@ def test_real_data_draws_a_seeded_subset_and_reads_pairs_as_the_model_does(bench
     )
 
     def draw(seed: int, kind: str, path: Path) -> torch.Tensor:
-        calib = replace(config.calib, seed=seed, real_data=str(path), samples=6)
-        return real_data_set(replace(config, calib=calib, task=replace(config.task, kind=kind)), tokenizer).input_ids
+        calib = CalibConfig(method="real-data", seed=seed, real_data=str(path), samples=6, seq_len=8)
+        request = CalibrationRequest(teacher, tokenizer, calib, QuantConfig(), TaskConfig(kind=kind))
+        return calibrate(request).samples.input_ids
 
     assert torch.equal(
         draw(0, "classification", bench_files / "train.tsv"), draw(0, "classification", bench_files / "train.tsv")
@@ -173,15 +200,13 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
         ("zsaq-w4a8", 1, 76.0),
         ("ptq-random-w4a8", 0, 70.0),
     ):
-        path = Cell(task, row_by_key(key), seed).path(out)
+        path = Cell(task, ROWS[key], seed).path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         cell = {"metric": metric, "minutes": 1.0, "peak_gib": 0.5, "seed": seed}
         if key != "fp32":  # cells made before cells recorded their machine have no such field
             cell["machine"] = "Zen (2 cores, x86_64 avx2)"
         path.write_text(json.dumps(cell))
-    Cell(task, row_by_key("gptq-random-w4a8"), 0).path(out).with_suffix(".error.txt").write_text(
-        "boom: out of memory\n"
-    )
+    Cell(task, ROWS["gptq-random-w4a8"], 0).path(out).with_suffix(".error.txt").write_text("boom: out of memory\n")
     text = render_markdown(TableData(spec, out), "cmd")
     line = {
         row.split(" | ")[0].lstrip("| ") + " " + row.split(" | ")[1]: row
@@ -193,14 +218,15 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     assert "failed: boom: out of memory" in line["GPTQ on generated (random-token) inputs W4A8"]
     assert "pending" in line["QAT on random tokens W8A8"]
     assert "n/a" in line["ZSAQ (SAM-SGA) W4A16"]
-    assert "ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +7.00 points" in text
+    assert "ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +7.00 points (by seed: +8.00, +6.00)" in text
     assert "Cells ran on: Zen (2 cores, x86_64 avx2) (3 cells); not recorded (1 cells)." in text
     assert "in one run on a machine its cell does not record" in text  # no latency cell here
-    Cell(task, row_by_key("fp32"), 0).path(out).write_text("{truncated")
+    Cell(task, ROWS["fp32"], 0).path(out).write_text("{truncated")
     with pytest.raises(ConfigError, match="tiny__fp32__s0.json: not a benchmark cell"):
         TableData(spec, out)
 
 
+@pytest.mark.slow
 def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(bench_files):
     out = bench_files / "out"
     command = [
@@ -247,7 +273,7 @@ def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(ben
 def test_bench_table_refuses_a_missing_out_and_a_bad_spec_in_one_line(bench_files):
     for args, message in (
         (["--table", str(bench_files / "spec.yaml")], "give --out FOLDER"),
-        (["--table", str(bench_files / "absent.yaml"), "--out", "x"], "no spec file at"),
+        (["--table", str(bench_files / "absent.yaml"), "--out", "x"], "absent.yaml: bench spec not found"),
         (["--table", str(bench_files / "spec.yaml"), "--check", "b.json"], "exactly one of"),
         (
             ["--table", str(bench_files / "spec.yaml"), "--out", "x", "--readme", str(bench_files / "task.yaml")],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from calib.errors import ConfigError
 from pipeline.config import parse_config
-from pipeline.errors import ConfigError
 
 BAD_CONFIGS = [
     # (override, key named in the message, words of the expectation)
@@ -110,3 +110,18 @@ def test_defaults_and_relative_paths_resolve_next_to_the_file(tmp_path):
 def test_bool_is_not_an_integer():
     with pytest.raises(ConfigError, match="calib.samples: expected an integer"):
         parse_config({"model": {"random": {"family": "bert"}}, "calib": {"samples": True}})
+
+
+def test_a_scheme_tensorrt_cannot_run_is_refused_before_any_work_with_export_trt(write_config, cli, tmp_path):
+    config = write_config({"quant": {"weights": {"bits": 4, "granularity": "per-group", "group_size": 32}}})
+    out = tmp_path / "run"
+    result = cli("run", config, "--out", out, "--export", "trt")
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in result.output
+    assert "quant.weights.group_size: expected 64 or 128 (TensorRT's 4-bit group sizes)" in line and "got 32" in line
+    assert not out.exists()
+    per_channel = write_config({"quant": {"weights": {"bits": 4}}}, name="w4.yaml")
+    refused = cli("run", per_channel, "--out", out, "--export", "trt")
+    assert refused.exit_code == 2 and "quant.weights.granularity: expected per-group" in refused.stderr
+    assert not out.exists()

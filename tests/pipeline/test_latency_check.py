@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from calib.errors import ConfigError, StageUnavailable
 from pipeline import latency_check
-from pipeline.errors import ConfigError, StageUnavailable
 from pipeline.latency_check import Measurement, compare, read_baseline, record
 
 KEY = "x86_64 avx2 | 2 threads | onnxruntime 1.0"
@@ -75,6 +75,7 @@ def test_cli_check_without_an_entry_for_this_machine_exits_before_measuring(tmp_
     assert done.returncode == 3 and "bench --record" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_check_with_missing_ok_measures_and_passes_on_a_new_machine_kind(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"entries": {"some other machine": {"speedups": {"int8": {"b1x128": 9.0}}}}}))
@@ -89,6 +90,7 @@ def test_cli_check_with_missing_ok_measures_and_passes_on_a_new_machine_kind(tmp
     assert json.loads(path.read_text())["entries"].keys() == {"some other machine"}  # nothing recorded
 
 
+@pytest.mark.slow
 def test_the_check_fails_when_the_int8_path_is_made_slower_on_purpose(tmp_path):
     """Main's int8 graph recorded as the baseline (2 threads for every model); the int8 model then run on one
     thread (about half its speed, beyond the 30% tolerance on any CPU) must fail the check."""

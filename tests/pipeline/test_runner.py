@@ -31,7 +31,8 @@ def tiny_run(tmp_path_factory) -> Path:
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from tests.conftest import TINY, merge
+    from pipeline.config import merge
+    from tests.models import TINY
 
     folder = tmp_path_factory.mktemp("tiny")
     config = folder / "tiny.yaml"
@@ -176,6 +177,7 @@ KILL_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(KILL_CASES))
 def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(write_config, tmp_path, stage):
     """Kill the process inside a long stage, resume, and compare every stable artifact's sha256.
@@ -209,3 +211,27 @@ def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(write_config
     assert resumed.returncode == 0
     assert _stable_artifacts(killed) == _stable_artifacts(reference)
     assert not (killed / f".tmp-{stage}").exists() and not checkpoints.exists()
+
+
+def test_resume_with_export_trt_reruns_only_the_build_stage(write_config, cli, tmp_path):
+    """export.formats is read by no stage's fingerprint: adding trt only adds the build."""
+    config, run = write_config(), tmp_path / "run"
+    assert cli("run", config, "--out", run, "--export", "onnx", "--quiet").exit_code == 0
+    before = manifest_of(run)["stages"]
+    result = cli("run", config, "--out", run, "--resume", "--export", "trt")
+    for stage in ("teacher", "calibrate", "quantize", "export", "validate"):
+        assert f"[{stage}] artifacts verified, skipping" in result.output
+    assert "[build] running" in result.output and "[package]" not in result.output
+    after = manifest_of(run)["stages"]
+    assert all(after[s] == before[s] for s in ("teacher", "calibrate", "quantize", "export", "validate"))
+    assert after["build"]["status"] in ("done", "unavailable")  # unavailable: no TensorRT on this machine
+    assert result.exit_code == (0 if after["build"]["status"] == "done" else 3)
+
+
+def test_a_stage_reruns_only_for_the_config_keys_it_reads(write_config, cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli("run", write_config(), "--out", run, "--quiet").exit_code == 0
+    changed = write_config({"validate": {"repeats": 3}, "task": {"num_labels": 2}}, name="changed.yaml")
+    result = cli("run", changed, "--out", run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "[export] artifacts verified, skipping" in result.output and "[validate] running" in result.output

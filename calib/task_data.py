@@ -1,14 +1,21 @@
-"""Task evaluation data (GLUE dev TSVs, WikiText-2) read into token batches. Used by validation only."""
+"""Task data files (GLUE TSVs, WikiText-2): read by validation to score models, by the flagged ``real-data``
+calibration method (an upper bound for benchmarks), and by teacher fine-tuning. Never by data-free calibration."""
 
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from calib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from calib.methods import Calibration, CalibrationRequest
+
+REAL_DATA_FLAG = "uses REAL TASK DATA: an upper bound for benchmarks, not a data-free result"
 
 LABELS = {"entailment": 0, "not_entailment": 1}
 # (first text column, second text column or None, label column) by the header's column names.
@@ -56,3 +63,30 @@ def load_eval_set(path: Path, metric: str, limit: int | None) -> EvalSet:
     if "sentence" not in column:
         raise ConfigError(f"task.eval.data: {path} has no sentence column (header: {', '.join(header)})")
     return EvalSet([r[column["sentence"]] for r in body], targets=targets)
+
+
+def real_data_inputs(request: CalibrationRequest) -> Calibration:
+    """The ``real-data`` method: ``calib.samples`` examples drawn (seeded) from the task file ``calib.real_data``,
+    tokenized as the model reads them: sentence pairs together for a classifier, each sentence alone for an
+    embedding model."""
+    import torch
+
+    from calib.inputs import CalibrationSet
+    from calib.methods import Calibration
+
+    calib, tokenizer = request.calib, request.tokenizer
+    if tokenizer is None:
+        raise ConfigError("calib.real_data: the model has no tokenizer to read task text")
+    path = Path(calib.real_data)
+    if not path.is_file():
+        raise ConfigError(f"calib.real_data: no file at {path}")
+    data = load_eval_set(path, "accuracy", None)
+    pairs = bool(data.texts_b) and request.task.kind != "embedding"
+    texts = data.texts_a if pairs or not data.texts_b else data.texts_a + data.texts_b
+    generator = torch.Generator().manual_seed(calib.seed)
+    picked = torch.randperm(len(texts), generator=generator)[: calib.samples].tolist()
+    enc = tokenizer(
+        [texts[i] for i in picked], [data.texts_b[i] for i in picked] if pairs else None,
+        padding="max_length", truncation=True, max_length=calib.seq_len, return_tensors="pt",
+    )  # fmt: skip
+    return Calibration(CalibrationSet(enc["attention_mask"].long(), input_ids=enc["input_ids"].long()))

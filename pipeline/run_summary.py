@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from calib.errors import PipelineError
 from pipeline.runfolder import RunFolder
 from pipeline.stages import STAGES
 

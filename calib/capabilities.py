@@ -1,0 +1,75 @@
+"""Which quantization schemes (weight bits x granularity x group size x activation bits) each runtime executes:
+the one table that config validation, the exporters, the TensorRT lint and the benchmark rows read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization scheme as a runtime sees it."""
+
+    weight_bits: int
+    granularity: str = "per-channel"
+    group_size: int | None = None
+    act_bits: int = 16
+
+
+@dataclass(frozen=True)
+class Support:
+    """Schemes a runtime runs with one kernel family: any of ``weight_bits`` at ``granularity`` with one of
+    ``group_sizes`` (None: no groups), with activations of any of ``act_bits``."""
+
+    weight_bits: tuple[int, ...]
+    granularity: str
+    group_sizes: tuple[int | None, ...]
+    kernel: str
+    act_bits: tuple[int, ...] = (8, 16)
+
+
+RUNTIMES: dict[str, tuple[Support, ...]] = {
+    "pytorch": (
+        Support((2, 4, 8), "per-channel", (None,), "fake quantization"),
+        Support((2, 4), "per-group", (32, 64, 128), "fake quantization"),
+    ),
+    "onnxruntime": (
+        Support((4, 8), "per-channel", (None,), "MatMulIntegerToFloat (A8) or DequantizeLinear (A16)"),
+        Support((4,), "per-group", (32, 64, 128), "MatMulNBits"),
+    ),
+    "tensorrt": (
+        Support((8,), "per-channel", (None,), "int8 GEMM from Q/DQ"),
+        Support((4,), "per-group", (64, 128), "blocked int4 DequantizeLinear (opset 21)"),
+    ),
+}
+RUNTIME_NAMES = {"pytorch": "the PyTorch quantizer", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
+
+
+def _options(values: list) -> str:
+    words = [str(v) for v in dict.fromkeys(values)]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def unsupported(runtime: str, scheme: Scheme) -> tuple[str, str, object] | None:
+    """None when ``runtime`` runs ``scheme``; else (the ``quant.weights``/``activations`` key at fault, what it
+    accepts, the value given), for a one-line config error."""
+    table = RUNTIMES[runtime]
+    name = RUNTIME_NAMES[runtime]
+    if not any(scheme.weight_bits in s.weight_bits for s in table):
+        return "weights.bits", f"{_options([b for s in table for b in s.weight_bits])} for {name}", scheme.weight_bits
+    by_bits = [s for s in table if scheme.weight_bits in s.weight_bits]
+    matching = [s for s in by_bits if s.granularity == scheme.granularity]
+    if not matching:
+        kinds = _options([s.granularity for s in by_bits])
+        return "weights.granularity", f"{kinds} for {scheme.weight_bits}-bit weights on {name}", scheme.granularity
+    if not any(scheme.group_size in s.group_sizes for s in matching):
+        sizes = _options([g for s in matching for g in s.group_sizes])
+        return "weights.group_size", f"{sizes} ({name}'s {scheme.weight_bits}-bit group sizes)", scheme.group_size
+    if not any(scheme.act_bits in s.act_bits for s in matching):
+        return "activations.bits", f"{_options([a for s in matching for a in s.act_bits])} for {name}", scheme.act_bits
+    return None
+
+
+def group_sizes(runtime: str, weight_bits: int) -> tuple[int, ...]:
+    """The group (block) sizes ``runtime`` takes for grouped weights of ``weight_bits``."""
+    return tuple(g for s in RUNTIMES[runtime] if weight_bits in s.weight_bits for g in s.group_sizes if g is not None)

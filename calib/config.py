@@ -1,0 +1,234 @@
+"""The library's typed configuration, plain frozen data; the types say what :mod:`pipeline.config` accepts:
+registered names (``Annotated[str, tuple(registry)]``), numbers in a :class:`Range`, file paths relative to
+the config file (:data:`FilePath`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from calib.families import FAMILIES
+from calib.registry import GENERATORS, METHODS
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds the parser checks a number against (``low_open``: strictly above ``low``), and the words for it."""
+
+    expected: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+
+class RelativePath:
+    """Marks a string as a file path, resolved against the folder of the file the config was read from."""
+
+
+FilePath = Annotated[str, RelativePath]
+Positive = Annotated[int, Range("a positive integer", 1)]
+Count = Annotated[int, Range("0 or more", 0)]
+Rate = Annotated[float, Range("a positive number", 0, low_open=True)]
+Weight = Annotated[float, Range("0 or more", 0)]
+Fraction = Annotated[float, Range("a number between 0 and 1", 0, 1)]
+TaskKind = Literal["embedding", "classification", "causal-lm"]
+Metric = Literal["spearman", "accuracy", "matthews", "perplexity"]
+WeightGranularity = Literal["per-channel", "per-group"]
+RangeInit = Literal["minmax", "percentile", "mse"]
+Rounding = Literal["nearest", "gptq"]
+
+
+@dataclass(frozen=True)
+class RandomModel:
+    """A tiny random-init model for tests and smoke runs (``kv_heads``: grouped-query attention's key/value
+    heads where the family has them; None: one per query head)."""
+
+    family: Annotated[str, tuple(FAMILIES)]
+    layers: Positive = 2
+    hidden: Positive = 64
+    heads: Positive = 4
+    kv_heads: Positive | None = None
+    intermediate: Positive = 128
+    vocab_size: Positive = 512
+    max_positions: Positive = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Exactly one of: hub ``id``, local ``path``, ``package`` folder (``pkg/sub/dir``), ``random``."""
+
+    id: str | None = None
+    path: FilePath | None = None
+    package: str | None = None
+    random: RandomModel | None = None
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        """A short human label for reports."""
+        if self.random is not None:
+            return f"random:{self.random.family}"
+        return str(self.id or self.path or f"package:{self.package}")
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Task data used only by validation (never by calibration)."""
+
+    data: FilePath
+    metric: Metric
+    limit: Positive | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model is used for, which fixes its head and its exported outputs."""
+
+    kind: TaskKind = "embedding"
+    num_labels: Positive = 2
+    eval: EvalData | None = None
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The ZSAQ generator: pseudo-inputs in the teacher's word-embedding space (``inputs_embeds``).
+
+    ``soft-tokens``: noise -> per-position logits over the (restricted) vocabulary -> Gumbel-softmax, the
+    temperature annealed from ``temperature[0]`` to ``temperature[1]``. ``lm-adapter``: text a causal LM
+    (``model``; default: a causal-LM teacher itself) writes once, moved within ``radius`` x the embedding
+    table's std by an adapter of width ``adapter_size`` (docs/ARCHITECTURE.md); ``learn_lm`` trains the LM too."""
+
+    kind: Annotated[str, tuple(GENERATORS)] = "soft-tokens"
+    model: ModelSource | None = None
+    adapter_size: Positive = 256
+    noise_dim: Positive = 64
+    temperature: tuple[Rate, Rate] = (1.0, 0.3)
+    min_len: Positive = 16
+    batch_size: Positive = 8
+    lr: Rate = 1e-3
+    learn_lm: bool = False
+    radius: Rate = 0.05
+    restrict_vocab: bool = True
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Terms the generator minimises besides the ascent, to stay plausible to the teacher: ``confidence`` (the
+    teacher's output entropy), ``balance`` (classifiers: batch mean prediction vs uniform), ``embedding_stats``
+    (generated embeddings' per-channel mean / std vs the teacher's table)."""
+
+    confidence: Weight = 0.0
+    balance: Weight = 0.0
+    embedding_stats: Weight = 0.1
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """Sharpness-aware generation (arXiv 2510.07018): match each batch's student gradient with that of its
+    neighbours in embedding space (a copy moved by ``radius`` x its norm in a random direction)."""
+
+    enabled: bool = False
+    weight: Weight = 0.1
+    radius: Rate = 0.05
+
+
+@dataclass(frozen=True)
+class SamSgaConfig:
+    """The minimax game: generator ascent steps (SGA) against student SAM descent steps, per round; the student
+    learns what ``quant.learn`` says, at its rates. ``sam: false``: AdamW instead (ablation); ``adversarial:
+    false``: the generator stays frozen; ``adaptive``: ASAM, the perturbation scaled by each parameter's size."""
+
+    rounds: Positive = 150
+    generator_steps: Positive = 1
+    student_steps: Positive = 1
+    rho: Rate = 0.05
+    adaptive: bool = True
+    sam: bool = True
+    adversarial: bool = True
+    checkpoint_every: Positive = 25
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Data-free calibration by a registered method (:data:`calib.registry.METHODS`): ``zsaq`` trains a
+    generator against the student (SAM-SGA); the others make fixed inputs. ``real_data`` is read only by
+    ``real-data``, an upper bound for benchmarks flagged in every report."""
+
+    method: Annotated[str, tuple(METHODS)] = "zsaq"
+    samples: Positive = 256
+    seq_len: Positive = 128
+    batch_size: Positive = 16
+    seed: int = 0
+    real_data: FilePath | None = None
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sam_sga: SamSgaConfig = field(default_factory=SamSgaConfig)
+    priors: PriorConfig = field(default_factory=PriorConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Signed symmetric weights: per output channel, or in groups along the input dimension. ``rounding:
+    gptq`` rounds each layer onto its grid with GPTQ on the calibration inputs instead of to nearest."""
+
+    bits: int = 8
+    granularity: WeightGranularity = "per-channel"
+    group_size: int | None = None
+    init: RangeInit = "minmax"
+    rounding: Rounding = "nearest"
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """Signed symmetric per-tensor activations (zero-point 0); 16 means left in float (W*A16)."""
+
+    bits: int = 8
+    init: RangeInit = "percentile"
+    percentile: Annotated[float, Range("a number in (50, 100]", 50, 100, low_open=True)] = 99.99
+
+
+QuadapterPositions = Literal["foldable", "all"]
+QuadapterInit = Literal["ones", "smoothquant"]
+Learnable = Literal["step-sizes", "quadapter", "weights"]
+LearnMode = Literal["end-to-end", "block-wise"]
+
+
+@dataclass(frozen=True)
+class QuadapterConfig:
+    """Learned per-channel activation scales folded into neighbouring weights (``positions: all`` adds
+    a Mul where no fold is exact, e.g. BERT's post-LN inputs)."""
+
+    enabled: bool = False
+    positions: QuadapterPositions = "foldable"
+    init: QuadapterInit = "smoothquant"
+    alpha: Fraction = 0.5
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Quantizer learning by distillation from the teacher on the calibration inputs. Rates are relative to each
+    tensor's size (:func:`calib.learn.relative_adamw`); ``weights_lr`` is the weights' own (None: ``lr``)."""
+
+    steps: Count = 0
+    mode: LearnMode = "end-to-end"
+    params: tuple[Learnable, ...] = ("step-sizes", "quadapter")
+    lr: Rate = 1e-3
+    weights_lr: Rate | None = None
+    weight_decay: Weight = 0.0
+    kl_weight: Weight = 1.0
+    hidden_mse_weight: Weight = 1.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What is quantized and how. ``embedding_bits``: the word-embedding table, per row (None: float);
+    ``attention_matmuls``: Q/DQ on the attention matmuls' inputs, for TensorRT's int8 attention (off: ORT's CPU
+    kernels gain little, and softmax outputs are the most fragile tensor); ``lm_head``: a causal LM's head too."""
+
+    weights: WeightQuant = field(default_factory=WeightQuant)
+    activations: ActivationQuant = field(default_factory=ActivationQuant)
+    embedding_bits: Literal[8] | None = None
+    attention_matmuls: bool = False
+    lm_head: bool = False
+    quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)

@@ -1,0 +1,18 @@
+"""Llama: pre-RMSNorm decoder blocks ``layers.N``, grouped-query attention, gated MLP."""
+
+from calib.families import STANDARD_SIZES, FamilySpec, FoldRule
+
+SPEC = FamilySpec(
+    name="llama",
+    block="layers",
+    fold_rules=(
+        FoldRule(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm", "input_layernorm"),
+        FoldRule(("self_attn.o_proj",), "rows", "self_attn.v_proj", exact_with_grouped_kv=False),
+        FoldRule(("mlp.gate_proj", "mlp.up_proj"), "norm", "post_attention_layernorm"),
+        FoldRule(("mlp.down_proj",), "rows", "mlp.up_proj"),
+    ),
+    attention="self_attn",
+    config_class="LlamaConfig",
+    sizes={**STANDARD_SIZES, "num_key_value_heads": "kv_heads"},
+    config_extra={"bos_token_id": 1, "eos_token_id": 2},
+)

@@ -1,0 +1,40 @@
+"""The exporters' typed configuration: which artifacts the export stage makes and how validation measures them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from calib.config import Count, Fraction, Positive, Range
+
+ExportFormat = Literal["onnx", "trt", "triton"]
+CpuInt8Weights = Literal["auto", "int8", "uint8"]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which artifacts to produce beyond the student (``--export`` on the command line adds to these).
+    ``int4_accuracy_level``: MatMulNBits' compute mode in the CPU flavour (0: float on the dequantized weights,
+    the student's function; 4: int8 compute). ``int4_weight_only``: group sizes of extra W4A16 CPU models of
+    the teacher (round-to-nearest, no calibration needed)."""
+
+    formats: tuple[ExportFormat, ...] = ("onnx",)
+    opset: Annotated[int, Range("17 or newer (per-channel QuantizeLinear/DequantizeLinear)", 17)] = 17
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] = 0  # MatMulNBits' accuracy_level
+    # 8-bit weights in the CPU flavour: int8, or uint8 + 128 (exact on AVX2-only x86); auto: by this machine
+    cpu_int8_weights: CpuInt8Weights = "auto"
+    int4_weight_only: tuple[int, ...] = ()
+    # ONNX Runtime's dynamic int8 of the FP32 graph: the data-free bar the student must beat, validated beside it
+    ort_dynamic_baseline: bool = True
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Shapes to time, how, and the thresholds that fail the stage."""
+
+    shapes: tuple[tuple[Positive, Positive], ...] = ((1, 128), (8, 128))
+    warmup: Count = 3
+    repeats: Positive = 20
+    threads: Count = 0
+    min_agreement: Fraction | None = None
+    samples: Positive = 64
