@@ -27,13 +27,14 @@ TINY: dict[str, Any] = {
     "validate": {"shapes": [[1, 32], [4, 32]], "repeats": 2, "warmup": 1, "samples": 16},
 }
 
-KIND_BY_FAMILY = {"bert": "classification", "gpt2": "causal-lm", "llama": "causal-lm"}
+KIND_BY_FAMILY = {"bert": "classification", "gpt2": "causal-lm", "llama": "causal-lm", "qwen2": "causal-lm"}
+KV_HEADS = {"qwen2": 2}  # grouped-query attention: 4 query heads share 2 key/value heads
 
 
 def tiny_teacher(family: str = "bert", kind: str | None = None, hidden: int = 64, seed: int = 0) -> TaskModel:
     """A random-init task model of the family (classification for BERT, causal LM otherwise)."""
     task = TaskConfig(kind=kind or KIND_BY_FAMILY[family])
-    spec = RandomModel(family=family, hidden=hidden, intermediate=2 * hidden, seed=seed)
+    spec = RandomModel(family=family, hidden=hidden, intermediate=2 * hidden, seed=seed, kv_heads=KV_HEADS.get(family))
     return TaskModel(load_backbone(ModelSource(random=spec), task), task.kind).eval()
 
 

@@ -76,7 +76,7 @@ def layer_widths(model_config: PretrainedConfig) -> set[int]:
 
 
 # The registration: each family module defines ``SPEC``, registered under its transformers model_type.
-FAMILY_MODULES = ("bert", "gpt2", "llama")
+FAMILY_MODULES = ("bert", "gpt2", "llama", "qwen2")
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec for spec in (importlib.import_module(f"calib.families.{m}").SPEC for m in FAMILY_MODULES)
 }

@@ -32,10 +32,11 @@ EXPECTED_PER_BLOCK = {
         "mlp.down_proj",
     },
 }
-BLOCK_PREFIX = {"bert": "encoder.layer.", "gpt2": "h.", "llama": "layers."}
+EXPECTED_PER_BLOCK["qwen2"] = EXPECTED_PER_BLOCK["llama"]
+BLOCK_PREFIX = {"bert": "encoder.layer.", "gpt2": "h.", "llama": "layers.", "qwen2": "layers."}
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 def test_every_block_linear_is_quantized_and_nothing_else(family):
     teacher = tiny_teacher(family)
     names = quantizable_layers(teacher.backbone)
@@ -55,12 +56,12 @@ def test_every_block_linear_is_quantized_and_nothing_else(family):
     )
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "qwen2"])
 def test_layers_reading_one_tensor_share_one_input_quantizer(family):
     student = build_student(tiny_teacher(family), QuantConfig())
     layers = [m for m in student.backbone.modules() if isinstance(m, QuantLinear)]
     distinct = {id(layer.input_quantizer) for layer in layers}
-    shared_per_block = {"bert": 2, "llama": 3, "gpt2": 0}[family]  # quantizers saved by sharing, per block
+    shared_per_block = {"bert": 2, "llama": 3, "gpt2": 0, "qwen2": 3}[family]  # quantizers saved by sharing, per block
     assert len(distinct) == len(layers) - 2 * shared_per_block
 
 

@@ -32,7 +32,9 @@ def _float_student(family: str, positions: str = "foldable"):
     return teacher, student
 
 
-@pytest.mark.parametrize(("family", "positions"), [("gpt2", "foldable"), ("llama", "foldable"), ("bert", "all")])
+@pytest.mark.parametrize(
+    ("family", "positions"), [("gpt2", "foldable"), ("llama", "foldable"), ("bert", "all"), ("qwen2", "all")]
+)
 def test_quadapter_and_its_folding_leave_the_float_function_unchanged(family, positions):
     teacher, student = _float_student(family, positions)
     assert quadapter_owners(student), "no Quadapter was attached"
@@ -67,7 +69,7 @@ def _graph_ops(family: str, quadapter: QuadapterConfig, tmp_path):
     return sorted(n.op_type for n in graph.graph.node)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "qwen2"])
 def test_folded_quadapter_adds_no_op_to_the_exported_graph(family, tmp_path):
     plain = _graph_ops(family, QuadapterConfig(enabled=False), tmp_path)
     folded = _graph_ops(family, QuadapterConfig(enabled=True), tmp_path)

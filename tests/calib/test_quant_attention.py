@@ -19,7 +19,7 @@ from tests.models import tiny_teacher
 ATTENTION = QuantConfig(attention_matmuls=True)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 def test_with_its_quantizers_off_the_attention_is_the_models_own(family):
     teacher = tiny_teacher(family)
     student = build_student(teacher, ATTENTION)
@@ -33,7 +33,7 @@ def test_with_its_quantizers_off_the_attention_is_the_models_own(family):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 def test_ranges_learnable_state_and_contract_cover_the_four_inputs(family, tmp_path):
     teacher = tiny_teacher(family)
     batches = list(random_tokens(8, 16, teacher.backbone.config.vocab_size, seed=0).batches(8))

@@ -37,7 +37,7 @@ def _run(graph, ids, mask, reference_qdq=False):
     return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize(
     "quant",
     [W8A8, W4A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD],
