@@ -31,6 +31,7 @@ Count = Annotated[int, Range("0 or more", 0)]
 Rate = Annotated[float, Range("a positive number", 0, low_open=True)]
 Weight = Annotated[float, Range("0 or more", 0)]
 Fraction = Annotated[float, Range("a number between 0 and 1", 0, 1)]
+Seed = Annotated[int, Range("an integer from 0 to 2**63 - 1", 0, 2**63 - 1)]
 TaskKind = Literal["embedding", "classification", "causal-lm"]
 Metric = Literal["spearman", "accuracy", "matthews", "perplexity"]
 WeightGranularity = Literal["per-channel", "per-group"]
@@ -51,7 +52,7 @@ class RandomModel:
     intermediate: Positive = 128
     vocab_size: Positive = 512
     max_positions: Positive = 128
-    seed: int = 0
+    seed: Seed = 0
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,13 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class EvalData:
-    """Task data used only by validation (never by calibration)."""
+    """Task data used only by validation (never by calibration). A missing ``data`` file is an error, unless
+    ``optional`` (a data folder that may be absent: validation then measures agreement on generated inputs)."""
 
     data: FilePath
     metric: Metric
     limit: Positive | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class CalibConfig:
     samples: Positive = 256
     seq_len: Positive = 128
     batch_size: Positive = 16
-    seed: int = 0
+    seed: Seed = 0
     real_data: FilePath | None = None
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sam_sga: SamSgaConfig = field(default_factory=SamSgaConfig)

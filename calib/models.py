@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -56,17 +62,76 @@ def resolve_location(source: ModelSource) -> str:
     raise ConfigError("model: a random model has no location")
 
 
+def source_digest(source: ModelSource) -> str:
+    """What identifies the source's weights: the sha256 of every file of a model folder (of the GGUF file
+    alone when one is named), the installed version of a package, or the hub id as given."""
+    if source.random is not None or source.id is not None:
+        return source.id or "random"
+    if source.package is not None:
+        module = source.package.partition("/")[0]
+        versions = [metadata.version(d) for d in metadata.packages_distributions().get(module, [])]
+        return f"{module} {' '.join(versions) or 'not installed'}"
+    folder = Path(source.path)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(f for f in folder.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(folder)}\0".encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights(source: ModelSource) -> None:
+    """Open every weight file of a local source (safetensors headers, GGUF tensor tables) without loading the
+    weights: a truncated or foreign file is a one-line :class:`ConfigError` before any work starts."""
+    if source.random is not None or source.id is not None:
+        return
+    folder = Path(resolve_location(source))
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(folder.glob("*.safetensors"))
+    for file in files:
+        try:
+            if file.suffix == ".gguf":
+                from gguf import GGUFReader
+
+                GGUFReader(file)
+            else:
+                with safe_open(str(file), "pt"):
+                    pass
+        except Exception as exc:  # every reader error means the same here: not a weight file
+            raise ConfigError(f"model: {file} is not a readable weight file ({_first_line(exc)})") from None
+
+
 def load_model_config(source: ModelSource, task: TaskConfig) -> PretrainedConfig:
     """Only the config (cheap): used to validate a pipeline config before any work starts."""
     if source.random is not None:
         return FAMILIES[source.random.family].random_config(source.random, task)
     location = resolve_location(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:  # a hub id: its cached copy first, the network only when the hub answers at all (no 28 s of retries)
+        return AutoConfig.from_pretrained(location, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        if source.id is None or not hub_reachable():
+            where = "not in the local cache, and the hub cannot be reached" if source.id else _first_line(exc)
+            raise ConfigError(f"model: cannot load a transformers config from '{location}' ({where})") from None
     try:
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         return AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model: cannot load a transformers config from '{location}' ({first})") from None
+        raise ConfigError(f"model: cannot load a transformers config from '{location}' ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub (``HF_ENDPOINT``) answers on its HTTPS port within ``timeout`` seconds."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _auto_class(kind: str) -> type:
@@ -95,11 +160,16 @@ def load_backbone(source: ModelSource, task: TaskConfig) -> PreTrainedModel:
         kwargs["gguf_file"] = source.gguf_file
     if task.kind == "classification":
         kwargs["num_labels"] = task.num_labels
+    if source.id is not None:
+        kwargs["local_files_only"] = not hub_reachable()
     try:
-        return auto.from_pretrained(location, **kwargs).eval()
+        model = auto.from_pretrained(location, **kwargs).eval()
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model: cannot load weights from '{location}' ({first})") from None
+        raise ConfigError(f"model: cannot load weights from '{location}' ({_first_line(exc)})") from None
+    if source.gguf_file:  # de-quantized to float32 on loading: nothing of the GGUF quantizer is left to keep
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def load_saved_backbone(folder: Path, task: TaskConfig) -> PreTrainedModel:

@@ -38,12 +38,22 @@ def _read_tsv(path: Path) -> list[list[str]]:
 
 
 def load_eval_set(path: Path, metric: str, limit: int | None) -> EvalSet:
-    """Read a GLUE dev file (SST-2, CoLA, STS-B, RTE, QNLI) or a raw text corpus (perplexity)."""
+    """Read a GLUE dev file (SST-2, CoLA, STS-B, RTE, QNLI) or a raw text corpus (perplexity); a file of
+    another shape is a one-line :class:`ConfigError` naming it."""
     if metric == "perplexity":
         return EvalSet(texts_a=[], corpus=path.read_text(encoding="utf-8"))
-    rows = _read_tsv(path)
+    try:
+        return _glue_set(_read_tsv(path), limit)
+    except (IndexError, KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{path}: not a GLUE task file (expected a header naming label or score and the sentence columns, "
+            f"or CoLA's four headerless columns): {exc}"
+        ) from None
+
+
+def _glue_set(rows: list[list[str]], limit: int | None) -> EvalSet:
     if not rows:
-        raise ConfigError(f"task.eval.data: {path} is empty")
+        raise ValueError("the file is empty")
     header = rows[0]
     if "label" not in header and "score" not in header:  # CoLA: no header; label in column 1, text in 3
         rows = rows[:limit] if limit else rows
@@ -61,7 +71,7 @@ def load_eval_set(path: Path, metric: str, limit: int | None) -> EvalSet:
         if first in column and second in column:
             return EvalSet([r[column[first]] for r in body], [r[column[second]] for r in body], targets)
     if "sentence" not in column:
-        raise ConfigError(f"task.eval.data: {path} has no sentence column (header: {', '.join(header)})")
+        raise ValueError(f"no sentence column (header: {', '.join(header)})")
     return EvalSet([r[column["sentence"]] for r in body], targets=targets)
 
 

@@ -19,7 +19,7 @@ class ExportConfig:
     the teacher (round-to-nearest, no calibration needed)."""
 
     formats: tuple[ExportFormat, ...] = ("onnx",)
-    opset: Annotated[int, Range("17 or newer (per-channel QuantizeLinear/DequantizeLinear)", 17)] = 17
+    opset: Annotated[int, Range("17 to 21 (per-channel Q/DQ needs 17; int4 raises it to 21)", 17, 21)] = 17
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] = 0  # MatMulNBits' accuracy_level
     # 8-bit weights in the CPU flavour: int8, or uint8 + 128 (exact on AVX2-only x86); auto: by this machine
     cpu_int8_weights: CpuInt8Weights = "auto"

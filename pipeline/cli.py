@@ -64,15 +64,16 @@ def main() -> None:
 @user_errors
 def run(config_path: Path, exports: tuple[str, ...], out: Path | None, resume: bool, force: bool, quiet: bool) -> None:
     """Run the pipeline described by CONFIG (a YAML file) into a run folder."""
+    from pipeline.config import load_config, with_export_formats
+
+    config = with_export_formats(load_config(config_path), exports, str(config_path))  # no torch imported yet
     from transformers.utils import logging as hf_logging
 
-    from pipeline.config import load_config, with_export_formats
     from pipeline.model_checks import check_against_model
     from pipeline.runner import run_pipeline
 
     hf_logging.disable_progress_bar()  # our own stage lines and bars are the progress; not every weight load
     hf_logging.set_verbosity_error()
-    config = with_export_formats(load_config(config_path), exports, str(config_path))
     check_against_model(config, str(config_path))
     out = out or Path("runs") / config_path.stem
     run_pipeline(config, out, resume=resume, force=force, show_progress=not quiet)

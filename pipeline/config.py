@@ -55,12 +55,24 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one would win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                line = node.value[index][0].start_mark.line + 1
+                raise yaml.YAMLError(f"line {line}: the key {key!r} is given twice")
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, what: str = "config file") -> Any:
     """The YAML document in ``path``; a one-line :class:`ConfigError` when it is missing or unreadable."""
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).strip().splitlines()[0]})") from None
 
@@ -191,6 +203,17 @@ def _check_values(config: PipelineConfig, source: str) -> None:
     _check_calib(config.calib, config.task, fail)
     if config.task.kind == "classification" and config.task.num_labels < 2:
         fail("task.num_labels", "2 or more", config.task.num_labels)
+    ev = config.task.eval
+    if ev is not None and ev.metric not in METRICS_BY_KIND[config.task.kind]:
+        fail(
+            "task.eval.metric",
+            f"{' or '.join(METRICS_BY_KIND[config.task.kind])} for a {config.task.kind} task",
+            ev.metric,
+        )
+    if ev is not None and not ev.optional and not Path(ev.data).is_file():
+        fail("task.eval.data", "an existing file (or task.eval.optional: true for data that may be absent)", ev.data)
+    if not config.validate.shapes:
+        fail("validate.shapes", "at least one [batch, sequence]", [])
     for index, group in enumerate(config.export.int4_weight_only):
         if group not in group_sizes("onnxruntime", 4):
             fail(f"export.int4_weight_only[{index}]", " or ".join(map(str, group_sizes("onnxruntime", 4))), group)
@@ -219,8 +242,8 @@ def _check_calib(c: CalibConfig, task: TaskConfig, fail: typing.Callable[[str, s
     if task.kind not in method.teacher_kinds:
         fail("calib.method", f"a method for a {task.kind} teacher ({c.method} needs task.kind: "
              f"{' or '.join(method.teacher_kinds)})", c.method)  # fmt: skip
-    if method.uses_data and c.real_data is None:
-        fail("calib.real_data", f"a task data file when calib.method is {c.method}", None)
+    if method.uses_data and (c.real_data is None or not Path(c.real_data).is_file()):
+        fail("calib.real_data", f"an existing task data file when calib.method is {c.method}", c.real_data)
     g = c.generator
     if c.method == "zsaq" and GENERATORS[g.kind].needs_lm and g.model is None and task.kind != "causal-lm":
         fail("calib.generator.model", f"a causal LM that writes the {g.kind} generator's text for a {task.kind} "
@@ -229,6 +252,11 @@ def _check_calib(c: CalibConfig, task: TaskConfig, fail: typing.Callable[[str, s
         fail("calib.generator.min_len", f"at most calib.seq_len ({c.seq_len})", g.min_len)
 
 
+METRICS_BY_KIND = {
+    "embedding": ("spearman",),
+    "classification": ("accuracy", "matthews"),
+    "causal-lm": ("perplexity",),
+}
 # export.formats -> the runtime that must execute the student's scheme (triton serves the CPU flavour)
 FORMAT_RUNTIMES = {"trt": "tensorrt", "triton": "onnxruntime"}
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # the process id of the run in progress
 CALIBRATE_CHECKPOINTS = ".ckpt-calibrate"  # SAM-SGA checkpoints of a running calibrate stage
 
 

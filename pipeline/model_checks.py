@@ -1,12 +1,17 @@
-"""Config checks that need the model's own config (read without loading weights)."""
+"""Pre-flight checks that need the model's own config and the files the config names (headers only, no
+weights loaded): everything a run would otherwise find out hours later."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from calib.errors import ConfigError
 from calib.families import family_of, layer_widths
-from calib.models import load_model_config
+from calib.models import check_weights, load_model_config
+from calib.registry import METHODS
+from calib.task_data import load_eval_set
 from pipeline.config import PipelineConfig
 
 
@@ -23,6 +28,8 @@ def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig
     """Raise a one-line :class:`ConfigError` for values the model cannot take; returns its config."""
     try:
         model_config = load_model_config(config.model, config.task)
+        check_weights(config.model)
+        _check_task_files(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:
@@ -58,3 +65,14 @@ def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig
                 f"{source}: {key}: expected a divisor of every layer width ({', '.join(map(str, widths))}), got {group}"
             )
     return model_config
+
+
+def _check_task_files(config: PipelineConfig) -> None:
+    """The evaluation file reads as its metric needs; the real-data file reads as task text."""
+    ev = config.task.eval
+    if ev is not None and Path(ev.data).is_file():
+        data = load_eval_set(Path(ev.data), ev.metric, ev.limit)
+        if ev.metric == "spearman" and config.task.kind == "embedding" and not data.texts_b:
+            raise ConfigError(f"task.eval.data: {ev.data} has no sentence pairs (sentence1, sentence2) to score")
+    if METHODS[config.calib.method].uses_data:
+        load_eval_set(Path(config.calib.real_data), "accuracy", None)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from calib.errors import PipelineError, StageUnavailable, ThresholdFailed
+from calib.errors import ConfigError, PipelineError, StageUnavailable, ThresholdFailed
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.runfolder import RunFolder, now, package_versions
@@ -26,7 +28,7 @@ def _is_reusable(run: RunFolder, entry: dict[str, Any] | None, fingerprint: str)
         entry
         and entry.get("status") == "done"
         and entry.get("fingerprint") == fingerprint
-        and run.verify(entry.get("artifacts", {}))
+        and not run.damaged(entry.get("artifacts", {}))
     )
 
 
@@ -39,15 +41,47 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every enabled stage; returns the final manifest.
 
-    Raises :class:`StageUnavailable` at the end when a requested stage (TensorRT build) could not run
-    on this machine, after every stage that could run has run.
+    ``--resume`` and ``--force`` act only on a folder this tool wrote (its manifest says so). ``--force``
+    runs into a sibling folder and replaces the old run only once the new one has run; a failure leaves the
+    old run as it was. Raises :class:`StageUnavailable` at the end when a requested stage (TensorRT build)
+    could not run on this machine, after every stage that could run has run.
     """
     run = RunFolder(out)
     if run.exists() and not (resume or force):
         raise PipelineError(f"{out}: run folder already exists; pass --resume to continue it or --force to replace it")
-    if force and not resume:
-        run.clear()
-    run.root.mkdir(parents=True, exist_ok=True)
+    if run.exists() and not run.is_run_folder():
+        raise ConfigError(
+            f"{out}: not a zsaq-pipeline run folder (no manifest of this tool); refusing to write into it"
+        )
+    if not (force and not resume and run.exists()):
+        with run.locked():
+            return _run_stages(config, run, resume, show_progress)
+    new = RunFolder(out.parent / f".{out.name}.new", shown=out)
+    with run.locked():  # nobody else writes to the old run while it is being replaced
+        shutil.rmtree(new.root, ignore_errors=True)
+        try:
+            with new.locked():
+                manifest = _run_stages(config, new, False, show_progress)
+        except (StageUnavailable, ThresholdFailed):  # the new run is complete: replace the old one, then say why
+            _replace(run, new)
+            raise
+        except BaseException:
+            shutil.rmtree(new.root, ignore_errors=True)
+            raise
+        _replace(run, new)
+    return manifest
+
+
+def _replace(run: RunFolder, new: RunFolder) -> None:
+    """Swap the finished ``new`` run into the place of ``run`` and delete the old one."""
+    old = run.root.parent / f".{run.root.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(run.root, old)
+    os.replace(new.root, run.root)
+    shutil.rmtree(old)
+
+
+def _run_stages(config: PipelineConfig, run: RunFolder, resume: bool, show_progress: bool) -> dict[str, Any]:
     manifest = run.load_manifest() if resume else {}
     manifest.update(
         {
@@ -66,6 +100,7 @@ def run_pipeline(
     for stage in STAGES:
         skip_reason = stage.enabled(config)
         if skip_reason is not None:
+            run.remove_stage(stage.name)  # from an earlier run that asked for it: nothing stale stays
             stages[stage.name] = {"status": "skipped", "reason": skip_reason}
             run.save_manifest(manifest)
             continue
@@ -74,7 +109,7 @@ def run_pipeline(
             if show_progress:
                 print(f"[{stage.name}] artifacts verified, skipping", flush=True)
             continue
-        stages[stage.name] = {"status": "running", "started": now()}
+        stages[stage.name] = {"status": "running", "started": now(), "pid": os.getpid()}
         run.save_manifest(manifest)
         if show_progress:
             print(f"[{stage.name}] running", flush=True)

@@ -123,3 +123,46 @@ def student_and_graphs(
     float_graph = export_onnx(contract_export_model(teacher, contract), folder / "float.onnx", 17)
     graphs = {flavour: quantize_graph(float_graph, contract, flavour) for flavour in ("trt", "cpu")}
     return teacher, student, contract, graphs
+
+
+def write_tiny_llama_gguf(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0) -> Path:
+    """A random Llama in a GGUF file (float32 tensors) with a small byte-level BPE tokenizer, as llama.cpp lays
+    it out: what a GGUF checkpoint source looks like, without a download."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    letters = [chr(c) for c in range(97, 123)]
+    vocab = ["<s>", "</s>", *letters, *("Ġ" + c for c in letters), "Ġ"]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(folder / "tiny.gguf"), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(2 * hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(vocab)
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_token_merges(["Ġ a"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    shapes = {"token_embd": (len(vocab), hidden), "output": (len(vocab), hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.{n}": (hidden, hidden) for n in ("attn_q", "attn_k", "attn_v", "attn_output")})
+        shapes.update({f"blk.{i}.ffn_gate": (2 * hidden, hidden), f"blk.{i}.ffn_up": (2 * hidden, hidden)})
+        shapes[f"blk.{i}.ffn_down"] = (hidden, 2 * hidden)
+        shapes.update({f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.ffn_norm": (hidden,)})
+    shapes["output_norm"] = (hidden,)
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.02
+        writer.add_tensor(f"{name}.weight", values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return folder / "tiny.gguf"

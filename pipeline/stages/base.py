@@ -81,12 +81,18 @@ class Stage:
         """The config keys this stage's output depends on, for this config (:attr:`reads` unless overridden)."""
         return self.reads
 
+    def outside_inputs(self, config: PipelineConfig) -> str:
+        """A digest of what the stage reads from outside the run folder (the teacher's source model)."""
+        return ""
+
     def fingerprint(self, config: PipelineConfig, stages: dict[str, Any]) -> str:
-        """sha256 of the config values it reads and of its input stages' artifacts (``stages``: the manifest's)."""
+        """sha256 of the config values it reads, of its input stages' artifacts (``stages``: the manifest's) and
+        of what it reads from outside the run."""
         data = config.to_dict()
         picked = {
             "config": {key: config_value(data, key) for key in self.config_keys(config)},
             "inputs": {name: output_digest(stages.get(name)) for name in self.requires},
+            "outside": self.outside_inputs(config),
         }
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 

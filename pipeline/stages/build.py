@@ -29,9 +29,10 @@ class BuildStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         onnx_path = ctx.path(STUDENT_ONNX["trt"])
+        graphs = ctx.run.shown / STUDENT_ONNX["trt"].stage
         hint = (
-            f"the ONNX graphs are in {onnx_path.parent}; build the engine later on a GPU machine with "
-            f"`zsaq-pipeline run CONFIG --out {ctx.run.root} --resume --export trt`"
+            f"the ONNX graphs are in {graphs}; build the engine later on a GPU machine with "
+            f"`zsaq-pipeline run CONFIG --out {ctx.run.shown} --resume --export trt`"
         )
         try:
             require_tensorrt()

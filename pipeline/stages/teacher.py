@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from calib.models import count_parameters, load_backbone, load_source_tokenizer
+from calib.models import count_parameters, load_backbone, load_source_tokenizer, source_digest
+from pipeline.config import PipelineConfig
 from pipeline.layout import TEACHER_MODEL
 from pipeline.stages.base import Stage, StageContext
 
@@ -14,6 +15,10 @@ class TeacherStage(Stage):
 
     name = "teacher"
     reads = ("model", "task.kind", "task.num_labels")
+
+    def outside_inputs(self, config: PipelineConfig) -> str:
+        """The source model's bytes (or its package's version): changed weights re-run everything."""
+        return source_digest(config.model)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         source = ctx.config.model

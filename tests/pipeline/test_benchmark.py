@@ -124,8 +124,8 @@ def test_a_row_patches_the_task_config_with_its_switches_scheme_and_seed(bench_f
     assert config.calib.seed == 5 and config.calib.method == "zsaq"
     assert config.calib.sam_sga.adversarial is False and config.calib.sam_sga.sam is True
     assert task_config(spec, task, row_patch(ROWS["qat-random-w4a16"], 0, None)).quant.activations.bits == 16
-    real = task_config(spec, task, row_patch(ROWS["qat-real-w4a8"], 0, "t.tsv"))
-    assert real.calib.real_data == str(bench_files / "t.tsv") and real.calib.method == "real-data"
+    real = task_config(spec, task, row_patch(ROWS["qat-real-w4a8"], 0, "train.tsv"))
+    assert real.calib.real_data == str(bench_files / "train.tsv") and real.calib.method == "real-data"
 
 
 @torch.no_grad()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from calib.errors import ConfigError
 from pipeline.config import parse_config
+from tests.models import save_tiny_bert_folder
 
 BAD_CONFIGS = [
     # (override, key named in the message, words of the expectation)
@@ -46,6 +50,21 @@ BAD_CONFIGS = [
     ),
     ({"quant": {"lm_head": True}}, "quant.lm_head", "false unless task.kind is causal-lm"),
     ({"quant": {"lm_head": "yes"}}, "quant.lm_head", "true or false"),
+    # values that once passed this check and failed later (issue 21)
+    ({"validate": {"shapes": []}}, "validate.shapes", "at least one [batch, sequence]"),
+    ({"validate": {"samples": 0}}, "validate.samples", "a positive integer"),
+    ({"validate": {"threads": -1}}, "validate.threads", "0 or more"),
+    ({"validate": {"warmup": -5}}, "validate.warmup", "0 or more"),
+    ({"calib": {"seed": 2**70}}, "calib.seed", "an integer from 0 to 2**63 - 1"),
+    ({"calib": {"sam_sga": {"rho": float("nan")}}}, "calib.sam_sga.rho", "a finite number"),
+    ({"quant": {"learn": {"lr": float("inf")}}}, "quant.learn.lr", "a finite number"),
+    ({"task": {"eval": {"data": "x.tsv", "metric": "perplexity"}}}, "task.eval.metric", "accuracy or matthews"),
+    ({"task": {"eval": {"data": "x.tsv", "metric": "accuracy", "limit": -1}}}, "task.eval.limit", "a positive"),
+    ({"task": {"eval": {"data": "typo.tsv", "metric": "accuracy"}}}, "task.eval.data", "an existing file"),
+    ({"calib": {"method": "real-data", "real_data": "gone.tsv"}}, "calib.real_data", "an existing task data file"),
+    ({"calib": {"method": "teacher-sampled"}}, "calib.method", "teacher-sampled needs task.kind: causal-lm"),
+    ({"export": {"opset": 99}}, "export.opset", "17 to 21"),
+    ({"model": {"random": {"family": "bert", "kv_heads": 2}}}, "model.random.kv_heads", "grouped key/value heads"),
 ]
 
 
@@ -98,7 +117,10 @@ def test_missing_config_file(cli, tmp_path):
 
 def test_defaults_and_relative_paths_resolve_next_to_the_file(tmp_path):
     config = parse_config(
-        {"model": {"path": "m"}, "task": {"kind": "embedding", "eval": {"data": "d.tsv", "metric": "spearman"}}},
+        {
+            "model": {"path": "m"},
+            "task": {"kind": "embedding", "eval": {"data": "d.tsv", "metric": "spearman", "optional": True}},
+        },
         base_dir=tmp_path,
     )
     assert config.model.path == str(tmp_path / "m")
@@ -125,3 +147,38 @@ def test_a_scheme_tensorrt_cannot_run_is_refused_before_any_work_with_export_trt
     refused = cli("run", per_channel, "--out", out, "--export", "trt")
     assert refused.exit_code == 2 and "quant.weights.granularity: expected per-group" in refused.stderr
     assert not out.exists()
+
+
+def test_a_key_given_twice_is_refused(write_config, cli, tmp_path):
+    config = write_config(text="model: {random: {family: bert}}\ncalib: {samples: 8}\ncalib: {samples: 16}\n")
+    result = cli("run", config, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "line 3: the key 'calib' is given twice" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_files_the_config_names_are_opened_before_any_work(write_config, cli, tmp_path):
+    """A truncated weight file or an evaluation file of the wrong shape: one line, exit 2, nothing written."""
+    model = save_tiny_bert_folder(tmp_path / "model", ("good", "bad"))
+    weights = model / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    source = {"model": {"path": str(model), "random": None}}
+    result = cli("run", write_config(source), "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "model.safetensors is not a readable weight file" in result.stderr
+    weights.write_bytes(intact)
+    (tmp_path / "dev.tsv").write_text("sentence\tverdict\ngood\t1\n")
+    evaluated = {**source, "task": {"eval": {"data": str(tmp_path / "dev.tsv"), "metric": "accuracy"}}}
+    result = cli("run", write_config(evaluated), "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "dev.tsv: not a GLUE task file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_config_error_imports_no_torch(write_config):
+    """Config errors come in well under a second: they are found before torch or transformers is imported."""
+    probe = (
+        "import sys\nfrom pipeline.cli import main\n"
+        f"try:\n    main(['run', {str(write_config({'calib': {'samples': 0}}))!r}])\n"
+        "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
