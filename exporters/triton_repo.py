@@ -14,7 +14,7 @@ import onnx
 
 from calib.errors import PipelineError
 
-PYTHON_MODEL = Path(__file__).with_name("triton_tokenizer_model.py")
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -128,6 +128,14 @@ def _ensemble_step(model: str, inputs: list[str], outputs: list[str]) -> dict[st
     }
 
 
+def text_outputs(graph_outputs: list[TensorSpec], task_kind: str) -> list[TensorSpec]:
+    """What a raw-text model answers: the graph's output, or for classification the label and softmax scores."""
+    if task_kind != "classification":
+        return graph_outputs
+    (logits,) = graph_outputs
+    return [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("scores", "TYPE_FP32", logits.dims)]
+
+
 def serving_limits(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
     """(max batch size, max tokens per text): the largest validated shape, which the TensorRT profile also uses."""
     return max(b for b, _ in shapes), max(s for _, s in shapes)
@@ -173,7 +181,7 @@ def _write_text_models(root: Path, spec: RepositorySpec, outputs: list[TensorSpe
     if spec.task_kind != "classification":
         return [], outputs
     (logits,) = outputs
-    final = [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("scores", "TYPE_FP32", logits.dims)]
+    final = text_outputs(outputs, spec.task_kind)
     folder = root / POSTPROCESS_MODEL
     config = model_config(POSTPROCESS_MODEL, [logits], final, spec.max_batch_size, "KIND_CPU", backend="python")
     params = {"mode": "classify", "labels": json.dumps(list(spec.labels))}

@@ -13,7 +13,7 @@ import click
 
 from calib.errors import ConfigError, PipelineError, ThresholdFailed
 from pipeline import __version__
-from pipeline.layout import MANIFEST, REPORT_MD, SERVE_DIR, SERVE_LOAD, SERVE_REPORT, STUDENT_ONNX, TEACHER_MODEL
+from pipeline.layout import REPORT_MD, SERVE_DIR, SERVE_REPORT
 
 EXPORT_CHOICES = ("onnx", "trt", "triton")
 
@@ -112,52 +112,128 @@ def inspect(run_dir: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--port", default=8000, show_default=True, help="HTTP port on 127.0.0.1.")
+@click.option("--grpc-port", default=8001, show_default=True, help="gRPC port on 127.0.0.1.")
+@click.option("--metrics-port", default=8002, show_default=True, help="Prometheus metrics port on 127.0.0.1.")
 @click.option("--threads", default=0, help="ONNX Runtime threads (default: all cores).")
+@click.option(
+    "--batching/--no-batching",
+    default=True,
+    show_default=True,
+    help="Triton's dynamic batcher, set from the validate stage's measured batch latencies.",
+)
 @click.option(
     "--load-check",
     is_flag=True,
-    help="Run the bounded loopback load check and the malformed requests, write RUN/serve/report.md, then stop.",
+    help="Measure with perf_analyzer (HTTP and gRPC, with and without the batcher), send malformed requests, "
+    "write RUN/serve/report.md, load.json and load.png, then stop.",
 )
-@click.option("--requests", default=200, show_default=True, help="Load check: requests per concurrency level.")
-@click.option("--time-limit", default=60.0, show_default=True, help="Load check: seconds per concurrency level.")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Load check: concurrency levels.")
+@click.option("--window-ms", default=2000, show_default=True, help="Load check: perf_analyzer's measurement window.")
+@click.option(
+    "--stability", default=30.0, show_default=True, help="Load check: % within which three windows in a row agree."
+)
 @user_errors
-def serve(run_dir: Path, port: int, threads: int, load_check: bool, requests: int, time_limit: float) -> None:
+def serve(
+    run_dir: Path,
+    port: int,
+    grpc_port: int,
+    metrics_port: int,
+    threads: int,
+    batching: bool,
+    load_check: bool,
+    concurrency: str,
+    window_ms: int,
+    stability: float,
+) -> None:
     """Serve a run's CPU student (raw text in) through a Triton server on 127.0.0.1 (needs the serve extra)."""
-    from exporters import triton_serve
+    levels = _concurrency_levels(concurrency)
+    if window_ms < 100 or not 0 < stability <= 100:
+        raise ConfigError(
+            f"--window-ms: expected at least 100 and --stability in (0, 100], got {window_ms}, {stability}"
+        )
+    from exporters.triton_server import Ports, require_server
+    from pipeline.serving import served_spec
 
-    triton_serve.require_pytriton()
-    model = _served_model(run_dir, threads)
-    with triton_serve.TextServer(model, port, run_dir / SERVE_DIR / f"triton-{port}.log") as server:
-        if load_check:
-            report = triton_serve.load_check(server, requests, time_limit)
-            triton_serve.write_load_report(report, run_dir / SERVE_LOAD, run_dir / SERVE_REPORT)
-            click.echo(triton_serve.render_load_markdown(report))
-            if not report["passed"]:
-                raise ThresholdFailed(f"serve: the load check failed; see {run_dir / SERVE_REPORT}")
-            return
-        name = triton_serve.MODEL_NAME
-        click.echo(f"serving {name} at http://{server.url}/v2/models/{name} (log: {server.log_file}; Ctrl-C stops)")
-        server.wait()
+    require_server()
+    spec = served_spec(run_dir, threads, batching)
+    if load_check:
+        from exporters.perf_analyzer import Windows, perf_analyzer
+
+        perf_analyzer()  # a missing library is a one-line error before the server starts
+    import tempfile
+
+    from exporters.triton_serve import Serving, write_serve_repository
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="zsaq-serve-") as repository:
+            models = write_serve_repository(Path(repository), spec, with_unbatched=load_check)
+            ports = Ports(port, grpc_port, metrics_port)
+            with Serving(Path(repository), models, ports, run_dir / SERVE_DIR) as server:
+                if load_check:
+                    windows = Windows(window_ms, stability)
+                    _run_load_check(run_dir, spec, server.endpoints, levels, windows)
+                    return
+                _print_endpoints(spec, server)
+                server.wait()
+    except KeyboardInterrupt:  # before the server was up, or during the load check: it is stopped
+        click.echo("error: interrupted; the server is stopped", err=True)
+        sys.exit(130)
     click.echo("stopped")
 
 
-def _served_model(run_dir: Path, threads: int) -> Any:
-    """The run's CPU student, tokenizer and serving limits, found through the run layout."""
-    from exporters.triton_serve import load_served_model
+def _concurrency_levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency: expected positive integers separated by commas, got {text!r}")
+    return levels
 
-    if not (run_dir / MANIFEST).is_file():
-        raise PipelineError(f"{run_dir}: no {MANIFEST} here (not a run folder)")
-    graph = STUDENT_ONNX["cpu"]
-    if not graph.path(run_dir).is_file():
-        raise PipelineError(
-            f"{run_dir}: no CPU student graph {graph.stage}/{graph.name}; run the pipeline into it first"
-        )
-    config = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))["config"]
-    task = config["task"]
-    shapes = config["validate"]["shapes"]
-    return load_served_model(
-        graph.path(run_dir), TEACHER_MODEL.path(run_dir), task["kind"], task["num_labels"], shapes, threads
-    )
+
+def _print_endpoints(spec: Any, server: Any) -> None:
+    from exporters.triton_serve import MODEL_NAME
+
+    endpoints = server.endpoints
+    batching = spec.batching.describe() if spec.batching else "no dynamic batching"
+    click.echo(f"serving {MODEL_NAME} (raw text in) from {spec.graph}")
+    click.echo(f"  HTTP     {endpoints.http}  (Triton's HTTP/REST protocol)")
+    click.echo(f"  gRPC     {endpoints.grpc}")
+    click.echo(f"  metrics  {endpoints.metrics}")
+    click.echo(f"  {batching}; up to {spec.max_batch_size} texts of {spec.max_length} tokens per request")
+    click.echo(f"  logs: {server.triton_log}, {server.front_log}; Ctrl-C stops")
+
+
+def _run_load_check(run_dir: Path, spec: Any, endpoints: Any, levels: tuple[int, ...], windows: Any) -> None:
+    from tqdm import tqdm
+
+    from exporters.cpu_kernels import machine_description
+    from exporters.serve_check import load_check
+    from exporters.triton_serve import MODEL_NAME, UNBATCHED_MODEL
+    from pipeline.report import render_serve_markdown, write_serve_report
+
+    with tqdm(total=2 + 3 * len(levels), desc="load check", unit="step", file=sys.stderr) as bar:
+
+        def progress(step: str) -> None:  # a step starts: the one before it is done
+            bar.update(1 if bar.postfix else 0)
+            bar.set_postfix_str(step)
+
+        found = load_check(endpoints, spec.reference_model(), spec.max_batch_size, levels, windows, progress)
+        bar.update(1)
+    report = {
+        "model": MODEL_NAME,
+        "unbatched_model": UNBATCHED_MODEL,
+        "graph": str(spec.graph),
+        "machine": machine_description(),
+        "threads": spec.threads,
+        "batching": spec.batching.describe() if spec.batching else "no dynamic batching",
+        "max_batch_size": spec.max_batch_size,
+        **found,
+    }
+    write_serve_report(report, run_dir)
+    click.echo(render_serve_markdown(report))
+    if not report["passed"]:
+        raise ThresholdFailed(f"serve: the load check failed; see {run_dir / SERVE_REPORT}")
 
 
 @main.command()

@@ -41,7 +41,7 @@ REPORT_MD = Artifact("validate", "report.md")
 REPORT_PLOT = Artifact("validate", "plot.png")
 REPOSITORY = Artifact("package", "model_repository")
 SERVE_DIR = Path("serve")  # written by ``serve`` (its log) and ``serve --load-check``, outside the stages
-SERVE_REPORT, SERVE_LOAD = SERVE_DIR / "report.md", SERVE_DIR / "load.json"
+SERVE_REPORT, SERVE_LOAD, SERVE_PLOT = SERVE_DIR / "report.md", SERVE_DIR / "load.json", SERVE_DIR / "load.png"
 
 
 def int4_weight_only_onnx(group: int) -> Artifact:

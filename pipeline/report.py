@@ -9,7 +9,8 @@ from typing import Any
 
 import matplotlib
 
-from pipeline.layout import REPORT_JSON, REPORT_MD, REPORT_PLOT
+from pipeline.layout import REPORT_JSON, REPORT_MD, REPORT_PLOT, SERVE_LOAD, SERVE_PLOT, SERVE_REPORT
+from pipeline.runfolder import atomic_write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
@@ -109,3 +110,89 @@ def plot_losses(history: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def render_serve_markdown(report: dict[str, Any]) -> str:
+    """The serving check: where and how it was served, the load levels, the malformed requests."""
+    effect, windows = report["batching_effect"], report["windows"]
+    lines = [
+        f"# Serving check: {report['model']}",
+        "",
+        f"- Graph: `{report['graph']}`; {report['server']}, measured with perf_analyzer ({report['perf_analyzer']})",
+        f"- Machine: {report['machine']}; ONNX Runtime threads: {report['threads'] or 'all cores'}; "
+        "perf_analyzer runs on the same CPUs as the server",
+        f"- Endpoints: HTTP {report['endpoints']['http']}, gRPC {report['endpoints']['grpc']}, "
+        f"metrics {report['endpoints']['metrics']}",
+        f"- `{report['model']}`: {report['batching']}, max batch {report['max_batch_size']}; "
+        f"`{report['unbatched_model']}`: the same model without the batcher",
+        f"- Answers (HTTP and gRPC, alone and batched) vs the model in-process: max abs diff "
+        f"{report['answers']['http_max_abs_diff']:.2e} / {report['answers']['grpc_max_abs_diff']:.2e}",
+        f"- Result: {'passed' if report['passed'] else 'FAILED'}",
+        "",
+        f"## Load (one text per request; perf_analyzer time windows of {windows['window_ms']} ms, three in a row "
+        f"within {windows['stability_percent']:g}%)",
+        "",
+        "| protocol | model | concurrency | infer/s | p50 ms | p99 ms | queue ms | compute ms | failed | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in report["levels"]:
+        cells = [lv["protocol"], lv["model"], lv["concurrency"], _ms(lv["throughput"]), _ms(lv["p50_ms"])]
+        cells += [_ms(lv["p99_ms"]), _ms(lv["queue_ms"]), _ms(lv["compute_ms"]), lv["server_failures"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + f" | {lv['error'] or ''} |")
+    if effect:
+        lines += [
+            "",
+            f"Dynamic batching at concurrency {effect['concurrency']} (HTTP): {effect['throughput_ratio']}x the "
+            f"unbatched throughput, p99 {effect['p99_batched_ms']} ms vs {effect['p99_unbatched_ms']} ms.",
+        ]
+    malformed = report["malformed"]
+    lines += [
+        "",
+        "## Malformed requests",
+        "",
+        "| protocol | request | status | reason | clean |",
+        "|---|---|---|---|---|",
+    ]
+    for case in malformed["cases"]:
+        clean = case["one_line"] and case["no_traceback"] and case["no_path"]
+        reason = case["reason"].replace("|", "\\|")
+        lines.append(f"| {case['protocol']} | {case['request']} | {case['status']} | {reason} | {clean} |")
+    counters = ", ".join(f"{name} {value}" for name, value in malformed["counters"].items())
+    lines += ["", f"Served after them: {malformed['served_after']}. Failure counters: {counters}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_serve_load(report: dict[str, Any], path: Path) -> None:
+    """Throughput and p99 latency against concurrency, one line per protocol and batching."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for lv in report["levels"]:
+        if lv["completed"]:
+            series.setdefault(f"{lv['model']} ({lv['protocol']})", []).append(lv)
+    for label, levels in series.items():
+        x = [lv["concurrency"] for lv in levels]
+        left.plot(x, [lv["throughput"] for lv in levels], marker="o", label=label)
+        right.plot(x, [lv["p99_ms"] for lv in levels], marker="o", label=label)
+    for ax, ylabel in ((left, "inferences / s"), (right, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (one-text requests)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{report['model']} served by Triton on {report['machine']}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_serve_report(report: dict[str, Any], run_dir: Path) -> None:
+    """``serve/load.json``, ``serve/report.md`` and ``serve/load.png`` in the run folder."""
+    atomic_write_text(run_dir / SERVE_LOAD, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(run_dir / SERVE_REPORT, render_serve_markdown(report))
+    plot_serve_load(report, run_dir / SERVE_PLOT)

@@ -31,6 +31,11 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
+def student_label(flavour: str) -> str:
+    """The report's name for the student graph of one flavour (``cpu``, ``trt``)."""
+    return f"qdq-{flavour}-flavour"
+
+
 class ValidateStage(Stage):
     """Writes ``validate/report.json``, ``report.md`` and ``plot.png``."""
 
@@ -55,7 +60,7 @@ class ValidateStage(Stage):
             TorchRunner(FP32_PYTORCH, teacher, weights_bytes, threads),
             TorchRunner(STUDENT, student, weights_bytes, threads),
         ]
-        labels = {TEACHER_ONNX: FP32_ONNX, **{a: f"qdq-{name}-flavour" for name, a in STUDENT_ONNX.items()}}
+        labels = {TEACHER_ONNX: FP32_ONNX, **{a: student_label(name) for name, a in STUDENT_ONNX.items()}}
         # The int4 weight-only models and ORT's dynamic int8 baseline quantize the teacher, not the student:
         # they agree with the FP teacher (validate.min_agreement, a check of the student's exports, skips them).
         teacher_rows = {int4_weight_only_onnx(g): f"w4a16-g{g}-cpu" for g in config.export.int4_weight_only}

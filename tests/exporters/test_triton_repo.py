@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +13,9 @@ from onnx import TensorProto, helper
 
 from calib.config import ModelSource, RandomModel
 from calib.errors import PipelineError
+from exporters.triton_python_model import InvalidRequest, classify, decode_texts, encode
 from exporters.triton_repo import RepositorySpec, write_repository
-from exporters.triton_tokenizer_model import InvalidRequest, classify, decode_texts, encode
+from exporters.triton_server import TritonServer, free_ports
 from pipeline.config import PipelineConfig
 from pipeline.runfolder import RunFolder
 from pipeline.stages.base import StageContext
@@ -182,22 +176,6 @@ def test_tokenizer_model_functions_refuse_bad_text_and_classify():
     assert np.allclose(scores.sum(1), 1.0) and scores.dtype == np.float32
 
 
-def bundled_tritonserver(folder: Path) -> tuple[Path, dict[str, str]]:
-    """The Triton 2.51 server that the nvidia-pytriton wheel bundles (Python backend only), laid out as PyTriton
-    lays it out, and the environment its Python backend needs."""
-    pytest.importorskip("pytriton", reason="the bundled Triton server comes with the [serve] extra")
-    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
-
-    dist = get_root_module_path() / "tritonserver"
-    shutil.copytree(dist, folder, ignore=shutil.ignore_patterns("python_backend_stubs"))
-    stub = get_stub_path(f"{sys.version_info.major}.{sys.version_info.minor}")
-    shutil.copy(stub, folder / "backends" / "python" / "triton_python_backend_stub")
-    libs = [sysconfig.get_config_var("LIBDIR"), str(get_libs_path()), os.environ.get("LD_LIBRARY_PATH", "")]
-    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(p for p in libs if p)}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    return folder, env
-
-
 @pytest.mark.slow
 def test_text_models_load_and_answer_in_a_real_triton_server(text_run, tmp_path):
     """The repository's own tokenizer and post-processing models (model.py + config.pbtxt, copied as they are)
@@ -206,31 +184,12 @@ def test_text_models_load_and_answer_in_a_real_triton_server(text_run, tmp_path)
     from tritonclient.http import InferInput
     from tritonclient.utils import InferenceServerException
 
-    server, env = bundled_tritonserver(tmp_path / "tritonserver")
     repository = tmp_path / "repository"
     for name in ("tokenizer", "postprocess"):
         shutil.copytree(text_run / "package" / "model_repository" / name, repository / name)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        str(server / "bin" / "tritonserver"),
-        f"--model-repository={repository}",
-        f"--backend-directory={server / 'backends'}",
-        "--http-address=127.0.0.1",
-        f"--http-port={port}",
-        "--allow-grpc=false",
-        "--allow-metrics=false",
-        f"--log-file={tmp_path / 'triton.log'}",
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with InferenceServerClient(f"127.0.0.1:{port}") as client:
-            deadline = time.monotonic() + 120
-            while not _ready(client, ("tokenizer", "postprocess")):
-                assert process.poll() is None, (tmp_path / "triton.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "Triton did not load the models in time"
-                time.sleep(0.5)
+    models = ["tokenizer", "postprocess"]
+    with TritonServer(repository, models, free_ports(), tmp_path / "triton.log") as server:
+        with InferenceServerClient(server.http_url) as client:
             texts = np.array([[b"a cat"], [b"two small dogs"]], dtype=object)
             text = InferInput("text", [2, 1], "BYTES")
             text.set_data_from_numpy(texts)
@@ -240,25 +199,11 @@ def test_text_models_load_and_answer_in_a_real_triton_server(text_run, tmp_path)
             assert (result.as_numpy("attention_mask") == expected["attention_mask"]).all()
             empty = InferInput("text", [1, 1], "BYTES")
             empty.set_data_from_numpy(np.array([[b""]], dtype=object))
-            with pytest.raises(InferenceServerException, match="text 0 is empty"):
+            with pytest.raises(InferenceServerException, match="text 0 is empty") as refused:
                 client.infer("tokenizer", [empty])
+            assert refused.value.status() == "400"  # INVALID_ARG: the client's fault, not the server's
             logits = InferInput("logits", [2, 2], "FP32")
             logits.set_data_from_numpy(np.array([[0.0, 3.0], [1.0, 0.0]], dtype=np.float32))
             result = client.infer("postprocess", [logits])
             assert result.as_numpy("label").reshape(-1).tolist() == [b"positive", b"negative"]
             assert np.allclose(result.as_numpy("scores").sum(1), 1.0)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0
-
-
-def _ready(client: InferenceServerClient, models: tuple[str, ...]) -> bool:
-    try:
-        return all(client.is_model_ready(name) for name in models)
-    except Exception:  # not listening yet
-        return False
