@@ -48,7 +48,7 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
     try:
         probe = subprocess.run([str(binary), "--version"], env=env, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise StageUnavailable("perf_analyzer is missing: pip install -e '.[serve]' (tritonclient 2.51)") from None
+        raise StageUnavailable("perf_analyzer is missing: pip install --no-deps tritonclient==2.51.0") from None
     missing = MISSING_LIBRARY.search(probe.stderr)
     if missing:
         library = missing.group(1)
