@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -60,17 +62,37 @@ def token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray) -> tu
     return float(nll.sum()), int(valid.sum())
 
 
+@dataclass
+class AgreementStream:
+    """:func:`agreement` accumulated batch by batch, so that no model's outputs need to be held whole (a
+    decoder's logits over an evaluation corpus are gigabytes)."""
+
+    max_abs_diff: float = 0.0
+    cosine_sum: float = 0.0
+    argmax_matches: int = 0
+    rows: int = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> AgreementStream:
+        """One batch of outputs (any shape with the same last axis)."""
+        ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+        cand = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(ref - cand).max()))
+        self.cosine_sum += float(cosine_rows(ref, cand).sum())
+        self.argmax_matches += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        self.rows += len(ref)
+        return self
+
+    def result(self, kind: str) -> dict[str, float]:
+        """max |diff|, mean cosine and (except for embeddings) the argmax match rate."""
+        result = {"max_abs_diff": self.max_abs_diff, "mean_cosine": self.cosine_sum / max(self.rows, 1)}
+        if kind != "embedding":
+            result["argmax_match"] = self.argmax_matches / max(self.rows, 1)
+        return result
+
+
 def agreement(reference: np.ndarray, candidate: np.ndarray, kind: str) -> dict[str, float]:
     """How closely ``candidate`` reproduces ``reference``: max |diff|, mean cosine, argmax match."""
-    ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
-    cand = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
-    result = {
-        "max_abs_diff": float(np.abs(ref - cand).max()),
-        "mean_cosine": float(cosine_rows(ref, cand).mean()),
-    }
-    if kind != "embedding":
-        result["argmax_match"] = float((ref.argmax(-1) == cand.argmax(-1)).mean())
-    return result
+    return AgreementStream().add(reference, candidate).result(kind)
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray, kind: str) -> float:

@@ -15,7 +15,7 @@ from calib.inputs import random_tokens
 from calib.models import TaskModel
 from calib.task_data import EvalSet, load_eval_set
 from exporters.config import ValidateConfig
-from exporters.metrics import accuracy, agreement, cosine_rows, matthews, spearman, token_nll
+from exporters.metrics import AgreementStream, accuracy, cosine_rows, matthews, spearman, token_nll
 from exporters.runners import Runner, TorchRunner, measure_latencies
 
 EVAL_BATCH = 32
@@ -127,6 +127,41 @@ class ModelReport:
     reference: str  # what the agreement figures compare with
 
 
+@dataclass
+class _Outputs:
+    """What validation keeps of one model's run: its task metric, its agreement, and its outputs only when
+    other models are compared with it."""
+
+    metric: float | None
+    agreement: dict[str, float] | None
+    kept: list[np.ndarray] | None
+
+
+def _run_streaming(runner: Runner, inputs: EvalInputs, reference: list[np.ndarray] | None, kind: str, keep: bool):
+    """Run one model batch by batch: perplexity and agreement accumulate as it goes, so a decoder's logits are
+    never all in memory; only a reference model's outputs are kept."""
+    stream = AgreementStream() if reference is not None else None
+    kept: list[np.ndarray] = []
+    outs_a: list[np.ndarray] = []  # for metrics over all rows (accuracy, correlation): small outputs
+    nll, count = 0.0, 0
+    for i, (ids, mask) in enumerate(inputs.batches_a):
+        output = runner(ids, mask)
+        if stream is not None:
+            stream.add(reference[i], output)
+        if keep:
+            kept.append(output)
+        if inputs.metric == "perplexity":
+            batch_nll, batch_count = token_nll(output, ids, mask)
+            nll, count = nll + batch_nll, count + batch_count
+        elif inputs.metric is not None:
+            outs_a.append(output)
+    if inputs.metric == "perplexity":
+        metric = float(np.exp(nll / max(count, 1)))
+    else:
+        metric = task_metric(inputs, outs_a, _run_all(runner, inputs.batches_b))
+    return _Outputs(metric, stream.result(kind) if stream else None, kept if keep else None)
+
+
 def validate_models(
     runners: list[Runner],
     reference_name: str,
@@ -137,27 +172,32 @@ def validate_models(
     references: dict[str, str] | None = None,
 ) -> list[ModelReport]:
     """Run each runner on the inputs; agreement is measured against the runner named ``reference_name``,
-    or the one ``references`` names for it (models that are not the student's exports)."""
-    outputs = {r.name: (_run_all(r, inputs.batches_a), _run_all(r, inputs.batches_b)) for r in runners}
-    flat = {name: np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs[0]]) for name, outs in outputs.items()}
+    or the one ``references`` names for it (models that are not the student's exports). Reference models
+    run first, so every other model streams its agreement against them."""
     references = references or {}
-    reports = []
+    reference_of = {r.name: references.get(r.name, reference_name) for r in runners}
+    needed = {reference_name, *references.values()}
+    order = sorted(runners, key=lambda r: (r.name != reference_name, r.name not in needed))
+    results: dict[str, _Outputs] = {}
+    for runner in order:
+        reference = reference_of[runner.name]
+        if runner.name != reference and reference not in results:
+            raise ValueError(f"validation: {runner.name}'s reference {reference} runs after it")
+        kept = None if runner.name == reference else results[reference].kept
+        results[runner.name] = _run_streaming(runner, inputs, kept, kind, keep=runner.name in needed)
     latencies = measure_latencies(runners, validate.shapes, validate.warmup, validate.repeats, vocab_size)
-    for runner in runners:
-        outs_a, outs_b = outputs[runner.name]
-        reference = references.get(runner.name, reference_name)
-        reports.append(
-            ModelReport(
-                name=runner.name,
-                runtime=runner.runtime,
-                size_mb=round(runner.size_bytes / 2**20, 2),
-                metric=task_metric(inputs, outs_a, outs_b),
-                agreement=None if runner.name == reference else agreement(flat[reference], flat[runner.name], kind),
-                latency=[asdict(lat) for lat in latencies[runner.name]],
-                reference=reference,
-            )
+    return [
+        ModelReport(
+            name=runner.name,
+            runtime=runner.runtime,
+            size_mb=round(runner.size_bytes / 2**20, 2),
+            metric=results[runner.name].metric,
+            agreement=results[runner.name].agreement,
+            latency=[asdict(lat) for lat in latencies[runner.name]],
+            reference=reference_of[runner.name],
         )
-    return reports
+        for runner in runners
+    ]
 
 
 def evaluate_torch(model: TaskModel, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:
