@@ -155,7 +155,10 @@ class SamSgaConfig:
 class CalibConfig:
     """Data-free calibration by a registered method (:data:`calib.registry.METHODS`): ``zsaq`` trains a
     generator against the student (SAM-SGA); the others make fixed inputs. ``real_data`` is read only by
-    ``real-data``, an upper bound for benchmarks flagged in every report."""
+    ``real-data``, an upper bound for benchmarks flagged in every report. ``streams``: the generator batch of
+    each step is drawn as this many independent streams (:mod:`calib.parallel`); set it to make a data-parallel
+    run's numbers independent of the number of processes (it must be a multiple of it). ``device``: where
+    calibrate and quantize run (:mod:`calib.devices`; ``auto``: a CUDA GPU when there is one)."""
 
     method: Annotated[str, tuple(METHODS)] = "zsaq"
     samples: Positive = 256
@@ -163,6 +166,8 @@ class CalibConfig:
     batch_size: Positive = 16
     seed: Seed = 0
     real_data: FilePath | None = None
+    streams: Positive | None = None  # sample streams per step (calib.parallel); None: one per process
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where calibrate and quantize run (calib.devices)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sam_sga: SamSgaConfig = field(default_factory=SamSgaConfig)
     priors: PriorConfig = field(default_factory=PriorConfig)

@@ -38,7 +38,7 @@ def gptq_weight(
     dead = torch.diag(h) == 0  # inputs that never fire: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     result = torch.zeros_like(w)
     for start in range(0, w.shape[1], block):
@@ -69,7 +69,8 @@ def _block_hessians(
 ) -> dict[str, torch.Tensor]:
     """``X^T X`` over the real (unmasked) tokens of every batch, for each layer of one block."""
     hessians = {
-        name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) for name, layer in layers.items()
+        name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=layer.weight.device)
+        for name, layer in layers.items()
     }
     seen: set[str] = set()
     mask: list[torch.Tensor] = []

@@ -33,6 +33,24 @@ class Batch:
             output_hidden_states=output_hidden_states,
         )
 
+    def __len__(self) -> int:
+        return len(self.attention_mask)
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (itself when it is there)."""
+        return Batch(*(None if t is None else t.to(device) for t in (self.attention_mask, self.input_ids,
+                                                                     self.inputs_embeds)))  # fmt: skip
+
+    def rows(self, part: range) -> Batch:
+        """The batch's rows ``part`` (itself when that is all of them)."""
+        if part.start == 0 and part.stop == len(self):
+            return self
+
+        def cut(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[part.start : part.stop]
+
+        return Batch(cut(self.attention_mask), cut(self.input_ids), cut(self.inputs_embeds))
+
 
 @dataclass
 class CalibrationSet:
@@ -63,7 +81,7 @@ class CalibrationSet:
             "input_ids": self.input_ids,
             "inputs_embeds": self.inputs_embeds,
         }
-        return {k: v.contiguous() for k, v in named.items() if v is not None}
+        return {k: v.cpu().contiguous() for k, v in named.items() if v is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> CalibrationSet:
@@ -83,8 +101,8 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase | None) -> tuple[tuple[
 
 def varied_mask(batch: int, seq_len: int, min_len: int, rng: torch.Generator) -> torch.Tensor:
     """int64 ``[batch, seq_len]`` mask with lengths uniform in ``[min_len, seq_len]`` (padding on the right)."""
-    lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=rng)
-    return (torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=rng, device=rng.device)
+    return (torch.arange(seq_len, device=rng.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
 
 
 def random_tokens(

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calib.block_calls import capture_block_call
 from calib.config import LearnConfig
 from calib.families import block_of
 from calib.inputs import Batch
 from calib.models import TaskModel, TaskOutput
+from calib.parallel import SINGLE, Parallel, split_parts
 from calib.quadapter import ChannelScale
 from calib.quant_attention import ROLES
 from calib.student import attention_quantizers, quant_layers
@@ -125,16 +127,23 @@ class LearnResult:
 LossFn = Callable[[Batch], torch.Tensor]
 
 
+def split_batches(batches: list[Batch], parallel: Parallel) -> list[list[Batch]]:
+    """Each batch cut into one part per sample stream (fewer for a short batch): the loss of a step is the
+    mean of its parts' losses, and each rank computes the parts it owns (:mod:`calib.parallel`)."""
+    return [[batch.rows(part) for part in split_parts(len(batch), parallel.streams)] for batch in batches]
+
+
 def _optimize(
     positive: list[torch.nn.Parameter],
     free: list[torch.nn.Parameter],
     loss_fn: LossFn,
-    batches: list[Batch],
+    batches: list[list[Batch]],
     steps: int,
     config: LearnConfig,
     result: LearnResult,
     description: str,
     show_progress: bool,
+    parallel: Parallel,
 ) -> bool:
     """AdamW + cosine schedule; False when learning had to stop (NaN or divergence: last good state kept)."""
     params = [*positive, *free]
@@ -142,10 +151,20 @@ def _optimize(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     good_state = [p.detach().clone() for p in params]
     first = None
+
+    def loss_and_gradients(parts: list[Batch]) -> torch.Tensor:
+        total = torch.zeros((), device=params[0].device)
+        for index in parallel.owned_parts(len(parts)):
+            loss = loss_fn(parts[index]) / len(parts)
+            loss.backward()
+            total = total + loss.detach()
+        return parallel.reduce_gradients(params, total)
+
     progress = tqdm(range(steps), desc=description, disable=not show_progress)
     for step in progress:
-        loss = loss_fn(batches[step % len(batches)])
-        value = loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        # the divergence check needs the value on the host: the one copy per step of this loop
+        value = loss_and_gradients(batches[step % len(batches)]).item()
         first = value if first is None else first
         if not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(first, 1e-12):
             with torch.no_grad():
@@ -155,8 +174,6 @@ def _optimize(
             progress.write(result.stopped_early)
             return False
         good_state = [p.detach().clone() for p in params]  # these parameters gave a finite loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         schedule.step()
         clamp_positive(positive)
@@ -171,17 +188,21 @@ def learn_quantizers(
     batches: list[Batch],
     config: LearnConfig,
     show_progress: bool = True,
+    parallel: Parallel = SINGLE,
 ) -> LearnResult:
-    """Distil the teacher into the student for ``config.steps`` steps, cycling through ``batches``.
+    """Distil the teacher into the student for ``config.steps`` steps, cycling through ``batches`` (data
+    parallel over the ranks of ``parallel``).
 
     ``end-to-end``: every learnable parameter at once on the output (+ hidden-state) loss.
-    ``block-wise``: block by block in order, each on its own output's MSE (``steps`` split evenly).
+    ``block-wise``: block by block in order, each on its own output's MSE (``steps`` split evenly), one
+    block's activations in memory at a time (:func:`_learn_block_by_block`).
     """
     result = LearnResult()
     if config.steps == 0:
         return result
-    want_hidden = config.hidden_mse_weight > 0 or config.mode == "block-wise"
+    want_hidden = config.hidden_mse_weight > 0
     teacher_cache: dict[int, TaskOutput] = {}
+    parts = split_batches(batches, parallel)
 
     def teacher_out(batch: Batch) -> TaskOutput:
         key = id(batch)  # batches are fixed: the teacher's outputs are computed once each
@@ -199,31 +220,68 @@ def learn_quantizers(
                 return distillation_loss(teacher.kind, out, teacher_out(batch), batch.attention_mask, config)
 
             _optimize(
-                positive, free, loss_fn, batches, config.steps, config, result, "quantize: learning", show_progress
-            )
+                positive, free, loss_fn, parts, config.steps, config, result, "quantize: learning", show_progress,
+                parallel,
+            )  # fmt: skip
             return result
-        blocks: dict[str, list[str]] = {}
-        for name in quant_layers(student):  # a layer outside the blocks (LM head) keeps its initial ranges
-            block = block_of(name)
-            if block is not None:
-                blocks.setdefault(block, []).append(name)
-        per_block = max(1, config.steps // len(blocks))
-        for index, (block, names) in enumerate(blocks.items()):
-            positive, free = learnable_parameters(student, config.params, names)
-
-            def block_loss(batch: Batch, index: int = index) -> torch.Tensor:
-                out = batch.run(student, output_hidden_states=True)
-                target = teacher_out(batch).hidden_states[index + 1]
-                return hidden_loss((out.hidden_states[index + 1],), (target,), batch.attention_mask)
-
-            ok = _optimize(
-                positive, free, block_loss, batches, per_block, config, result, f"quantize: {block}", show_progress
-            )
-            for param in [*positive, *free]:
-                param.requires_grad_(False)
-            if not ok:
-                break
+        _learn_block_by_block(teacher, student, parts, config, result, show_progress, parallel)
         return result
     finally:
         for param in student.parameters():
             param.requires_grad_(False)
+
+
+def _learn_block_by_block(
+    teacher: TaskModel,
+    student: TaskModel,
+    parts: list[list[Batch]],
+    config: LearnConfig,
+    result: LearnResult,
+    show_progress: bool,
+    parallel: Parallel,
+) -> None:
+    """Each block learns to map the inputs the (already learned) student blocks before it produce onto the
+    teacher block's output for the teacher's own inputs, with only that block run per step: the inputs of
+    every batch part are cached at the block's entry (float, ``[batch, seq, hidden]`` each), so memory holds
+    one block's graph, not the whole model's. Layers outside the blocks (an LM head) keep their initial ranges.
+    Each rank caches only the parts it computes."""
+    blocks: dict[str, list[str]] = {}
+    for name in quant_layers(student):
+        block = block_of(name)
+        if block is not None:
+            blocks.setdefault(block, []).append(name)
+    if not blocks:
+        return
+    first, last = next(iter(blocks)), list(blocks)[-1]
+    owned = [batch_parts[i] for batch_parts in parts for i in parallel.owned_parts(len(batch_parts))]
+    student_calls = {id(part): capture_block_call(student, first, part) for part in owned}
+    teacher_calls = {id(part): capture_block_call(teacher, first, part) for part in owned}
+    student_inputs = {key: call.hidden for key, call in student_calls.items()}
+    teacher_inputs = {key: call.hidden for key, call in teacher_calls.items()}
+    per_block = max(1, config.steps // len(blocks))
+    for block, names in blocks.items():
+        teacher_block = teacher.backbone.get_submodule(block)
+        student_block = student.backbone.get_submodule(block)
+        with torch.no_grad():
+            targets = {key: teacher_calls[key].run(teacher_block, teacher_inputs[key]) for key in teacher_calls}
+        positive, free = learnable_parameters(student, config.params, names)
+
+        def block_loss(
+            part: Batch, block_module: torch.nn.Module = student_block, inputs: dict = student_inputs,
+            block_targets: dict = targets,
+        ) -> torch.Tensor:  # fmt: skip
+            key = id(part)
+            out = student_calls[key].run(block_module, inputs[key])
+            return hidden_loss((out,), (block_targets[key],), part.attention_mask)
+
+        ok = _optimize(
+            positive, free, block_loss, parts, per_block, config, result, f"quantize: {block}", show_progress,
+            parallel,
+        )  # fmt: skip
+        for param in [*positive, *free]:
+            param.requires_grad_(False)
+        if not ok or block == last:
+            return
+        with torch.no_grad():  # the next block's inputs: this block's outputs, learned student and teacher
+            student_inputs = {key: student_calls[key].run(student_block, x) for key, x in student_inputs.items()}
+        teacher_inputs = targets

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calib.errors import ConfigError
+from calib.parallel import SINGLE, Parallel
 from calib.registry import METHODS
 
 if TYPE_CHECKING:
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 @dataclass
 class CalibrationRequest:
     """What a calibration method may use. ``checkpoint``: where a long method saves its progress (and
-    resumes from, when the file exists); ``task`` says how task text is read (real data only)."""
+    resumes from, when the file exists); ``task`` says how task text is read (real data only); ``parallel``:
+    this process's place in a data-parallel run (methods that learn use it); ``device``: a torch device name."""
 
     teacher: TaskModel
     tokenizer: PreTrainedTokenizerBase | None
@@ -33,6 +35,8 @@ class CalibrationRequest:
     task: TaskConfig
     checkpoint: Path | None = None
     show_progress: bool = True
+    parallel: Parallel = SINGLE
+    device: str = "cpu"  # where a method that learns plays (calib.devices)
 
 
 @dataclass
@@ -58,21 +62,32 @@ def quantize_student(
     batches: list[Batch],
     state: dict[str, torch.Tensor] | None = None,
     show_progress: bool = True,
+    parallel: Parallel = SINGLE,
+    device: str = "cpu",
 ) -> tuple[TaskModel, LearnResult]:
     """The quantized student: quantizers inserted, then either a learned ``state`` restored (what ZSAQ's game
-    learned) or ranges initialised on ``batches``; GPTQ rounding if asked; then ``quant.learn`` steps."""
+    learned) or ranges initialised on ``batches``; GPTQ rounding if asked; then ``quant.learn`` steps, data
+    parallel over ``parallel``'s ranks (range initialisation and GPTQ run whole on every rank: they are
+    deterministic, so every rank starts from the same student). On a GPU ``device`` the student stays
+    float32 and the teacher is frozen in bfloat16; the student comes back on ``device``."""
+    import torch
+
+    from calib.devices import frozen_on
     from calib.gptq import apply_gptq
     from calib.learn import learn_quantizers
     from calib.student import build_student, init_ranges, load_student_state
 
-    student = build_student(teacher, quant)
+    place = torch.device(device)
+    student = build_student(teacher, quant).to(place)  # from the float32 teacher, before it changes precision
+    teacher = frozen_on(teacher, place)
+    batches = [batch.to(place) for batch in batches]
     if state is not None:
         load_student_state(student, state)
     else:
         init_ranges(student, quant, batches)
     if quant.weights.rounding == "gptq":
         apply_gptq(student, batches)
-    result = learn_quantizers(teacher, student, batches, quant.learn, show_progress)
+    result = learn_quantizers(teacher, student, batches, quant.learn, show_progress, parallel)
     return student, result
 
 

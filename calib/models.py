@@ -217,7 +217,11 @@ class TaskModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> TaskOutput:
-        """Forward from token ids or from word embeddings."""
+        """Forward from token ids or from word embeddings; float32 outputs whatever the model's precision (a
+        teacher frozen in bfloat16 on a GPU takes float32 embeddings and answers in float32)."""
+        dtype = self.backbone.dtype
+        if inputs_embeds is not None and inputs_embeds.dtype != dtype:
+            inputs_embeds = inputs_embeds.to(dtype)
         out = self.backbone(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -230,7 +234,11 @@ class TaskModel(nn.Module):
             result = summed / mask.sum(dim=1).clamp(min=1e-9)
         else:
             result = out.logits
-        return TaskOutput(result, out.hidden_states if output_hidden_states else None)
+        hidden = out.hidden_states if output_hidden_states else None
+        if dtype != torch.float32:
+            result = result.float()
+            hidden = None if hidden is None else tuple(h.float() for h in hidden)
+        return TaskOutput(result, hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The serving signature: token ids and mask in, the task output out (what ONNX export traces)."""

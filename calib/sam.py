@@ -23,19 +23,19 @@ class SAM:
         norm = torch.sqrt(sum((s * s).sum() for s in scaled)).clamp(min=1e-12)
         return [self.rho * s * (p.abs() if self.adaptive else 1.0) / norm for s, p in zip(scaled, self.params)]
 
-    def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
-        """One SAM step on ``loss_fn`` (called twice); returns the loss at the unperturbed point."""
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One SAM step; ``closure`` computes the loss and its gradients into ``.grad`` (called twice: a
+        data-parallel closure also averages them over ranks). Returns the loss at the unperturbed point."""
         self.base.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
+        loss = closure()
         offsets = self.perturbation()
         with torch.no_grad():
             for p, e in zip(self.params, offsets):
                 p.add_(e)
         self.base.zero_grad(set_to_none=True)
-        loss_fn().backward()
+        closure()
         with torch.no_grad():
             for p, e in zip(self.params, offsets):
                 p.sub_(e)
         self.base.step()
-        return loss.item()
+        return loss.detach()

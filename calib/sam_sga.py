@@ -17,6 +17,7 @@ from calib.errors import PipelineError
 from calib.inputs import Batch
 from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw
 from calib.models import TaskModel, TaskOutput
+from calib.parallel import SINGLE, Parallel, check_divides, stream_seed
 from calib.sam import SAM
 
 
@@ -37,7 +38,7 @@ def prior_loss(
     kind: str, teacher: TaskOutput, batch: Batch, table_stats: tuple[torch.Tensor, torch.Tensor], priors: PriorConfig
 ) -> torch.Tensor:
     """Plausibility terms the generator minimises (see :class:`calib.config.PriorConfig`)."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=teacher.output.device)
     if kind != "embedding" and (priors.confidence or priors.balance):
         probs = F.softmax(teacher.output, dim=-1)
         if priors.confidence:
@@ -55,7 +56,9 @@ def prior_loss(
 
 
 class SamSga:
-    """Holds both players, their optimisers and the history; :meth:`play` runs rounds."""
+    """Holds both players, their optimisers and the history; :meth:`play` runs rounds. Under data
+    parallelism (:mod:`calib.parallel`) each rank plays its own sample streams and the gradients of both
+    players are summed over ranks, so every rank holds the same generator and student."""
 
     def __init__(
         self,
@@ -65,9 +68,17 @@ class SamSga:
         calib: CalibConfig,
         learn: LearnConfig,
         rng: torch.Generator,
+        parallel: Parallel = SINGLE,
     ) -> None:
         self.teacher, self.student, self.generator = teacher, student, generator
-        self.calib, self.learn, self.rng = calib, learn, rng
+        self.calib, self.learn, self.parallel = calib, learn, parallel
+        check_divides(calib.generator.batch_size, parallel.streams, "calib.generator.batch_size")
+        self.stream_batch = calib.generator.batch_size // parallel.streams
+        # stream 0 continues ``rng`` (one stream is the single-process game); the others are seeded apart
+        self.rngs = {
+            s: rng if s == 0 else torch.Generator(rng.device).manual_seed(stream_seed(calib.seed, s))
+            for s in parallel.local_streams
+        }
         self.positive, self.free = learnable_parameters(student, learn.params)
         self.student_params = [*self.positive, *self.free]
         self.student_optimizer = relative_adamw(self.positive, self.free, learn)
@@ -85,10 +96,10 @@ class SamSga:
         student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
         return distillation_loss(self.teacher.kind, student_out, teacher_out, batch.attention_mask, self.learn)
 
-    def _sharpness_term(self, batch: Batch, teacher_out: TaskOutput) -> torch.Tensor:
+    def _sharpness_term(self, batch: Batch, teacher_out: TaskOutput, rng: torch.Generator) -> torch.Tensor:
         """1 - cos between the student gradients of this batch and of its neighbours in embedding space."""
         embeds = batch.inputs_embeds
-        direction = torch.randn(embeds.shape, generator=self.rng)
+        direction = torch.randn(embeds.shape, generator=rng, device=embeds.device)
         direction = F.normalize(direction, dim=-1) * embeds.norm(dim=-1, keepdim=True) * self.calib.sharpness.radius
         neighbour = Batch(batch.attention_mask, inputs_embeds=embeds + direction * batch.attention_mask.unsqueeze(-1))
         with torch.no_grad():
@@ -101,68 +112,93 @@ class SamSga:
             )
         return 1.0 - F.cosine_similarity(grads[0], grads[1], dim=0)
 
-    def generator_step(self) -> None:
-        """One ascent step: maximise the discrepancy, minimise the priors (and the sharpness term)."""
+    def generator_step(self) -> torch.Tensor:
+        """One ascent step: maximise the discrepancy, minimise the priors (and the sharpness term). Returns
+        (discrepancy, prior, sharpness) averaged over the streams, still on the device."""
         started = time.perf_counter()
-        batch = self.generator.sample(self.calib.generator.batch_size, self.rng)
-        teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
-        discrepancy = self._discrepancy(batch, teacher_out)
-        prior = prior_loss(self.teacher.kind, teacher_out, batch, self.table_stats, self.calib.priors)
-        objective = -discrepancy + prior
-        if self.calib.sharpness.enabled:
-            sharp_started = time.perf_counter()
-            sharpness = self._sharpness_term(batch, teacher_out)
-            objective = objective + self.calib.sharpness.weight * sharpness
-            self.history.sharpness.append(sharpness.item())
-            self.history.sharpness_seconds += time.perf_counter() - sharp_started
-        grads = torch.autograd.grad(objective, self.generator_params)
+        streams = self.parallel.streams
+        grads = [torch.zeros_like(p) for p in self.generator_params]
+        totals = torch.zeros(3, device=grads[0].device)
+        for rng in self.rngs.values():
+            batch = self.generator.sample(self.stream_batch, rng)
+            teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
+            discrepancy = self._discrepancy(batch, teacher_out)
+            prior = prior_loss(self.teacher.kind, teacher_out, batch, self.table_stats, self.calib.priors)
+            objective = -discrepancy + prior
+            sharpness = torch.zeros((), device=totals.device)
+            if self.calib.sharpness.enabled:
+                sharp_started = time.perf_counter()
+                sharpness = self._sharpness_term(batch, teacher_out, rng)
+                objective = objective + self.calib.sharpness.weight * sharpness
+                self.history.sharpness_seconds += time.perf_counter() - sharp_started
+            for total, grad in zip(grads, torch.autograd.grad(objective / streams, self.generator_params)):
+                total += grad
+            totals += torch.stack([discrepancy.detach(), prior.detach(), sharpness.detach()]) / streams
+        *grads, totals = self.parallel.all_reduce_sum([*grads, totals])
         for param, grad in zip(self.generator_params, grads):
             param.grad = grad
         self.generator_optimizer.step()
         self.generator_optimizer.zero_grad(set_to_none=True)
-        self.history.generator_discrepancy.append(discrepancy.item())
-        self.history.prior.append(prior.item())
         self.history.generator_seconds += time.perf_counter() - started
+        return totals
 
-    def student_step(self) -> None:
-        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples."""
+    def student_step(self) -> torch.Tensor:
+        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples; returns the
+        discrepancy averaged over the streams, still on the device."""
         started = time.perf_counter()
+        streams = self.parallel.streams
         with torch.no_grad():
-            batch = self.generator.sample(self.calib.generator.batch_size, self.rng)
-            teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
+            samples = []
+            for rng in self.rngs.values():
+                batch = self.generator.sample(self.stream_batch, rng)
+                samples.append((batch, batch.run(self.teacher, output_hidden_states=self.want_hidden)))
 
-        def loss_fn() -> torch.Tensor:
-            return self._discrepancy(batch, teacher_out)
+        def closure() -> torch.Tensor:
+            total = torch.zeros((), device=self.student_params[0].device)
+            for batch, teacher_out in samples:
+                loss = self._discrepancy(batch, teacher_out) / streams
+                loss.backward()
+                total = total + loss.detach()
+            return self.parallel.reduce_gradients(self.student_params, total)
 
         if self.sam is not None:
-            value = self.sam.step(loss_fn)
+            value = self.sam.step(closure)
         else:
             self.student_optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            loss.backward()
+            value = closure()
             self.student_optimizer.step()
-            value = loss.item()
-        if not math.isfinite(value):
+        clamp_positive(self.positive)
+        self.history.student_seconds += time.perf_counter() - started
+        return value
+
+    def _record(self, generator_totals: list[torch.Tensor], student_losses: list[torch.Tensor]) -> None:
+        """The round's losses into the history: one copy to the host per round, not per step."""
+        student = torch.stack(student_losses).tolist()
+        bad = next((v for v in student if not math.isfinite(v)), None)
+        if bad is not None:
             raise PipelineError(
-                f"calibrate: the discrepancy became {value} in round {self.round}; "
+                f"calibrate: the discrepancy became {bad} in round {self.round}; "
                 "lower quant.learn.lr or calib.generator.lr (the last checkpoint is kept for --resume)"
             )
-        clamp_positive(self.positive)
-        self.history.student_discrepancy.append(value)
-        self.history.student_seconds += time.perf_counter() - started
+        self.history.student_discrepancy.extend(student)
+        for discrepancy, prior, sharpness in torch.stack(generator_totals).tolist() if generator_totals else []:
+            self.history.generator_discrepancy.append(discrepancy)
+            self.history.prior.append(prior)
+            if self.calib.sharpness.enabled:
+                self.history.sharpness.append(sharpness)
 
     def play(self, rounds: int, checkpoint: Callable[[], None] | None = None, show_progress: bool = True) -> None:
-        """Run rounds from the current one up to ``rounds``; ``checkpoint`` is called every N rounds."""
+        """Run rounds from the current one up to ``rounds``; ``checkpoint`` is called every N rounds (on every
+        rank: saving gathers the ranks' random states)."""
         sga = self.calib.sam_sga
         progress = tqdm(range(self.round, rounds), desc="calibrate: SAM-SGA", initial=self.round, total=rounds,
                         disable=not show_progress)  # fmt: skip
         for _ in progress:
             self.generator.set_progress(self.round / max(rounds - 1, 1))
-            if sga.adversarial:
-                for _ in range(sga.generator_steps):
-                    self.generator_step()
-            for _ in range(sga.student_steps):
-                self.student_step()
+            steps = sga.generator_steps if sga.adversarial else 0
+            generator_totals = [self.generator_step() for _ in range(steps)]
+            student_losses = [self.student_step() for _ in range(sga.student_steps)]
+            self._record(generator_totals, student_losses)
             self.round += 1
             postfix = {"student": f"{self.history.student_discrepancy[-1]:.4f}"}
             if self.history.generator_discrepancy:
@@ -174,21 +210,23 @@ class SamSga:
             param.requires_grad_(False)
 
     def state_dict(self) -> dict:
-        """Everything a resumed game needs (tensors, numbers and lists only: loads with weights_only)."""
+        """Everything a resumed game needs (tensors, numbers and lists only: loads with weights_only). Called
+        on every rank: the random states of all streams are gathered on rank 0, the one that saves."""
         names = {id(p): n for n, p in self.student.named_parameters()}
         history = {k: v for k, v in vars(self.history).items()}
+        gathered = self.parallel.gather({str(s): rng.get_state() for s, rng in self.rngs.items()})
         return {
             "round": self.round,
             "generator": self.generator.state_dict(),
             "student": {names[id(p)]: p.detach().clone() for p in self.student_params},
             "student_optimizer": self.student_optimizer.state_dict(),
             "generator_optimizer": self.generator_optimizer.state_dict(),
-            "rng": self.rng.get_state(),
+            "rngs": None if gathered is None else {k: v for states in gathered for k, v in states.items()},
             "history": history,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict` (each rank takes its own streams' random states)."""
         self.round = state["round"]
         self.generator.load_state_dict(state["generator"])
         params = dict(self.student.named_parameters())
@@ -197,5 +235,6 @@ class SamSga:
                 params[name].copy_(value)
         self.student_optimizer.load_state_dict(state["student_optimizer"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
-        self.rng.set_state(state["rng"])
+        for stream, rng in self.rngs.items():
+            rng.set_state(state["rngs"][str(stream)])
         self.history = GameHistory(**state["history"])

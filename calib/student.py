@@ -73,7 +73,7 @@ def quadapter_owners(model: TaskModel) -> dict[int, list[QuantLinear]]:
 @torch.no_grad()
 def _input_channel_absmax(student: TaskModel, layers: list[QuantLinear], batches: Batches) -> list[torch.Tensor]:
     """Per-input-channel max |x| of each layer's (undivided) input over the batches."""
-    maxima = [torch.zeros(layer.in_features) for layer in layers]
+    maxima = [torch.zeros(layer.in_features, device=layer.weight.device) for layer in layers]
 
     def hook(index: int):
         def record(_module, args) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from calib.config import CalibConfig
+from calib.devices import frozen_on
 from calib.inputs import Batch, CalibrationSet, special_token_ids
 from calib.methods import Calibration, CalibrationRequest
 from calib.models import TaskModel
@@ -41,25 +42,40 @@ def generated_set(generator: torch.nn.Module, samples: int, batch_size: int, rng
 
 def _save_checkpoint(state: dict, path: Path) -> None:
     """Through a temporary name: a process killed while saving leaves the previous checkpoint whole."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def calibrate_zsaq(request: CalibrationRequest) -> Calibration:
-    """Play SAM-SGA, resuming from ``request.checkpoint`` when it exists (and saving there every N rounds);
-    returns the final calibration set and the game (its student, generator and history)."""
-    calib, quant = request.calib, request.quant
-    rng = torch.Generator().manual_seed(calib.seed)
+    """Play SAM-SGA, resuming from ``request.checkpoint`` when it exists (and saving there every N rounds,
+    from rank 0); returns the final calibration set and the game (its student, generator and history).
+
+    Every rank builds the same generator and student and initialises ranges on the same samples (drawn with
+    stream 0's generator, which rank 0 then continues), so the ranks start equal and stay equal."""
+    calib, quant, parallel = request.calib, request.quant, request.parallel
+    device = torch.device(request.device)
+    rng = torch.Generator(device).manual_seed(calib.seed)
     generator = build_generator(calib, request.teacher, special_token_ids(request.tokenizer)[0], request.tokenizer)
-    student = build_student(request.teacher, quant)
+    generator = generator.to(device)
+    student = build_student(request.teacher, quant).to(device)  # float32, before the teacher changes precision
+    teacher = frozen_on(request.teacher, device)
     init_ranges(
         student, quant, generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
     )
-    game = SamSga(request.teacher, student, generator, calib, quant.learn, rng)
+    game = SamSga(teacher, student, generator, calib, quant.learn, rng, parallel)
     path = request.checkpoint
     if path is not None and path.is_file():
         game.load_state_dict(torch.load(path, weights_only=True))
-    checkpoint = None if path is None else lambda: _save_checkpoint(game.state_dict(), path)
-    game.play(calib.sam_sga.rounds, checkpoint, request.show_progress)
-    return Calibration(generated_set(generator, calib.samples, calib.batch_size, rng), game)
+
+    def checkpoint() -> None:
+        state = game.state_dict()  # on every rank: it gathers the streams' random states
+        if parallel.is_main:
+            _save_checkpoint(state, path)
+
+    game.play(calib.sam_sga.rounds, None if path is None else checkpoint, request.show_progress and parallel.is_main)
+    # the set the generator ends up producing, drawn by stream 0's owner: every rank learns on the same set
+    samples = None
+    if parallel.is_main:  # on the CPU: it is an artifact
+        samples = CalibrationSet.from_tensors(generated_set(generator, calib.samples, calib.batch_size, rng).tensors())
+    return Calibration(parallel.broadcast(samples), game)

@@ -1,4 +1,5 @@
-"""The exporters' typed configuration: which artifacts the export stage makes and how validation measures them."""
+"""The exporters' typed configuration: which artifacts the export stage makes, how validation measures them and
+how Triton serves them."""
 
 from __future__ import annotations
 
@@ -38,3 +39,22 @@ class ValidateConfig:
     threads: Count = 0
     min_agreement: Fraction | None = None
     samples: Positive = 64
+
+
+@dataclass(frozen=True)
+class DynamicBatchingConfig:
+    """Triton's dynamic batcher as given: the batch sizes it waits for (each at most the largest validated batch)
+    and how long it may hold a request for them."""
+
+    preferred_batch_sizes: tuple[Positive, ...] = ()
+    max_queue_delay_us: Count = 0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the Triton repositories (``serve`` and the package stage) run the model: ``instances`` copies of it
+    (``instance_group`` count), each with its own ONNX Runtime session; ``dynamic_batching`` when given, else the
+    batcher the validate stage's measured batch latencies suggest."""
+
+    instances: Positive = 1
+    dynamic_batching: DynamicBatchingConfig | None = None

@@ -2,8 +2,9 @@
 
 1. Answers: the load texts over HTTP and gRPC, alone and batched, equal the model run in-process.
 2. Load: perf_analyzer at each concurrency over HTTP and gRPC, and over HTTP against the same model without
-   the dynamic batcher (:data:`~exporters.triton_serve.UNBATCHED_MODEL`): throughput, p50/p99, queue and
-   compute time, and the failures both sides counted.
+   the dynamic batcher (:data:`~exporters.triton_serve.UNBATCHED_MODEL`) and with the other instance count
+   (:func:`~exporters.triton_serve.twin_instances`: 1 vs 2 and more): throughput, p50/p99, queue and compute
+   time, and the failures both sides counted.
 3. Malformed requests: each gets a 4xx with a one-line reason (no traceback, no path), the server keeps
    serving, and the server's failure counters moved by what the clients saw fail."""
 
@@ -14,6 +15,7 @@ import json
 import re
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +27,7 @@ from exporters.http_front_door import FAILURE_METRIC
 from exporters.perf_analyzer import Windows, measure, write_input_data
 from exporters.triton_python_model import REFUSED_METRIC, TextModel
 from exporters.triton_repo import TEXT_INPUT
-from exporters.triton_serve import MODEL_NAME, UNBATCHED_MODEL, Endpoints
+from exporters.triton_serve import MODEL_NAME, Endpoints, Variant
 
 LOAD_TEXTS = (
     "A man is playing a guitar.",
@@ -125,47 +127,88 @@ def _client_infer(endpoints: Endpoints, model: str, texts: list[str]) -> None:
         client.infer(model, [tensor])
 
 
+def _warm_up(endpoints: Endpoints, variant: Variant) -> None:
+    """Every load text three times, from as many clients at once as the model has instances (each instance
+    answers some before it is measured)."""
+    texts = [text for _ in range(3) for text in LOAD_TEXTS] * variant.instances
+    with ThreadPoolExecutor(max_workers=variant.instances) as pool:
+        list(pool.map(lambda text: _client_infer(endpoints, variant.name, [text]), texts))
+
+
 def run_load(
-    endpoints: Endpoints, concurrency: tuple[int, ...], windows: Windows, progress: Callable
+    endpoints: Endpoints,
+    variants: list[Variant],
+    concurrency: tuple[int, ...],
+    windows: Windows,
+    progress: Callable,
 ) -> list[dict[str, Any]]:
-    """perf_analyzer levels: the batched model over HTTP and gRPC, the unbatched one over HTTP. Each
-    concurrency measures the three back to back, so the batched and unbatched figures share the machine's
-    state of the moment; both models answer every load text first (warm-up)."""
-    plan = [("http", MODEL_NAME), ("http", UNBATCHED_MODEL), ("grpc", MODEL_NAME)]
-    for model in (MODEL_NAME, UNBATCHED_MODEL):
-        for _ in range(3):
-            for text in LOAD_TEXTS:
-                _client_infer(endpoints, model, [text])
+    """perf_analyzer levels: each of the ``variants`` over HTTP, the served one over gRPC too. Each concurrency
+    measures them back to back, so the served model's and its twins' figures share the machine's state of the
+    moment; every model answers every load text first (warm-up)."""
+    plan = [("http", v) for v in variants] + [("grpc", v) for v in variants if v.role == "served"]
+    for variant in variants:
+        _warm_up(endpoints, variant)
     levels = []
     with tempfile.TemporaryDirectory(prefix="zsaq-perf-") as scratch:
         data = write_input_data(Path(scratch) / "texts.json", list(LOAD_TEXTS), TEXT_INPUT)
         for level in concurrency:
-            for protocol, model in plan:
+            for protocol, variant in plan:
+                model = variant.name
                 url = endpoints.http if protocol == "http" else endpoints.grpc
                 progress(f"perf_analyzer {protocol} {model} concurrency {level}")
                 before = read_counters(endpoints.metrics, model)
                 csv_path = Path(scratch) / f"{protocol}-{model}-{level}.csv"
                 found = measure(url, protocol, model, level, data, TEXT_INPUT, csv_path, windows)
                 failed = sum(_moved(before, read_counters(endpoints.metrics, model)).values())
-                levels.append({**found.as_dict(), "batching": model == MODEL_NAME, "server_failures": failed})
-    order = {step: i for i, step in enumerate(plan)}
+                described = {"role": variant.role, "instances": variant.instances, "threads": variant.threads}
+                row = {**found.as_dict(), **described, "batching": variant.batching is not None}
+                levels.append({**row, "server_failures": failed})
+    order = {(protocol, variant.name): i for i, (protocol, variant) in enumerate(plan)}
     return sorted(levels, key=lambda lv: (order[(lv["protocol"], lv["model"])], lv["concurrency"]))
+
+
+def _compared(levels: list[dict[str, Any]], role: str) -> tuple[dict, dict, list[int]]:
+    """The served model's and the ``role`` twin's completed HTTP levels by concurrency, and the concurrencies
+    both have."""
+    http = [lv for lv in levels if lv["protocol"] == "http" and lv["completed"]]
+    served = {lv["concurrency"]: lv for lv in http if lv["role"] == "served"}
+    twin = {lv["concurrency"]: lv for lv in http if lv["role"] == role}
+    return served, twin, sorted(set(served) & set(twin))
 
 
 def batching_effect(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Batched vs unbatched over HTTP at the highest concurrency measured: throughput ratio and p99s."""
-    http = {(lv["batching"], lv["concurrency"]): lv for lv in levels if lv["protocol"] == "http" and lv["completed"]}
-    shared = sorted({c for b, c in http if (not b, c) in http})
+    batched, unbatched, shared = _compared(levels, "unbatched")
     if not shared:
         return None
     top = shared[-1]
-    batched, unbatched = http[(True, top)], http[(False, top)]
     return {
         "concurrency": top,
-        "throughput_ratio": round(batched["throughput"] / unbatched["throughput"], 2),
-        "p99_batched_ms": batched["p99_ms"],
-        "p99_unbatched_ms": unbatched["p99_ms"],
+        "throughput_ratio": round(batched[top]["throughput"] / unbatched[top]["throughput"], 2),
+        "p99_batched_ms": batched[top]["p99_ms"],
+        "p99_unbatched_ms": unbatched[top]["p99_ms"],
     }
+
+
+def instances_effect(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The served instance count vs the twin's over HTTP (both with the served batcher): at each concurrency
+    both completed, throughput and p99 of each, and the throughput ratio of more instances to fewer."""
+    served, twin, shared = _compared(levels, "instances")
+    if not shared:
+        return None
+    rows = []
+    for level in shared:
+        fewer, more = sorted((served[level], twin[level]), key=lambda lv: lv["instances"])
+        rows.append(
+            {
+                "concurrency": level,
+                "throughput": {str(lv["instances"]): lv["throughput"] for lv in (fewer, more)},
+                "p99_ms": {str(lv["instances"]): lv["p99_ms"] for lv in (fewer, more)},
+                "throughput_ratio": round(more["throughput"] / fewer["throughput"], 2),
+            }
+        )
+    counts = sorted({served[shared[0]]["instances"], twin[shared[0]]["instances"]})
+    return {"protocol": "http", "instances": counts, "levels": rows}
 
 
 # --- malformed requests ----------------------------------------------------------------------------------
@@ -313,14 +356,16 @@ def load_check(
     endpoints: Endpoints,
     model: TextModel,
     max_batch_size: int,
+    variants: list[Variant],
     concurrency: tuple[int, ...],
     windows: Windows,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Answers, load levels and malformed requests against a running server; the report as a dict."""
+    """Answers, load levels (the served model and its twins, ``variants``) and malformed requests against a
+    running server; the report as a dict."""
     progress("answers over HTTP and gRPC")
     answers = check_answers(endpoints, model, max_batch_size)
-    levels = run_load(endpoints, concurrency, windows, progress)
+    levels = run_load(endpoints, variants, concurrency, windows, progress)
     progress("malformed requests")
     malformed = check_malformed(endpoints, model, max_batch_size)
     loaded = all(lv["completed"] and lv["server_failures"] == 0 for lv in levels)
@@ -336,6 +381,7 @@ def load_check(
         "answers": answers,
         "levels": levels,
         "batching_effect": batching_effect(levels),
+        "instances_effect": instances_effect(levels),
         "malformed": malformed,
         "passed": answers["passed"] and loaded and malformed["passed"],
     }

@@ -13,6 +13,7 @@ from typing import Any
 import onnx
 
 from calib.errors import PipelineError
+from exporters.config import ServeConfig
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 ONNX_TO_TRITON = {
@@ -27,7 +28,9 @@ ONNX_TO_TRITON = {
     onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
 TEXT_INPUT = "text"
-QUEUE_DELAY_US = 2000
+BATCHING_PAYS = 1.2  # a batch size is preferred when it computes this many times batch 1's items per second
+QUEUE_DELAY_SHARE = 0.1  # then a lone request waits at most this share of its own batch-1 latency for company
+MAX_QUEUE_DELAY_US = 5000
 
 # Model names in the repository; the ensembles take raw text.
 ONNX_MODEL, PLAN_MODEL = "student_onnx", "student_trt"
@@ -62,6 +65,60 @@ def to_pbtxt(message: dict[str, Any], indent: int = 0) -> str:
         else:
             lines.append(f"{pad}{key}: {_scalar(value)}")
     return "\n".join(line for line in lines if line) + "\n"
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Triton's dynamic batcher: the batch sizes it waits for and how long it may hold a request for them."""
+
+    preferred: tuple[int, ...]
+    queue_delay_us: int
+
+    def config(self) -> dict[str, Any]:
+        """The ``dynamic_batching`` message."""
+        message: dict[str, Any] = {"max_queue_delay_microseconds": self.queue_delay_us}
+        if self.preferred:
+            message["preferred_batch_size"] = list(self.preferred)
+        return message
+
+    def describe(self) -> str:
+        """One line for the console and the report."""
+        preferred = ", ".join(map(str, self.preferred)) or "none"
+        return f"dynamic batching: preferred batch sizes {preferred}, queue delay {self.queue_delay_us} us"
+
+
+def batching_policy(latencies: Sequence[dict[str, Any]], max_batch_size: int) -> Batching:
+    """The batcher for a model whose validated latencies are ``[{batch, p50_ms, throughput}, ...]``.
+
+    Under load, requests queue behind the running batch and the batcher merges them with no delay at all,
+    which spreads the per-request cost (the Python stub's round trip, the tokenizer call, the session launch)
+    over the batch. A queue delay only pays when the measurements show a bigger batch computing more items per
+    second: then the batch sizes that do (by :data:`BATCHING_PAYS`) are preferred, and a lone request waits at
+    most a tenth of its batch-1 latency (at most 5 ms) for company. Otherwise, and without measurements, no
+    preferred sizes and no delay: a lone request is never held back."""
+    by_batch = {int(entry["batch"]): entry for entry in latencies if int(entry["batch"]) <= max_batch_size}
+    single = by_batch.get(1)
+    if single is None:
+        return Batching((), 0)
+    pays = tuple(
+        sorted(b for b, e in by_batch.items() if b > 1 and e["throughput"] >= BATCHING_PAYS * single["throughput"])
+    )
+    if not pays:
+        return Batching((), 0)
+    return Batching(pays, min(MAX_QUEUE_DELAY_US, round(QUEUE_DELAY_SHARE * float(single["p50_ms"]) * 1000.0)))
+
+
+def configured_batching(serve: ServeConfig, latencies: Sequence[dict[str, Any]], max_batch_size: int) -> Batching:
+    """The config's ``serve.dynamic_batching`` when given, else :func:`batching_policy` of the measured latencies."""
+    given = serve.dynamic_batching
+    if given is None:
+        return batching_policy(latencies, max_batch_size)
+    return Batching(tuple(given.preferred_batch_sizes), given.max_queue_delay_us)
+
+
+def instance_group(count: int, kind: str) -> list[dict[str, Any]]:
+    """The ``instance_group`` field: ``count`` copies of the model of ``kind`` (KIND_CPU, KIND_GPU)."""
+    return [{"count": count, "kind": Enum(kind)}]
 
 
 @dataclass(frozen=True)
@@ -101,17 +158,19 @@ def model_config(
     outputs: list[TensorSpec],
     max_batch_size: int,
     kind: str,
+    serving: tuple[int, Batching] = (1, Batching((), 0)),
     **fields: Any,
 ) -> dict[str, Any]:
-    """A batched model with dynamic batching and one instance of ``kind`` (KIND_CPU, KIND_GPU)."""
+    """A batched model: ``serving`` is (instances of ``kind`` (KIND_CPU, KIND_GPU), its dynamic batcher)."""
+    instances, batching = serving
     return {
         "name": name,
         **fields,
         "max_batch_size": max_batch_size,
         "input": [t.config() for t in inputs],
         "output": [t.config() for t in outputs],
-        "instance_group": [{"count": 1, "kind": Enum(kind)}],
-        "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
+        "instance_group": instance_group(instances, kind),
+        "dynamic_batching": batching.config(),
     }
 
 
@@ -160,6 +219,13 @@ class RepositorySpec:
     labels: tuple[str, ...]
     max_batch_size: int
     max_length: int
+    instances: int = 1  # of each model but the ensembles (which Triton runs without instances)
+    batching: Batching = Batching((), 0)
+
+    @property
+    def serving(self) -> tuple[int, Batching]:
+        """(instances, batcher) of every model that computes."""
+        return self.instances, self.batching
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
@@ -173,7 +239,7 @@ def _write_text_models(root: Path, spec: RepositorySpec, outputs: list[TensorSpe
     ids = [TensorSpec(name, "TYPE_INT64", (-1,)) for name in ("input_ids", "attention_mask")]
     text = [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))]
     folder = root / TOKENIZER_MODEL
-    config = model_config(TOKENIZER_MODEL, text, ids, spec.max_batch_size, "KIND_CPU", backend="python")
+    config = model_config(TOKENIZER_MODEL, text, ids, spec.max_batch_size, "KIND_CPU", spec.serving, backend="python")
     params = {"mode": "tokenize", "max_length": str(spec.max_length)}
     write_config(folder, {**config, "parameters": _parameters(params)})
     spec.tokenizer.save_pretrained(str(folder / "1" / "tokenizer"))
@@ -183,7 +249,9 @@ def _write_text_models(root: Path, spec: RepositorySpec, outputs: list[TensorSpe
     (logits,) = outputs
     final = text_outputs(outputs, spec.task_kind)
     folder = root / POSTPROCESS_MODEL
-    config = model_config(POSTPROCESS_MODEL, [logits], final, spec.max_batch_size, "KIND_CPU", backend="python")
+    config = model_config(
+        POSTPROCESS_MODEL, [logits], final, spec.max_batch_size, "KIND_CPU", spec.serving, backend="python"
+    )
     params = {"mode": "classify", "labels": json.dumps(list(spec.labels))}
     write_config(folder, {**config, "parameters": _parameters(params)})
     shutil.copy(PYTHON_MODEL, folder / "1" / "model.py")
@@ -213,7 +281,9 @@ def ensemble_config(
 def write_repository(root: Path, spec: RepositorySpec) -> dict[str, Any]:
     """Write the repository under ``root``; returns {"models": {name: platform or backend}, ...}."""
     graphs = {ONNX_MODEL: graph_io(spec.onnx_path)}
-    config = model_config(ONNX_MODEL, *graphs[ONNX_MODEL], spec.max_batch_size, "KIND_CPU", platform="onnxruntime_onnx")
+    config = model_config(
+        ONNX_MODEL, *graphs[ONNX_MODEL], spec.max_batch_size, "KIND_CPU", spec.serving, platform="onnxruntime_onnx"
+    )
     write_config(root / ONNX_MODEL, config)
     shutil.copy(spec.onnx_path, root / ONNX_MODEL / "1" / "model.onnx")
     models = {ONNX_MODEL: "onnxruntime_onnx"}
@@ -221,12 +291,17 @@ def write_repository(root: Path, spec: RepositorySpec) -> dict[str, Any]:
         engine, source = spec.plan
         graphs[PLAN_MODEL] = graph_io(source)
         config = model_config(
-            PLAN_MODEL, *graphs[PLAN_MODEL], spec.max_batch_size, "KIND_GPU", platform="tensorrt_plan"
+            PLAN_MODEL, *graphs[PLAN_MODEL], spec.max_batch_size, "KIND_GPU", spec.serving, platform="tensorrt_plan"
         )
         write_config(root / PLAN_MODEL, config)
         shutil.copy(engine, root / PLAN_MODEL / "1" / "model.plan")
         models[PLAN_MODEL] = "tensorrt_plan"
-    summary: dict[str, Any] = {"models": models, "max_batch_size": spec.max_batch_size}
+    summary: dict[str, Any] = {
+        "models": models,
+        "max_batch_size": spec.max_batch_size,
+        "instances": spec.instances,
+        "batching": spec.batching.describe(),
+    }
     if spec.tokenizer is None:
         summary["note"] = "the model has no tokenizer: no tokenizer model and no text ensemble (send token ids)"
         return summary

@@ -1,26 +1,27 @@
 """What ``zsaq-pipeline serve`` puts behind Triton: a repository with one Python-backend model, ``student_text``
-(raw text in; tokenizer, the CPU student graph on ONNX Runtime and post-processing in one model), with Triton's
-dynamic batcher set from the validate stage's measured batch latencies (docs/ARCHITECTURE.md, Serving)."""
+(raw text in; tokenizer, the CPU student graph on ONNX Runtime and post-processing in one model), in the
+configured number of instances, with Triton's dynamic batcher from the config or else set from the validate
+stage's measured batch latencies (docs/ARCHITECTURE.md, Serving)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from exporters.http_front_door import FrontDoor
 from exporters.triton_python_model import TextModel
 from exporters.triton_repo import (
     PYTHON_MODEL,
     TEXT_INPUT,
-    Enum,
+    Batching,
     TensorSpec,
     graph_io,
+    instance_group,
     text_outputs,
     write_config,
 )
@@ -28,50 +29,27 @@ from exporters.triton_server import HOST, Ports, TritonServer, free_ports
 
 MODEL_NAME = "student_text"
 UNBATCHED_MODEL = "student_text_unbatched"  # the same model without the batcher: the load check's comparison
-BATCHING_PAYS = 1.2  # a batch size is preferred when it computes this many times batch 1's items per second
-QUEUE_DELAY_SHARE = 0.1  # then a lone request waits at most this share of its own batch-1 latency for company
-MAX_QUEUE_DELAY_US = 5000
 
 
-@dataclass(frozen=True)
-class Batching:
-    """Triton's dynamic batcher: the batch sizes it waits for and how long it may hold a request for them."""
-
-    preferred: tuple[int, ...]
-    queue_delay_us: int
-
-    def config(self) -> dict[str, Any]:
-        """The ``dynamic_batching`` message."""
-        message: dict[str, Any] = {"max_queue_delay_microseconds": self.queue_delay_us}
-        if self.preferred:
-            message["preferred_batch_size"] = list(self.preferred)
-        return message
-
-    def describe(self) -> str:
-        """One line for the console and the report."""
-        preferred = ", ".join(map(str, self.preferred)) or "none"
-        return f"dynamic batching: preferred batch sizes {preferred}, queue delay {self.queue_delay_us} us"
+def instances_model(instances: int) -> str:
+    """The name of the load check's twin of :data:`MODEL_NAME` with ``instances`` instances."""
+    return f"{MODEL_NAME}_{instances}_instance" + ("s" if instances > 1 else "")
 
 
-def batching_policy(latencies: Sequence[dict[str, Any]], max_batch_size: int) -> Batching:
-    """The batcher for a model whose validated latencies are ``[{batch, p50_ms, throughput}, ...]``.
+def twin_instances(instances: int) -> int:
+    """The instance count the load check compares the served one with: 2 beside 1, 1 beside more."""
+    return 2 if instances == 1 else 1
 
-    Under load, requests queue behind the running batch and the batcher merges them with no delay at all,
-    which spreads the per-request cost (the Python stub's round trip, the tokenizer call, the session launch)
-    over the batch. A queue delay only pays when the measurements show a bigger batch computing more items per
-    second: then the batch sizes that do (by :data:`BATCHING_PAYS`) are preferred, and a lone request waits at
-    most a tenth of its batch-1 latency (at most 5 ms) for company. Otherwise, and without measurements, no
-    preferred sizes and no delay: a lone request is never held back."""
-    by_batch = {int(entry["batch"]): entry for entry in latencies if int(entry["batch"]) <= max_batch_size}
-    single = by_batch.get(1)
-    if single is None:
-        return Batching((), 0)
-    pays = tuple(
-        sorted(b for b, e in by_batch.items() if b > 1 and e["throughput"] >= BATCHING_PAYS * single["throughput"])
-    )
-    if not pays:
-        return Batching((), 0)
-    return Batching(pays, min(MAX_QUEUE_DELAY_US, round(QUEUE_DELAY_SHARE * float(single["p50_ms"]) * 1000.0)))
+
+def threads_per_instance(threads: int, instances: int, cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads of each instance: ``threads`` when given; else 0 (all cores) for one
+    instance and ``cores // instances`` (at least 1) for more, so that the instances share the cores instead of
+    each spinning a pool of all of them."""
+    if threads:
+        return threads
+    if instances == 1:
+        return 0
+    return max(1, (cores or os.cpu_count() or 1) // instances)
 
 
 @dataclass(frozen=True)
@@ -84,8 +62,9 @@ class ServeSpec:
     labels: tuple[str, ...]
     max_batch_size: int
     max_length: int
-    threads: int  # ONNX Runtime intra-op threads; 0: all cores
+    threads: int  # ONNX Runtime intra-op threads per instance; 0: cores // instances (all cores for one)
     batching: Batching | None
+    instances: int = 1
 
     def reference_model(self) -> TextModel:
         """The served model loaded in this process, the reference the load check compares answers with. One
@@ -95,7 +74,40 @@ class ServeSpec:
         )
 
 
-def _text_model_config(name: str, spec: ServeSpec, outputs: list[TensorSpec], batching: Batching | None) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """One model of the serve repository: the served one, or a twin the load check compares it with."""
+
+    name: str
+    role: str  # "served"; "unbatched": without the batcher; "instances": another instance count
+    instances: int
+    threads: int  # per instance; 0: all cores
+    batching: Batching | None
+
+    def describe(self) -> str:
+        """One line for the console and the report."""
+        batching = self.batching.describe() if self.batching else "no dynamic batching"
+        each = f"{self.threads} ONNX Runtime thread" + ("s" if self.threads > 1 else "")
+        threads = f"{each} each" if self.threads else "ONNX Runtime on all cores"
+        count = f"{self.instances} instance" + ("s" if self.instances > 1 else "")
+        return f"{count} ({threads}), {batching}"
+
+
+def serve_variants(spec: ServeSpec, with_twins: bool = False) -> list[Variant]:
+    """The served model and, for the load check (``with_twins``), the same model without the batcher and with
+    the other instance count (:func:`twin_instances`)."""
+    count, other = spec.instances, twin_instances(spec.instances)
+    served = Variant(MODEL_NAME, "served", count, threads_per_instance(spec.threads, count), spec.batching)
+    if not with_twins:
+        return [served]
+    return [
+        served,
+        Variant(UNBATCHED_MODEL, "unbatched", count, served.threads, None),
+        Variant(instances_model(other), "instances", other, threads_per_instance(spec.threads, other), spec.batching),
+    ]
+
+
+def _text_model_config(spec: ServeSpec, outputs: list[TensorSpec], variant: Variant) -> dict:
     parameters = {
         "mode": "text",
         "graph": str(spec.graph.resolve()),
@@ -103,33 +115,31 @@ def _text_model_config(name: str, spec: ServeSpec, outputs: list[TensorSpec], ba
         "task_kind": spec.task_kind,
         "labels": json.dumps(list(spec.labels)),
         "max_length": str(spec.max_length),
-        "threads": str(spec.threads),
+        "threads": str(variant.threads),
     }
     config = {
-        "name": name,
+        "name": variant.name,
         "backend": "python",
         "max_batch_size": spec.max_batch_size,
         "input": [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,)).config()],
         "output": [t.config() for t in outputs],
-        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+        "instance_group": instance_group(variant.instances, "KIND_CPU"),
         "parameters": [{"key": k, "value": {"string_value": v}} for k, v in parameters.items()],
     }
-    if batching is not None:
-        config["dynamic_batching"] = batching.config()
+    if variant.batching is not None:
+        config["dynamic_batching"] = variant.batching.config()
     return config
 
 
-def write_serve_repository(root: Path, spec: ServeSpec, with_unbatched: bool = False) -> list[str]:
-    """The repository under ``root`` (the graph and tokenizer stay in the run folder); returns its model names.
-    ``with_unbatched`` adds :data:`UNBATCHED_MODEL`, the same model without the dynamic batcher."""
+def write_serve_repository(root: Path, spec: ServeSpec, with_twins: bool = False) -> list[Variant]:
+    """The repository under ``root`` (the graph and tokenizer stay in the run folder); returns its models.
+    ``with_twins`` adds the load check's comparisons (:func:`serve_variants`)."""
     outputs = text_outputs(graph_io(spec.graph)[1], spec.task_kind)
-    variants = {MODEL_NAME: spec.batching}
-    if with_unbatched:
-        variants[UNBATCHED_MODEL] = None
-    for name, batching in variants.items():
-        write_config(root / name, _text_model_config(name, spec, outputs, batching))
-        shutil.copy(PYTHON_MODEL, root / name / "1" / "model.py")
-    return list(variants)
+    variants = serve_variants(spec, with_twins)
+    for variant in variants:
+        write_config(root / variant.name, _text_model_config(spec, outputs, variant))
+        shutil.copy(PYTHON_MODEL, root / variant.name / "1" / "model.py")
+    return variants
 
 
 @dataclass(frozen=True)

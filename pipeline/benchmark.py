@@ -16,9 +16,11 @@ from calib.config import FilePath, Range
 from calib.errors import ConfigError
 from pipeline.benchmark_rows import Row, load_rows, task_family
 from pipeline.config import PipelineConfig, build, merge, parse_config, read_yaml
+from pipeline.runfolder import atomic_write_text
 
 CELLS_DIR = "cells"
-LATENCY_CELL = "latency.json"
+LATENCY_ID = "latency"  # the latency measurement's cell id (``bench --list-cells`` / ``--cell``)
+LATENCY_CELL = f"{LATENCY_ID}.json"
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,26 @@ def planned_cells(spec: BenchSpec, rows: tuple[str, ...] = (), tasks: tuple[str,
     return cells
 
 
+def cell_ids(spec: BenchSpec, cells: list[Cell], latency: bool) -> list[str]:
+    """What ``bench --list-cells`` prints: the latency measurement first (if the spec times one and ``latency``),
+    then every cell's id."""
+    timed = [LATENCY_ID] if latency and spec.latency_config is not None else []
+    return timed + [cell.id for cell in cells]
+
+
+def select_cells(
+    spec: BenchSpec, cells: list[Cell], latency: bool, ids: tuple[str, ...], listing: str
+) -> tuple[list[Cell], bool]:
+    """The cells ``bench --cell`` names (among ``cells``) and whether the latency measurement is one of them;
+    an id :func:`cell_ids` does not list is a one-line error naming ``listing``, the command that lists them."""
+    known = {cell.id: cell for cell in cells}
+    listed = cell_ids(spec, cells, latency)
+    for cell_id in ids:
+        if cell_id not in listed:
+            raise ConfigError(f"bench --cell: unknown cell '{cell_id}' (list the {len(listed)} cells: {listing})")
+    return [known[i] for i in dict.fromkeys(ids) if i in known], LATENCY_ID in ids
+
+
 def _cell_command(spec: BenchSpec, cell: Cell, out_file: Path) -> list[str]:
     command = [sys.executable, "-m", "pipeline.benchmark_cell", "--spec", str(spec.path), "--task", cell.task.name]
     return command + ["--row", cell.row.key, "--seed", str(cell.seed), "--out", str(out_file)]
@@ -174,23 +196,23 @@ def _run(command: list[str], failure_file: Path) -> bool:
         failure_file.unlink(missing_ok=True)
         return True
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    failure_file.parent.mkdir(parents=True, exist_ok=True)
-    failure_file.write_text((lines[-1] if lines else f"exit {result.returncode}") + "\n", encoding="utf-8")
+    atomic_write_text(failure_file, (lines[-1] if lines else f"exit {result.returncode}") + "\n")
     return False
 
 
-def run_missing(spec: BenchSpec, out: Path, cells: list[Cell], latency: bool) -> list[str]:
-    """Run every cell whose file does not exist yet (and the latency measurement); returns failures."""
+def run_missing(spec: BenchSpec, out: Path, cells: list[Cell], latency: bool, progress: bool = True) -> list[str]:
+    """Run every cell whose file does not exist yet (and the latency measurement); returns failures. Each cell
+    process writes its file through a temporary name, so workers sharing ``out`` never see a partial file."""
     failures = []
     todo = [c for c in cells if not c.path(out).is_file()]
     latency_file = out / CELLS_DIR / LATENCY_CELL
     measure = latency and spec.latency_config is not None and not latency_file.is_file()
-    with tqdm(total=len(todo) + measure, desc="bench cells", unit="cell") as bar:
+    with tqdm(total=len(todo) + measure, desc="bench cells", unit="cell", disable=not progress) as bar:
         if measure:
-            bar.set_postfix_str("latency")
+            bar.set_postfix_str(LATENCY_ID)
             command = [sys.executable, "-m", "pipeline.benchmark_cell", "--spec", str(spec.path), "--latency"]
             if not _run([*command, "--out", str(latency_file)], latency_file.with_suffix(".error.txt")):
-                failures.append("latency")
+                failures.append(f"{LATENCY_ID}: " + latency_file.with_suffix(".error.txt").read_text().strip())
             bar.update()
         for cell in todo:
             bar.set_postfix_str(cell.id)

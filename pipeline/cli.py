@@ -61,22 +61,50 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue a run: stages whose artifacts verify are skipped.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Data-parallel processes for calibrate and quantize on this machine (gloo on CPU, NCCL on GPUs), each "
+    "with cores/N threads; rank 0 writes the run. Under torchrun, leave it out.",
+)
 @user_errors
-def run(config_path: Path, exports: tuple[str, ...], out: Path | None, resume: bool, force: bool, quiet: bool) -> None:
+def run(
+    config_path: Path,
+    exports: tuple[str, ...],
+    out: Path | None,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    nproc: int,
+) -> None:
     """Run the pipeline described by CONFIG (a YAML file) into a run folder."""
     from pipeline.config import load_config, with_export_formats
 
     config = with_export_formats(load_config(config_path), exports, str(config_path))  # no torch imported yet
+    from pipeline import launch
+
+    world = launch.environment_ranks()[1]
+    if nproc > 1 and world > 1:
+        raise ConfigError(f"--nproc: this process is already rank of {world} (torchrun?): leave --nproc out")
+    launch.check_parallel_config(config, max(nproc, world))
+    if nproc > 1:
+        sys.exit(launch.launch(launch.without_nproc(sys.argv[1:]), nproc))
     from transformers.utils import logging as hf_logging
 
     from pipeline.model_checks import check_against_model
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import follow_stages, run_pipeline
 
     hf_logging.disable_progress_bar()  # our own stage lines and bars are the progress; not every weight load
     hf_logging.set_verbosity_error()
     check_against_model(config, str(config_path))
     out = out or Path("runs") / config_path.stem
-    run_pipeline(config, out, resume=resume, force=force, show_progress=not quiet)
+    parallel = launch.join_process_group(config)
+    if not parallel.is_main:
+        follow_stages(config, parallel)
+        return
+    run_pipeline(config, out, resume=resume, force=force, show_progress=not quiet, parallel=parallel)
     if not quiet:
         click.echo(f"done: {out}/manifest.json")
         report = REPORT_MD.path(out)
@@ -114,18 +142,29 @@ def inspect(run_dir: Path, as_json: bool) -> None:
 @click.option("--port", default=8000, show_default=True, help="HTTP port on 127.0.0.1.")
 @click.option("--grpc-port", default=8001, show_default=True, help="gRPC port on 127.0.0.1.")
 @click.option("--metrics-port", default=8002, show_default=True, help="Prometheus metrics port on 127.0.0.1.")
-@click.option("--threads", default=0, help="ONNX Runtime threads (default: all cores).")
+@click.option(
+    "--instances",
+    type=int,
+    help="Model instances (Triton's instance_group count; default: the run config's serve.instances, else 1).",
+)
+@click.option(
+    "--threads",
+    default=0,
+    help="ONNX Runtime threads per instance (default: cores // instances, at least 1, so that the instances "
+    "share the cores instead of oversubscribing them; one instance: all cores).",
+)
 @click.option(
     "--batching/--no-batching",
     default=True,
     show_default=True,
-    help="Triton's dynamic batcher, set from the validate stage's measured batch latencies.",
+    help="Triton's dynamic batcher: the run config's serve.dynamic_batching, else set from the validate stage's "
+    "measured batch latencies.",
 )
 @click.option(
     "--load-check",
     is_flag=True,
-    help="Measure with perf_analyzer (HTTP and gRPC, with and without the batcher), send malformed requests, "
-    "write RUN/serve/report.md, load.json and load.png, then stop.",
+    help="Measure with perf_analyzer (HTTP and gRPC, with and without the batcher, with 1 and 2 instances), send "
+    "malformed requests, write RUN/serve/report.md, load.json and load.png, then stop.",
 )
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Load check: concurrency levels.")
 @click.option("--window-ms", default=2000, show_default=True, help="Load check: perf_analyzer's measurement window.")
@@ -138,6 +177,7 @@ def serve(
     port: int,
     grpc_port: int,
     metrics_port: int,
+    instances: int | None,
     threads: int,
     batching: bool,
     load_check: bool,
@@ -154,8 +194,12 @@ def serve(
     from exporters.triton_server import Ports, require_server
     from pipeline.serving import served_spec
 
+    if instances is not None and instances < 1:
+        raise ConfigError(f"--instances: expected 1 or more, got {instances}")
+    if threads < 0:
+        raise ConfigError(f"--threads: expected 0 (cores // instances) or more, got {threads}")
     require_server()
-    spec = served_spec(run_dir, threads, batching)
+    spec = served_spec(run_dir, threads, batching, instances)
     if load_check:
         from exporters.perf_analyzer import Windows, perf_analyzer
 
@@ -166,14 +210,15 @@ def serve(
 
     try:
         with tempfile.TemporaryDirectory(prefix="zsaq-serve-") as repository:
-            models = write_serve_repository(Path(repository), spec, with_unbatched=load_check)
+            variants = write_serve_repository(Path(repository), spec, with_twins=load_check)
             ports = Ports(port, grpc_port, metrics_port)
+            models = [v.name for v in variants]
             with Serving(Path(repository), models, ports, run_dir / SERVE_DIR) as server:
                 if load_check:
                     windows = Windows(window_ms, stability)
-                    _run_load_check(run_dir, spec, server.endpoints, levels, windows)
+                    _run_load_check(run_dir, spec, variants, server.endpoints, levels, windows)
                     return
-                _print_endpoints(spec, server)
+                _print_endpoints(spec, variants[0], server)
                 server.wait()
     except KeyboardInterrupt:  # before the server was up, or during the load check: it is stopped
         click.echo("error: interrupted; the server is stopped", err=True)
@@ -191,43 +236,52 @@ def _concurrency_levels(text: str) -> tuple[int, ...]:
     return levels
 
 
-def _print_endpoints(spec: Any, server: Any) -> None:
-    from exporters.triton_serve import MODEL_NAME
-
+def _print_endpoints(spec: Any, served: Any, server: Any) -> None:
     endpoints = server.endpoints
-    batching = spec.batching.describe() if spec.batching else "no dynamic batching"
-    click.echo(f"serving {MODEL_NAME} (raw text in) from {spec.graph}")
+    click.echo(f"serving {served.name} (raw text in) from {spec.graph}")
     click.echo(f"  HTTP     {endpoints.http}  (Triton's HTTP/REST protocol)")
     click.echo(f"  gRPC     {endpoints.grpc}")
     click.echo(f"  metrics  {endpoints.metrics}")
-    click.echo(f"  {batching}; up to {spec.max_batch_size} texts of {spec.max_length} tokens per request")
+    click.echo(f"  {served.describe()}")
+    click.echo(f"  up to {spec.max_batch_size} texts of {spec.max_length} tokens per request")
     click.echo(f"  logs: {server.triton_log}, {server.front_log}; Ctrl-C stops")
 
 
-def _run_load_check(run_dir: Path, spec: Any, endpoints: Any, levels: tuple[int, ...], windows: Any) -> None:
+def _run_load_check(
+    run_dir: Path, spec: Any, variants: list, endpoints: Any, levels: tuple[int, ...], windows: Any
+) -> None:
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
     from exporters.cpu_kernels import machine_description
     from exporters.serve_check import load_check
-    from exporters.triton_serve import MODEL_NAME, UNBATCHED_MODEL
     from pipeline.report import render_serve_markdown, write_serve_report
 
-    with tqdm(total=2 + 3 * len(levels), desc="load check", unit="step", file=sys.stderr) as bar:
+    served = variants[0]
+    steps = 2 + (len(variants) + 1) * len(levels)  # answers, each model over HTTP and the served one over gRPC
+    with tqdm(total=steps, desc="load check", unit="step", file=sys.stderr) as bar:
 
         def progress(step: str) -> None:  # a step starts: the one before it is done
             bar.update(1 if bar.postfix else 0)
             bar.set_postfix_str(step)
 
-        found = load_check(endpoints, spec.reference_model(), spec.max_batch_size, levels, windows, progress)
+        reference = spec.reference_model()
+        found = load_check(endpoints, reference, spec.max_batch_size, variants, levels, windows, progress)
         bar.update(1)
     report = {
-        "model": MODEL_NAME,
-        "unbatched_model": UNBATCHED_MODEL,
+        "model": served.name,
+        "unbatched_model": next(v.name for v in variants if v.role == "unbatched"),
         "graph": str(spec.graph),
         "machine": machine_description(),
-        "threads": spec.threads,
-        "batching": spec.batching.describe() if spec.batching else "no dynamic batching",
+        "threads": served.threads,
+        "instances": served.instances,
+        "batching": served.batching.describe() if served.batching else "no dynamic batching",
         "max_batch_size": spec.max_batch_size,
+        "variants": [
+            {**asdict(v), "batching": v.batching.describe() if v.batching else None, "described": v.describe()}
+            for v in variants
+        ],
         **found,
     }
     write_serve_report(report, run_dir)
@@ -266,6 +320,21 @@ def _run_load_check(run_dir: Path, spec: Any, endpoints: Any, levels: tuple[int,
 )
 @click.option("--render-only", is_flag=True, help="With --table: render from the cells present, run nothing.")
 @click.option(
+    "--list-cells",
+    is_flag=True,
+    help="With --table: print the id of each cell the spec plans (after --rows / --tasks / --seeds), one a line; "
+    "run nothing (--out not needed).",
+)
+@click.option(
+    "--cell",
+    "cell_ids",
+    multiple=True,
+    metavar="ID",
+    help="With --table and --out: run only this cell (an id from --list-cells; repeatable) unless its file exists, "
+    "and write only its file, so any number of workers (xargs -P, a Slurm array, Jobs) can share one --out; then "
+    "make the table once with --render-only. The 'latency' cell times CPU formats: give it a machine to itself.",
+)
+@click.option(
     "--missing-ok",
     is_flag=True,
     help="With --check: on a machine kind without a baseline entry, measure, print and exit 0 (CI on new hardware).",
@@ -283,6 +352,8 @@ def bench(
     seeds: tuple[int, ...],
     readme: Path | None,
     render_only: bool,
+    list_cells: bool,
+    cell_ids: tuple[str, ...],
     missing_ok: bool,
     threads: int,
     repeats: int,
@@ -291,8 +362,10 @@ def bench(
     if sum(p is not None for p in (check_path, record_path, table_spec)) != 1:
         raise ConfigError("bench: give exactly one of --check BASELINE.json, --record BASELINE.json, --table SPEC.yaml")
     if table_spec is not None:
-        _bench_table(table_spec, table_out, rows, tasks, seeds, readme, render_only)
+        _bench_table(table_spec, table_out, rows, tasks, seeds, readme, render_only, list_cells, cell_ids)
         return
+    if list_cells or cell_ids:
+        raise ConfigError("bench: --list-cells and --cell go with --table SPEC.yaml")
     from pipeline import latency_check
 
     if repeats < 4:
@@ -335,20 +408,58 @@ def _bench_table(
     seeds: tuple[int, ...],
     readme: Path | None,
     render_only: bool,
+    list_cells: bool = False,
+    cell_ids: tuple[str, ...] = (),
 ) -> None:
     from pipeline import benchmark, benchmark_report
 
-    if out is None:
+    if list_cells and cell_ids:
+        raise ConfigError("bench --table: give --list-cells or --cell ID, not both")
+    if (list_cells or cell_ids) and (render_only or readme is not None):
+        raise ConfigError("bench --table: --list-cells / --cell render nothing; make the table with --render-only")
+    if out is None and not list_cells:
         raise ConfigError("bench --table: give --out FOLDER for the table and its cells")
     spec = benchmark.load_spec(spec_path)
     if readme is not None:
         benchmark_report.check_readme(readme)  # before hours of cells, not after
     cells = [c for c in benchmark.planned_cells(spec, rows, tasks) if not seeds or c.seed in seeds]
-    failures = [] if render_only else benchmark.run_missing(spec, out, cells, latency=not rows or "fp32" in rows)
+    latency = not rows or "fp32" in rows
+    if list_cells:
+        for cell_id in benchmark.cell_ids(spec, cells, latency):
+            click.echo(cell_id)
+        return
+    if cell_ids:
+        filters = [
+            f"--{name} {v}" for name, values in (("rows", rows), ("tasks", tasks), ("seeds", seeds)) for v in values
+        ]
+        listing = " ".join([f"zsaq-pipeline bench --table {spec_path} --list-cells", *filters])
+        _bench_cells(spec, out, cells, latency, cell_ids, listing)
+        return
+    failures = [] if render_only else benchmark.run_missing(spec, out, cells, latency)
     # the command that makes the whole table (runs with --rows / --tasks fill parts of the same cells)
     command = f"zsaq-pipeline bench --table {spec_path} --out {out}" + (f" --readme {readme}" if readme else "")
     table = benchmark_report.write_reports(spec, out, command, readme)
     click.echo(table.read_text(encoding="utf-8"))
+    if failures:
+        raise PipelineError(f"bench: {len(failures)} cell(s) failed, first: {failures[0]}")
+
+
+def _bench_cells(spec: Any, out: Path, cells: list[Any], latency: bool, ids: tuple[str, ...], listing: str) -> None:
+    """``bench --cell``: run the named cells whose files are missing and write only their files (no table:
+    workers sharing ``out`` would race to render it); one line per cell on stderr, nothing on stdout."""
+    from pipeline import benchmark
+
+    chosen, timed = benchmark.select_cells(spec, cells, latency, ids, listing)
+    paths = {cell.id: cell.path(out) for cell in chosen}
+    if timed:
+        paths[benchmark.LATENCY_ID] = out / benchmark.CELLS_DIR / benchmark.LATENCY_CELL
+    present = [cell_id for cell_id, path in paths.items() if path.is_file()]
+    for cell_id in present:
+        click.echo(f"{cell_id}: skipped, {paths[cell_id]} exists (delete it to run the cell again)", err=True)
+    failures = benchmark.run_missing(spec, out, chosen, timed, progress=False)
+    for cell_id, path in paths.items():
+        if cell_id not in present and path.is_file():
+            click.echo(f"{cell_id}: wrote {path}", err=True)
     if failures:
         raise PipelineError(f"bench: {len(failures)} cell(s) failed, first: {failures[0]}")
 

@@ -20,7 +20,7 @@ from calib.config import CalibConfig, ModelSource, QuantConfig, Range, RelativeP
 from calib.errors import ConfigError
 from calib.families import FAMILIES
 from calib.registry import GENERATORS, METHODS
-from exporters.config import ExportConfig, ValidateConfig
+from exporters.config import ExportConfig, ServeConfig, ValidateConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class PipelineConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready plain dict (the form stored in the manifest)."""
@@ -214,10 +215,22 @@ def _check_values(config: PipelineConfig, source: str) -> None:
         fail("task.eval.data", "an existing file (or task.eval.optional: true for data that may be absent)", ev.data)
     if not config.validate.shapes:
         fail("validate.shapes", "at least one [batch, sequence]", [])
+    _check_serve(config, fail)
     for index, group in enumerate(config.export.int4_weight_only):
         if group not in group_sizes("onnxruntime", 4):
             fail(f"export.int4_weight_only[{index}]", " or ".join(map(str, group_sizes("onnxruntime", 4))), group)
     check_runtimes(config, source)
+
+
+def _check_serve(config: PipelineConfig, fail: typing.Callable[[str, str, Any], None]) -> None:
+    batching = config.serve.dynamic_batching
+    if batching is None or not config.validate.shapes:
+        return
+    max_batch = max(b for b, _ in config.validate.shapes)
+    for index, size in enumerate(batching.preferred_batch_sizes):
+        if size > max_batch:
+            key = f"serve.dynamic_batching.preferred_batch_sizes[{index}]"
+            fail(key, f"at most the largest batch in validate.shapes ({max_batch}, the served max batch)", size)
 
 
 def _check_quant(quant: QuantConfig, task: TaskConfig, fail: typing.Callable[[str, str, Any], None]) -> None:

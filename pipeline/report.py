@@ -123,12 +123,10 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
         f"# Serving check: {report['model']}",
         "",
         f"- Graph: `{report['graph']}`; {report['server']}, measured with perf_analyzer ({report['perf_analyzer']})",
-        f"- Machine: {report['machine']}; ONNX Runtime threads: {report['threads'] or 'all cores'}; "
-        "perf_analyzer runs on the same CPUs as the server",
+        f"- Machine: {report['machine']}; perf_analyzer runs on the same CPUs as the server",
         f"- Endpoints: HTTP {report['endpoints']['http']}, gRPC {report['endpoints']['grpc']}, "
         f"metrics {report['endpoints']['metrics']}",
-        f"- `{report['model']}`: {report['batching']}, max batch {report['max_batch_size']}; "
-        f"`{report['unbatched_model']}`: the same model without the batcher",
+        *_serve_models(report),
         f"- Answers (HTTP and gRPC, alone and batched) vs the model in-process: max abs diff "
         f"{report['answers']['http_max_abs_diff']:.2e} / {report['answers']['grpc_max_abs_diff']:.2e}",
         f"- Result: {'passed' if report['passed'] else 'FAILED'}",
@@ -136,12 +134,13 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
         f"## Load (one text per request; perf_analyzer time windows of {windows['window_ms']} ms, three in a row "
         f"within {windows['stability_percent']:g}%)",
         "",
-        "| protocol | model | concurrency | infer/s | p50 ms | p99 ms | queue ms | compute ms | failed | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| protocol | model | instances | concurrency | infer/s | p50 ms | p99 ms | queue ms | compute ms | failed "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in report["levels"]:
-        cells = [lv["protocol"], lv["model"], lv["concurrency"], _ms(lv["throughput"]), _ms(lv["p50_ms"])]
-        cells += [_ms(lv["p99_ms"]), _ms(lv["queue_ms"]), _ms(lv["compute_ms"]), lv["server_failures"]]
+        cells = [lv["protocol"], lv["model"], lv["instances"], lv["concurrency"], _ms(lv["throughput"])]
+        cells += [_ms(lv[k]) for k in ("p50_ms", "p99_ms", "queue_ms", "compute_ms")] + [lv["server_failures"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + f" | {lv['error'] or ''} |")
     if effect:
         lines += [
@@ -149,6 +148,7 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
             f"Dynamic batching at concurrency {effect['concurrency']} (HTTP): {effect['throughput_ratio']}x the "
             f"unbatched throughput, p99 {effect['p99_batched_ms']} ms vs {effect['p99_unbatched_ms']} ms.",
         ]
+    lines += _instances_section(report.get("instances_effect"))
     malformed = report["malformed"]
     lines += [
         "",
@@ -166,13 +166,43 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _serve_models(report: dict[str, Any]) -> list[str]:
+    """One line per model of the repository."""
+    said = {"served": "served", "unbatched": "the same without the batcher", "instances": "the other instance count"}
+    lines = [f"- `{v['name']}` ({said[v['role']]}): {v['described']}" for v in report["variants"]]
+    lines.append(f"- Max batch {report['max_batch_size']} texts per request")
+    return lines
+
+
+def _instances_section(effect: dict[str, Any] | None) -> list[str]:
+    """Throughput and p99 per instance count at each concurrency (HTTP, both with the served batcher)."""
+    if not effect:
+        return []
+    fewer, more = (str(n) for n in effect["instances"])
+    lines = [
+        "",
+        f"## Instances: {fewer} vs {more} (HTTP, same batcher, interleaved at each concurrency)",
+        "",
+        f"| concurrency | {fewer} inst. infer/s | {fewer} inst. p99 ms | {more} inst. infer/s | {more} inst. p99 ms "
+        f"| throughput {more}/{fewer} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in effect["levels"]:
+        tput, p99 = row["throughput"], row["p99_ms"]
+        cells = [row["concurrency"], _ms(tput[fewer]), _ms(p99[fewer]), _ms(tput[more]), _ms(p99[more])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + f" | {row['throughput_ratio']}x |")
+    return lines
+
+
 def plot_serve_load(report: dict[str, Any], path: Path) -> None:
-    """Throughput and p99 latency against concurrency, one line per protocol and batching."""
+    """Throughput and p99 latency against concurrency, one line per model (batching, instance count) and
+    protocol."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     series: dict[str, list[dict[str, Any]]] = {}
     for lv in report["levels"]:
         if lv["completed"]:
-            series.setdefault(f"{lv['model']} ({lv['protocol']})", []).append(lv)
+            label = f"{lv['model']} ({lv['protocol']}, {lv['instances']} inst.)"
+            series.setdefault(label, []).append(lv)
     for label, levels in series.items():
         x = [lv["concurrency"] for lv in levels]
         left.plot(x, [lv["throughput"] for lv in levels], marker="o", label=label)

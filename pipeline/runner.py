@@ -6,11 +6,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from calib.errors import ConfigError, PipelineError, StageUnavailable, ThresholdFailed
+from calib.parallel import SINGLE, Parallel
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.runfolder import RunFolder, now, package_versions
@@ -38,8 +40,11 @@ def run_pipeline(
     resume: bool = False,
     force: bool = False,
     show_progress: bool = True,
+    parallel: Parallel = SINGLE,
 ) -> dict[str, Any]:
-    """Run every enabled stage; returns the final manifest.
+    """Run every enabled stage; returns the final manifest. In a data-parallel run this is rank 0's side
+    (the other ranks run :func:`follow_stages`): it alone writes, and it calls the others into each
+    collective stage.
 
     ``--resume`` and ``--force`` act only on a folder this tool wrote (its manifest says so). ``--force``
     runs into a sibling folder and replaces the old run only once the new one has run; a failure leaves the
@@ -55,13 +60,13 @@ def run_pipeline(
         )
     if not (force and not resume and run.exists()):
         with run.locked():
-            return _run_stages(config, run, resume, show_progress)
+            return _run_stages(config, run, resume, show_progress, parallel)
     new = RunFolder(out.parent / f".{out.name}.new", shown=out)
     with run.locked():  # nobody else writes to the old run while it is being replaced
         shutil.rmtree(new.root, ignore_errors=True)
         try:
             with new.locked():
-                manifest = _run_stages(config, new, False, show_progress)
+                manifest = _run_stages(config, new, False, show_progress, parallel)
         except (StageUnavailable, ThresholdFailed):  # the new run is complete: replace the old one, then say why
             _replace(run, new)
             raise
@@ -81,7 +86,23 @@ def _replace(run: RunFolder, new: RunFolder) -> None:
     shutil.rmtree(old)
 
 
-def _run_stages(config: PipelineConfig, run: RunFolder, resume: bool, show_progress: bool) -> dict[str, Any]:
+def _last_collective(config: PipelineConfig) -> str | None:
+    """The last enabled stage the other ranks join: after it, they are released."""
+    names = [s.name for s in STAGES if s.collective and s.enabled(config) is None]
+    return names[-1] if names else None
+
+
+def _release(parallel: Parallel) -> None:
+    """Let the other ranks go; rank 0 continues alone with every core."""
+    from pipeline.launch import restore_threads
+
+    parallel.broadcast(None)
+    restore_threads()
+
+
+def _run_stages(
+    config: PipelineConfig, run: RunFolder, resume: bool, show_progress: bool, parallel: Parallel
+) -> dict[str, Any]:
     manifest = run.load_manifest() if resume else {}
     manifest.update(
         {
@@ -97,6 +118,7 @@ def _run_stages(config: PipelineConfig, run: RunFolder, resume: bool, show_progr
     run.save_manifest(manifest)
 
     unavailable: list[StageUnavailable] = []
+    last_collective = _last_collective(config) if parallel.world_size > 1 else None
     for stage in STAGES:
         skip_reason = stage.enabled(config)
         if skip_reason is not None:
@@ -108,6 +130,9 @@ def _run_stages(config: PipelineConfig, run: RunFolder, resume: bool, show_progr
         if resume and _is_reusable(run, stages.get(stage.name), fingerprint):
             if show_progress:
                 print(f"[{stage.name}] artifacts verified, skipping", flush=True)
+            if stage.name == last_collective:
+                _release(parallel)  # nothing left for the other ranks to join
+                last_collective = None
             continue
         stages[stage.name] = {"status": "running", "started": now(), "pid": os.getpid()}
         run.save_manifest(manifest)
@@ -115,8 +140,10 @@ def _run_stages(config: PipelineConfig, run: RunFolder, resume: bool, show_progr
             print(f"[{stage.name}] running", flush=True)
         staging = run.staging_dir(stage.name)
         started = time.perf_counter()
+        if stage.collective and last_collective is not None:
+            parallel.broadcast({"stage": stage.name, "fingerprint": fingerprint, "root": str(run.root)})
         try:
-            summary = stage.run(StageContext(config, run, staging, fingerprint, show_progress))
+            summary = stage.run(StageContext(config, run, staging, fingerprint, show_progress, parallel))
         except StageUnavailable as exc:
             stages[stage.name] = {"status": "unavailable", "reason": str(exc)}
             run.save_manifest(manifest)
@@ -144,6 +171,20 @@ def _run_stages(config: PipelineConfig, run: RunFolder, resume: bool, show_progr
         }
         manifest["updated"] = now()
         run.save_manifest(manifest)
+        if stage.name == last_collective:
+            _release(parallel)  # the rest is rank 0's
+            last_collective = None
     if unavailable:
         raise unavailable[0]
     return manifest
+
+
+def follow_stages(config: PipelineConfig, parallel: Parallel) -> None:
+    """The side of ranks other than 0 in a data-parallel run: join each collective stage rank 0 announces,
+    in a scratch folder that is never committed, until rank 0 releases them. They write nothing to the run."""
+    by_name = {stage.name: stage for stage in STAGES}
+    while (order := parallel.broadcast(None)) is not None:
+        with tempfile.TemporaryDirectory(prefix=f"zsaq-rank{parallel.rank}-") as scratch:
+            context = StageContext(config, RunFolder(Path(order["root"])), Path(scratch), order["fingerprint"],
+                                   show_progress=False, parallel=parallel)  # fmt: skip
+            by_name[order["stage"]].run(context)

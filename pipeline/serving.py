@@ -1,19 +1,23 @@
 """What ``serve`` serves, found through the run layout: the CPU student graph, the tokenizer, the task's
-labels, the limits the graph was validated at, and the dynamic batcher those validated latencies suggest."""
+labels, the limits the graph was validated at, and the run config's ``serve`` section (instances, and the
+dynamic batcher, which without ``serve.dynamic_batching`` is the one the validated latencies suggest)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from calib.errors import PipelineError
-from exporters.triton_repo import label_names, serving_limits
-from exporters.triton_serve import Batching, ServeSpec, batching_policy
+from exporters.config import ServeConfig
+from exporters.triton_repo import Batching, configured_batching, label_names, serving_limits
+from exporters.triton_serve import ServeSpec
+from pipeline.config import build
 from pipeline.layout import MANIFEST, REPORT_JSON, STUDENT_ONNX, TEACHER_MODEL
 from pipeline.stages.validate import student_label
 
 
-def _validated_latencies(run_dir: Path) -> list[dict]:
+def validated_latencies(run_dir: Path) -> list[dict]:
     """The validate stage's batch latencies of the CPU student graph ([] when it has none)."""
     path = REPORT_JSON.path(run_dir)
     if not path.is_file():
@@ -22,8 +26,9 @@ def _validated_latencies(run_dir: Path) -> list[dict]:
     return next((m.get("latency", []) for m in models if m.get("name") == student_label("cpu")), [])
 
 
-def served_spec(run_dir: Path, threads: int, batching: bool) -> ServeSpec:
-    """The run's CPU student as ``serve`` serves it; one-line errors for what is missing."""
+def served_spec(run_dir: Path, threads: int, batching: bool, instances: int | None = None) -> ServeSpec:
+    """The run's CPU student as ``serve`` serves it (``instances``: the command line's, over the config's);
+    one-line errors for what is missing."""
     if not (run_dir / MANIFEST).is_file():
         raise PipelineError(f"{run_dir}: no {MANIFEST} here (not a run folder)")
     graph = STUDENT_ONNX["cpu"]
@@ -38,5 +43,10 @@ def served_spec(run_dir: Path, threads: int, batching: bool) -> ServeSpec:
     task = config["task"]
     max_batch, max_length = serving_limits(config["validate"]["shapes"])
     labels = label_names(model_dir, task["num_labels"]) if task["kind"] == "classification" else ()
-    policy: Batching | None = batching_policy(_validated_latencies(run_dir), max_batch) if batching else None
-    return ServeSpec(graph.path(run_dir), model_dir, task["kind"], labels, max_batch, max_length, threads, policy)
+    # runs made before the serve section have none: its defaults
+    serve = build(ServeConfig, config.get("serve") or {}, str(run_dir / MANIFEST), "serve")
+    policy: Batching | None = None
+    if batching:
+        policy = configured_batching(serve, validated_latencies(run_dir), max_batch)
+    spec = ServeSpec(graph.path(run_dir), model_dir, task["kind"], labels, max_batch, max_length, threads, policy)
+    return dataclasses.replace(spec, instances=instances or serve.instances)

@@ -58,8 +58,8 @@ class LMAdapterGenerator(nn.Module):
 
     def sample(self, batch: int, rng: torch.Generator) -> Batch:
         """A differentiable batch: the pooled text's embeddings plus the adapter's residual."""
-        rows = torch.randint(len(self.base), (batch,), generator=rng)
-        noise = torch.randn(batch, self.base.shape[1], self.noise_dim, generator=rng)
+        rows = torch.randint(len(self.base), (batch,), generator=rng, device=rng.device)
+        noise = torch.randn(batch, self.base.shape[1], self.noise_dim, generator=rng, device=rng.device)
         if self.lm is None:
             features = self.features[rows]
         else:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> torch.Tensor:
     """Relaxed one-hot samples; the Gumbel noise comes from ``rng``."""
-    uniform = torch.rand(logits.shape, generator=rng).clamp(1e-9, 1 - 1e-9)
+    uniform = torch.rand(logits.shape, generator=rng, device=rng.device).clamp(1e-9, 1 - 1e-9)
     gumbel = -torch.log(-torch.log(uniform))
     return F.softmax((logits + gumbel) / temperature, dim=-1)
 
@@ -55,7 +55,7 @@ class SoftTokenGenerator(nn.Module):
 
     def sample(self, batch: int, rng: torch.Generator) -> Batch:
         """A differentiable batch of pseudo-inputs."""
-        noise = torch.randn(batch, 1, self.noise_dim, generator=rng).expand(-1, self.seq_len, -1)
+        noise = torch.randn(batch, 1, self.noise_dim, generator=rng, device=rng.device).expand(-1, self.seq_len, -1)
         positions = self.positions.unsqueeze(0).expand(batch, -1, -1)
         logits = self.to_logits(self.mix(torch.cat([noise, positions], dim=-1)))
         embeds = gumbel_softmax(logits, self.temperature, rng) @ self.table

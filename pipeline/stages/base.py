@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from calib.parallel import SINGLE, Parallel
 from pipeline.config import PipelineConfig
 from pipeline.layout import TEACHER_MODEL, Artifact
 from pipeline.runfolder import RunFolder
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
     from calib.models import TaskModel
@@ -21,13 +23,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class StageContext:
-    """Everything a running stage may touch: the config, earlier stages' folders, its own staging folder."""
+    """Everything a running stage may touch: the config, earlier stages' folders, its own staging folder, and
+    its place in a data-parallel run (only rank 0's staging folder is committed)."""
 
     config: PipelineConfig
     run: RunFolder
     out: Path
     fingerprint: str
     show_progress: bool = True
+    parallel: Parallel = SINGLE
 
     def path(self, artifact: Artifact) -> Path:
         """An earlier stage's committed artifact."""
@@ -45,6 +49,12 @@ class StageContext:
         from calib.models import load_saved_tokenizer
 
         return load_saved_tokenizer(self.path(TEACHER_MODEL))
+
+    def device(self) -> torch.device:
+        """Where calibrate and quantize run (``calib.device``; a data-parallel rank takes its own GPU)."""
+        from calib.devices import resolve_device
+
+        return resolve_device(self.config.calib.device, self.parallel.local_rank)
 
     def log(self, message: str) -> None:
         """A progress line for the person watching."""
@@ -72,6 +82,7 @@ class Stage:
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()  # stages whose artifacts this one reads
     reads: ClassVar[tuple[str, ...]] = ()  # config keys (dotted) its output depends on
+    collective: ClassVar[bool] = False  # every rank of a data-parallel run joins it (rank 0 alone otherwise)
 
     def enabled(self, config: PipelineConfig) -> str | None:
         """``None`` when the stage runs for this config, else the reason it is skipped."""

@@ -53,6 +53,7 @@ class CalibrateStage(Stage):
     name = "calibrate"
     requires = ("teacher",)
     reads = ("task.kind", "calib")
+    collective = True
 
     def config_keys(self, config: PipelineConfig) -> tuple[str, ...]:
         """A method that trains the student also depends on ``quant``."""
@@ -61,15 +62,26 @@ class CalibrateStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config, calib = ctx.config, ctx.config.calib
         teacher, tokenizer = ctx.teacher(), ctx.tokenizer()
+        parallel, device = ctx.parallel, ctx.device()
         checkpoints = ctx.run.root / CALIBRATE_CHECKPOINTS
-        checkpoints.mkdir(exist_ok=True)
-        checkpoint = checkpoints / f"{ctx.fingerprint[:16]}.pt"  # a changed config never resumes a stale game
+        if parallel.is_main:
+            checkpoints.mkdir(exist_ok=True)
+        # a changed config, or another stream count, never resumes a stale game
+        checkpoint = checkpoints / f"{ctx.fingerprint[:16]}-streams{parallel.streams}.pt"
         request = CalibrationRequest(
-            teacher, tokenizer, calib, config.quant, config.task, checkpoint, ctx.show_progress
+            teacher, tokenizer, calib, config.quant, config.task, checkpoint, ctx.show_progress, parallel, str(device)
         )
         calibration = calibrate(request)
+        if not parallel.is_main:
+            return {}  # the other ranks helped play; rank 0 writes
         samples, game = calibration.samples, calibration.game
+        if game is not None:  # their states are artifacts: on the CPU
+            game.student.cpu()
+            game.generator.cpu()
         summary: dict[str, Any] = {"method": calib.method, "samples": calib.samples, "seq_len": calib.seq_len}
+        summary["device"] = str(device)
+        if parallel.world_size > 1 or parallel.streams > 1:
+            summary.update(processes=parallel.world_size, streams=parallel.streams)
         if game is not None:
             save_file(
                 student_state(game.student, "weights" in config.quant.learn.params), str(ctx.out / STUDENT_STATE.name)

@@ -6,7 +6,7 @@ from typing import Any
 
 from calib.errors import PipelineError
 from calib.models import load_saved_tokenizer
-from exporters.triton_repo import RepositorySpec, label_names, serving_limits, write_repository
+from exporters.triton_repo import RepositorySpec, configured_batching, label_names, serving_limits, write_repository
 from pipeline.config import PipelineConfig
 from pipeline.layout import ENGINE, REPOSITORY, STUDENT_ONNX, TEACHER_MODEL
 from pipeline.stages.base import Stage, StageContext
@@ -14,16 +14,20 @@ from pipeline.stages.base import Stage, StageContext
 
 class PackageStage(Stage):
     """Writes ``package/model_repository/``: the CPU student graph (onnxruntime), the TensorRT engine when one
-    was built, and for models with a tokenizer a Python-backend tokenizer and a raw-text ensemble."""
+    was built, and for models with a tokenizer a Python-backend tokenizer and a raw-text ensemble; each model in
+    ``serve.instances`` instances with the dynamic batcher ``serve`` serves with (``serve.dynamic_batching``, else
+    the one the validate stage's measured latencies of the CPU student suggest)."""
 
     name = "package"
-    requires = ("teacher", "export", "build")
-    reads = ("task", "validate.shapes")
+    requires = ("teacher", "export", "build", "validate")  # validate: the measured latencies of the batcher
+    reads = ("task", "validate.shapes", "serve")
 
     def enabled(self, config: PipelineConfig) -> str | None:
         return None if "triton" in config.export.formats else "no Triton repository requested (--export triton)"
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
+        from pipeline.serving import validated_latencies  # it reads the validate stage's report: not at import
+
         config = ctx.config
         onnx_path = ctx.path(STUDENT_ONNX["cpu"])
         if not onnx_path.is_file():
@@ -43,6 +47,8 @@ class PackageStage(Stage):
             labels=label_names(model_dir, config.task.num_labels),
             max_batch_size=max_batch,
             max_length=max_length,
+            instances=config.serve.instances,
+            batching=configured_batching(config.serve, validated_latencies(ctx.run.root), max_batch),
         )
         summary = write_repository(ctx.out / REPOSITORY.name, spec)
         if "note" in summary:

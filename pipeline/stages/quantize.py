@@ -28,7 +28,8 @@ class QuantizeStage(Stage):
 
     name = "quantize"
     requires = ("teacher", "calibrate")
-    reads = ("calib.seed", "calib.batch_size", "quant")
+    reads = ("calib.seed", "calib.batch_size", "calib.streams", "quant")
+    collective = True
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config = ctx.config
@@ -37,7 +38,13 @@ class QuantizeStage(Stage):
         batches = CalibrationSet.from_tensors(load_file(str(ctx.path(CALIB_INPUTS)))).batches(config.calib.batch_size)
         state_file = ctx.path(STUDENT_STATE)  # a method that trained the student (zsaq) left its state
         state = load_file(str(state_file)) if state_file.is_file() else None
-        student, result = quantize_student(teacher, config.quant, batches, state, ctx.show_progress)
+        parallel, device = ctx.parallel, ctx.device()
+        student, result = quantize_student(
+            teacher, config.quant, batches, state, ctx.show_progress and parallel.is_main, parallel, str(device)
+        )
+        if not parallel.is_main:
+            return {}
+        student.cpu()  # the contract is an artifact
         save_contract(build_contract(student), ctx.out)
         summary: dict[str, Any] = {
             "scheme": quant_label(config),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from calib.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
+from calib.families import block_of
 from calib.inputs import random_tokens
 from calib.learn import learn_quantizers, relative_adamw
 from calib.student import build_student, init_ranges, quant_layers
@@ -72,3 +73,25 @@ def test_a_nan_loss_stops_learning_and_keeps_the_last_good_state():
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     assert torch.isfinite(layer.weight_quantizer.scale).all()
     assert not torch.equal(layer.weight_quantizer.scale, good)  # three good steps were kept
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_block_wise_runs_one_block_at_a_time_as_the_whole_model_would(family):
+    """Block-wise learning never runs the whole student (one block's activations in memory at a time): each
+    step runs one block on its cached inputs."""
+    teacher, student, batches = _setup(family)
+    blocks = sorted({block_of(n) for n in quant_layers(student)} - {None})
+    calls = dict.fromkeys(blocks, 0)
+    head = {"calls": 0}
+    for name in blocks:
+        student.backbone.get_submodule(name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    last_module = student.backbone.get_output_embeddings() if family != "bert" else student.backbone.classifier
+    last_module.register_forward_hook(lambda *_: head.__setitem__("calls", head["calls"] + 1))
+    steps_per_block = 3
+    learn_quantizers(teacher, student, batches, LearnConfig(steps=steps_per_block * len(blocks), mode="block-wise"),
+                     False)  # fmt: skip
+    assert head["calls"] == 0  # never a whole forward
+    # each block: its steps, plus (all but the last) one pass over every batch to make the next block's inputs
+    assert [calls[b] for b in blocks] == [steps_per_block + len(batches)] * (len(blocks) - 1) + [steps_per_block]

@@ -1,5 +1,6 @@
-"""The parts of ``serve`` that need no server: the batching policy, the serve repository, the front door's body
-check, the raw-text model's batch merging, and perf_analyzer's start-up errors."""
+"""The parts of ``serve`` that need no server: the batching policy, the serve section of the config, the serve
+repository (instances, batcher, threads per instance), the load check's comparisons and report, the front door's
+body check, the raw-text model's batch merging, and perf_analyzer's start-up errors."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from onnx import TensorProto, helper
 from calib.errors import StageUnavailable
 from exporters import perf_analyzer
 from exporters.http_front_door import body_error
+from exporters.serve_check import batching_effect, instances_effect
 from exporters.triton_python_model import InvalidRequest, TextModel
-from exporters.triton_serve import Batching, ServeSpec, batching_policy, write_serve_repository
+from exporters.triton_repo import Batching, batching_policy
+from exporters.triton_serve import ServeSpec, serve_variants, threads_per_instance, write_serve_repository
+from pipeline.report import plot_serve_load, render_serve_markdown
+from pipeline.serving import served_spec
 from tests.models import minilm_tokenizer
 
 
@@ -78,28 +83,163 @@ def test_merged_requests_get_what_each_gets_alone(tmp_path):
     assert refused.value.reason == "empty_text"
 
 
-def test_serve_repository_has_the_batched_model_and_its_unbatched_twin(tmp_path):
+def parse_repository(root: Path, names: list[str]) -> dict:
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the [serve] extra")
     from google.protobuf import text_format
 
+    configs = {}
+    for name in names:
+        text = (root / name / "config.pbtxt").read_text()
+        configs[name] = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert configs[name].name == name and (root / name / "1" / "model.py").is_file()
+    return configs
+
+
+def test_serve_repository_has_the_batched_model_and_its_twins(tmp_path):
     graph = causal_graph(tmp_path / "causal.onnx", 7)
     spec = ServeSpec(graph, tmp_path / "tok", "causal-lm", (), 4, 32, 2, Batching((4,), 300))
-    models = write_serve_repository(tmp_path / "repo", spec, with_unbatched=True)
-    assert models == ["student_text", "student_text_unbatched"]
-    configs = {}
-    for name in models:
-        text = (tmp_path / "repo" / name / "config.pbtxt").read_text()
-        configs[name] = text_format.Parse(text, model_config_pb2.ModelConfig())
-        assert (tmp_path / "repo" / name / "1" / "model.py").is_file()
-    batched, unbatched = configs["student_text"], configs["student_text_unbatched"]
+    variants = write_serve_repository(tmp_path / "repo", spec, with_twins=True)
+    models = [v.name for v in variants]
+    assert models == ["student_text", "student_text_unbatched", "student_text_2_instances"]
+    assert [v.role for v in variants] == ["served", "unbatched", "instances"]
+    configs = parse_repository(tmp_path / "repo", models)
+    batched, unbatched, twin = (configs[name] for name in models)
     assert batched.backend == "python" and batched.max_batch_size == 4
     assert list(batched.dynamic_batching.preferred_batch_size) == [4]
     assert batched.dynamic_batching.max_queue_delay_microseconds == 300
     assert not unbatched.HasField("dynamic_batching")
+    assert twin.dynamic_batching == batched.dynamic_batching
+    assert [g.count for g in batched.instance_group] == [1] and [g.count for g in twin.instance_group] == [2]
     assert [(t.name, list(t.dims)) for t in batched.output] == [("logits", [-1, 7])]
     params = {k: v.string_value for k, v in batched.parameters.items()}
     assert params["mode"] == "text" and params["graph"] == str(graph.resolve()) and params["threads"] == "2"
+    assert twin.parameters["threads"].string_value == "2"  # --threads is per instance, whatever the count
     assert json.loads(params["labels"]) == []
+    assert write_serve_repository(tmp_path / "alone", spec) == variants[:1]  # serving: the model alone
+
+
+def test_instances_share_the_cores_unless_threads_are_given(tmp_path, monkeypatch):
+    assert threads_per_instance(0, 1, cores=2) == 0  # one instance: ONNX Runtime's own (all cores)
+    assert threads_per_instance(0, 2, cores=2) == 1 and threads_per_instance(0, 3, cores=16) == 5
+    assert threads_per_instance(0, 4, cores=2) == 1  # at least one
+    assert threads_per_instance(3, 2, cores=2) == 3  # --threads wins
+    monkeypatch.setattr("exporters.triton_serve.os.cpu_count", lambda: 8)
+    graph = causal_graph(tmp_path / "causal.onnx", 7)
+    spec = ServeSpec(graph, tmp_path / "tok", "causal-lm", (), 8, 32, 0, Batching((), 0), instances=2)
+    variants = write_serve_repository(tmp_path / "repo", spec, with_twins=True)
+    assert [(v.name, v.instances, v.threads) for v in variants] == [
+        ("student_text", 2, 4),
+        ("student_text_unbatched", 2, 4),
+        ("student_text_1_instance", 1, 0),
+    ]
+    configs = parse_repository(tmp_path / "repo", [v.name for v in variants])
+    cpu = pytest.importorskip("tritonclient.grpc.model_config_pb2").ModelInstanceGroup.KIND_CPU
+    for variant in variants:
+        config = configs[variant.name]
+        assert [(g.count, g.kind) for g in config.instance_group] == [(variant.instances, cpu)]
+        assert config.parameters["threads"].string_value == str(variant.threads)
+
+
+def fake_run(tmp_path: Path, serve: dict | None, shapes=((1, 128), (8, 128)), latencies_rows=()) -> Path:
+    """A run folder with what ``serve`` reads: the manifest's config, the CPU student graph, a tokenizer and
+    the validate report's latencies of the CPU student."""
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    causal_graph(run / "export" / "student_qdq_cpu.onnx", 7)
+    minilm_tokenizer().save_pretrained(str(run / "teacher" / "model"))
+    config = {"task": {"kind": "causal-lm", "num_labels": 2}, "validate": {"shapes": [list(s) for s in shapes]}}
+    if serve is not None:
+        config["serve"] = serve
+    (run / "manifest.json").write_text(json.dumps({"config": config}))
+    (run / "validate").mkdir()
+    report = {"models": [{"name": "qdq-cpu-flavour", "latency": latencies(*latencies_rows)}]}
+    (run / "validate" / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_served_spec_takes_the_config_serve_section_over_the_measured_policy(tmp_path):
+    measured = ((1, 4.0, 250.0), (8, 9.0, 880.0))
+    older = served_spec(fake_run(tmp_path / "a", None, latencies_rows=measured), 0, True)  # before serve existed
+    assert older.instances == 1 and older.batching == Batching((8,), 400)
+    given = {"instances": 2, "dynamic_batching": {"preferred_batch_sizes": [2, 4], "max_queue_delay_us": 150}}
+    run = fake_run(tmp_path / "b", given, latencies_rows=measured)
+    spec = served_spec(run, 0, True)
+    assert spec.instances == 2 and spec.batching == Batching((2, 4), 150) and spec.max_batch_size == 8
+    assert served_spec(run, 0, True, instances=3).instances == 3  # serve --instances
+    assert served_spec(run, 0, False).batching is None  # --no-batching
+    just_instances = served_spec(fake_run(tmp_path / "c", {"instances": 2}, latencies_rows=measured), 0, True)
+    assert just_instances.instances == 2 and just_instances.batching == Batching((8,), 400)
+
+
+def level(model: str, role: str, instances: int, concurrency: int, throughput: float, p99: float, **kw) -> dict:
+    row = {"protocol": "http", "model": model, "role": role, "instances": instances, "threads": 0}
+    row |= {"concurrency": concurrency, "completed": True, "error": None, "throughput": throughput}
+    row |= {"p50_ms": p99 / 2, "p99_ms": p99, "queue_ms": 0.1, "compute_ms": 1.0, "server_failures": 0}
+    row["batching"] = role != "unbatched"
+    return {**row, **kw}
+
+
+def test_the_load_check_compares_batching_and_instance_counts_at_each_concurrency(tmp_path):
+    levels = [
+        level("student_text", "served", 2, 1, 200.0, 9.0),
+        level("student_text", "served", 2, 4, 500.0, 20.0),
+        level("student_text_unbatched", "unbatched", 2, 1, 210.0, 8.0),
+        level("student_text_unbatched", "unbatched", 2, 4, 250.0, 30.0),
+        level("student_text_1_instance", "instances", 1, 1, 190.0, 10.0),
+        level("student_text_1_instance", "instances", 1, 4, 400.0, 25.0),
+        level("student_text", "served", 2, 4, 600.0, 15.0, protocol="grpc"),
+    ]
+    assert batching_effect(levels) == {
+        "concurrency": 4,
+        "throughput_ratio": 2.0,
+        "p99_batched_ms": 20.0,
+        "p99_unbatched_ms": 30.0,
+    }
+    effect = instances_effect(levels)
+    assert effect["instances"] == [1, 2] and [row["concurrency"] for row in effect["levels"]] == [1, 4]
+    assert effect["levels"][1] == {
+        "concurrency": 4,
+        "throughput": {"1": 400.0, "2": 500.0},
+        "p99_ms": {"1": 25.0, "2": 20.0},
+        "throughput_ratio": 1.25,
+    }
+    failed = [
+        lv if lv["role"] != "instances" or lv["concurrency"] == 1 else {**lv, "completed": False} for lv in levels
+    ]
+    assert [row["concurrency"] for row in instances_effect(failed)["levels"]] == [1]
+    assert instances_effect([lv for lv in levels if lv["role"] != "instances"]) is None
+
+    spec = ServeSpec(Path("g.onnx"), Path("tok"), "causal-lm", (), 8, 32, 1, Batching((2,), 100), instances=2)
+    variants = [{"name": v.name, "role": v.role, "described": v.describe()} for v in serve_variants(spec, True)]
+    report = {
+        "model": "student_text",
+        "graph": "g.onnx",
+        "server": "Triton",
+        "perf_analyzer": "pa",
+        "machine": "cpu",
+        "endpoints": {"http": "h", "grpc": "g", "metrics": "m"},
+        "variants": variants,
+        "max_batch_size": 8,
+        "answers": {"http_max_abs_diff": 0.0, "grpc_max_abs_diff": 0.0},
+        "passed": True,
+        "windows": {"window_ms": 500, "stability_percent": 100.0, "trials": 6},
+        "levels": levels,
+        "batching_effect": batching_effect(levels),
+        "instances_effect": effect,
+        "malformed": {"cases": [], "served_after": True, "counters": {}},
+    }
+    markdown = render_serve_markdown(report)
+    assert "## Instances: 1 vs 2 (HTTP" in markdown
+    assert "| 4 | 400.0 | 25.0 | 500.0 | 20.0 | 1.25x |" in markdown
+    assert "| http | student_text_1_instance | 1 | 4 | 400.0 |" in markdown
+    assert (
+        "- `student_text` (served): 2 instances (1 ONNX Runtime thread each), dynamic batching: preferred batch "
+        "sizes 2, queue delay 100 us" in markdown
+    )
+    unbatched = "- `student_text_unbatched` (the same without the batcher): 2 instances (1 ONNX Runtime thread each)"
+    assert f"{unbatched}, no dynamic batching" in markdown
+    plot_serve_load(report, tmp_path / "load.png")
+    assert (tmp_path / "load.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

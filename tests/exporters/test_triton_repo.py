@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,11 +14,13 @@ from onnx import TensorProto, helper
 
 from calib.config import ModelSource, RandomModel
 from calib.errors import PipelineError
+from exporters.config import DynamicBatchingConfig, ServeConfig
 from exporters.triton_python_model import InvalidRequest, classify, decode_texts, encode
-from exporters.triton_repo import RepositorySpec, write_repository
+from exporters.triton_repo import Batching, RepositorySpec, write_repository
 from exporters.triton_server import TritonServer, free_ports
 from pipeline.config import PipelineConfig
 from pipeline.runfolder import RunFolder
+from pipeline.stages import STAGES
 from pipeline.stages.base import StageContext
 from pipeline.stages.package import PackageStage
 from tests.models import LABELS, MAX_LENGTH, minilm_tokenizer
@@ -114,6 +117,41 @@ def test_repository_configs_parse_and_match_the_graphs_for_every_task(kind, tmp_
         assert json.loads(configs["postprocess"].parameters["labels"].string_value) == list(labels)
     else:
         assert outputs == ({"sentence_embedding": [16]} if kind == "embedding" else {"logits": [-1, 99]})
+
+
+def test_every_computing_model_gets_the_instances_and_the_batcher(tmp_path):
+    graph = toy_graph(tmp_path / "toy.onnx", "classification")
+    engine = tmp_path / "student.plan"
+    engine.write_bytes(b"not a real engine")
+    spec = RepositorySpec(
+        graph, (engine, graph), minilm_tokenizer(), "classification", ("a", "b", "c"), 8, 128, 2, Batching((4, 8), 300)
+    )
+    summary = write_repository(tmp_path / "repo", spec)
+    assert summary["instances"] == 2 and "preferred batch sizes 4, 8, queue delay 300 us" in summary["batching"]
+    configs = parse_configs(tmp_path / "repo")
+    kinds = {"student_trt": model_config_pb2.ModelInstanceGroup.KIND_GPU}
+    for name in ("student_onnx", "student_trt", "tokenizer", "postprocess"):
+        config = configs[name]
+        kind = kinds.get(name, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+        assert [(g.count, g.kind) for g in config.instance_group] == [(2, kind)], name
+        assert list(config.dynamic_batching.preferred_batch_size) == [4, 8], name
+        assert config.dynamic_batching.max_queue_delay_microseconds == 300, name
+    for name in ("student_text", "student_text_trt"):  # ensembles: Triton schedules them, no instances
+        assert not configs[name].instance_group and not configs[name].HasField("dynamic_batching")
+    default = RepositorySpec(graph, None, None, "classification", ("a", "b", "c"), 8, 128)
+    write_repository(tmp_path / "default", default)
+    onnx_model = parse_configs(tmp_path / "default")["student_onnx"]
+    assert [g.count for g in onnx_model.instance_group] == [1]
+    assert onnx_model.dynamic_batching.max_queue_delay_microseconds == 0  # no fixed delay: the measured policy's
+
+
+def test_only_the_package_stage_reads_the_serve_section():
+    """Runs made before ``serve`` existed keep every earlier stage: only the package stage's fingerprint moves."""
+    config = PipelineConfig(model=ModelSource(random=RandomModel(family="bert")))
+    batching = DynamicBatchingConfig(preferred_batch_sizes=(4,), max_queue_delay_us=100)
+    served = dataclasses.replace(config, serve=ServeConfig(instances=2, dynamic_batching=batching))
+    moved = [stage.name for stage in STAGES if stage.fingerprint(config, {}) != stage.fingerprint(served, {})]
+    assert moved == ["package"]
 
 
 def test_a_model_without_tokenizer_gets_only_its_graph_and_a_note(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,27 +182,53 @@ def test_statistics_and_metrics_need_no_token(server):
     assert "# TYPE zsaq_http_request_failure counter" in text
 
 
-def test_perf_analyzer_drives_the_stock_server_over_http_and_grpc_with_no_failure(text_run):
-    """The CI load test: ``serve --load-check`` runs perf_analyzer (the tritonclient 2.51 binary) at concurrency 1
-    and 4 over HTTP and gRPC, and over HTTP without the batcher; 0 failed requests on either side."""
+def configured_run(text_run: Path, folder: Path, serve: dict) -> Path:
+    """A copy of what ``serve`` reads from ``text_run`` (manifest, CPU student graph, tokenizer, validate report),
+    its config's ``serve`` section set to ``serve``."""
+    for part in ("export/student_qdq_cpu.onnx", "teacher/model", "validate/report.json"):
+        copy = shutil.copytree if (text_run / part).is_dir() else shutil.copy
+        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+        copy(text_run / part, folder / part)
+    manifest = json.loads((text_run / "manifest.json").read_text())
+    manifest["config"]["serve"] = serve
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_perf_analyzer_drives_two_instances_with_dynamic_batching_with_no_failure(text_run, tmp_path):
+    """The CI load test: ``serve --load-check`` on a run whose config asks for 2 instances and a dynamic batcher
+    runs perf_analyzer (the tritonclient 2.51 binary) at concurrency 1 and 4 over HTTP and gRPC, over HTTP without
+    the batcher and with 1 instance; 0 failed requests on either side, and the report compares 1 and 2 instances."""
+    batching = {"preferred_batch_sizes": [2, 4], "max_queue_delay_us": 500}
+    run = configured_run(text_run, tmp_path / "run", {"instances": 2, "dynamic_batching": batching})
     ports = free_ports()
     extra = ("--load-check", "--concurrency", "1,4", "--window-ms", "500", "--stability", "100")
-    result = subprocess.run(serve_command(text_run, ports, *extra), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(serve_command(run, ports, *extra), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((text_run / "serve" / "load.json").read_text())
+    report = json.loads((run / "serve" / "load.json").read_text())
     assert report["passed"] and report["answers"]["passed"] and report["malformed"]["passed"]
-    seen = {(lv["protocol"], lv["model"], lv["concurrency"]) for lv in report["levels"]}
-    assert seen == {
-        (p, m, c) for p, m in [("http", MODEL), ("grpc", MODEL), ("http", "student_text_unbatched")] for c in (1, 4)
-    }
+    twin = "student_text_1_instance"
+    seen = {(lv["protocol"], lv["model"], lv["instances"], lv["concurrency"]) for lv in report["levels"]}
+    measured = [("http", MODEL, 2), ("grpc", MODEL, 2), ("http", "student_text_unbatched", 2), ("http", twin, 1)]
+    assert seen == {(p, m, n, c) for p, m, n in measured for c in (1, 4)}
     for level in report["levels"]:
         assert level["completed"] and level["server_failures"] == 0 and level["error"] is None
         assert level["throughput"] > 0 and 0 < level["p50_ms"] <= level["p99_ms"]
         assert level["queue_ms"] >= 0 and level["compute_ms"] > 0
+    variants = {v["name"]: v for v in report["variants"]}
+    cores = os.cpu_count() or 1
+    assert variants[MODEL]["instances"] == 2 and variants[MODEL]["threads"] == max(1, cores // 2)
+    assert variants[twin]["instances"] == 1 and variants[twin]["threads"] == 0  # all cores
+    assert variants[MODEL]["batching"] == "dynamic batching: preferred batch sizes 2, 4, queue delay 500 us"
+    assert variants["student_text_unbatched"]["batching"] is None
     assert report["batching_effect"]["concurrency"] == 4
-    markdown = (text_run / "serve" / "report.md").read_text()
-    assert "| grpc | student_text | 4 |" in markdown and "Dynamic batching at concurrency 4" in markdown
-    assert (text_run / "serve" / "load.png").stat().st_size > 0
+    effect = report["instances_effect"]
+    assert effect["instances"] == [1, 2] and [row["concurrency"] for row in effect["levels"]] == [1, 4]
+    assert all(set(row["throughput"]) == set(row["p99_ms"]) == {"1", "2"} for row in effect["levels"])
+    markdown = (run / "serve" / "report.md").read_text()
+    assert "| grpc | student_text | 2 | 4 |" in markdown and "Dynamic batching at concurrency 4" in markdown
+    assert "## Instances: 1 vs 2" in markdown
+    assert (run / "serve" / "load.png").stat().st_size > 0
     assert markdown in result.stdout
 
 
@@ -217,5 +245,7 @@ def test_serve_refuses_bad_input_in_one_line(cli, server, text_run, tmp_path):
     )
     levels = cli("serve", text_run, "--load-check", "--concurrency", "1,x")
     assert levels.exit_code == 2 and "--concurrency: expected positive integers" in levels.stderr
-    for result in (missing, bare, busy, levels):
+    instances = cli("serve", text_run, "--instances", "0")
+    assert instances.exit_code == 2 and "--instances: expected 1 or more, got 0" in instances.stderr
+    for result in (missing, bare, busy, levels, instances):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output

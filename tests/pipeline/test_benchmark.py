@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from calib.config import CalibConfig, LearnConfig, QuantConfig, TaskConfig
 from calib.errors import ConfigError
@@ -24,10 +26,12 @@ from calib.models import load_source_tokenizer
 from calib.student import activation_quantizers, quant_layers
 from exporters.cpu_kernels import machine_description
 from exporters.metrics import fidelity
+from pipeline import benchmark
 from pipeline.benchmark import Cell, load_spec, planned_cells, task_config
 from pipeline.benchmark_cell import PROCEDURES, STUDENTS
 from pipeline.benchmark_report import TableData, render_markdown
 from pipeline.benchmark_rows import load_rows, row_patch
+from pipeline.cli import main
 from pipeline.config import load_config
 from tests.models import save_tiny_bert_folder, tiny_teacher
 
@@ -282,3 +286,97 @@ def test_bench_table_refuses_a_missing_out_and_a_bad_spec_in_one_line(bench_file
     ):
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", *args], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_list_cells_prints_the_planned_cell_ids_one_a_line(bench_files):
+    spec = load_spec(bench_files / "spec.yaml")
+    table = ["bench", "--table", str(bench_files / "spec.yaml")]
+    listed = CliRunner().invoke(main, [*table, "--list-cells"])
+    assert listed.exit_code == 0 and listed.stderr == ""
+    assert listed.stdout.splitlines() == ["latency", *(c.id for c in planned_cells(spec))]
+    some = CliRunner().invoke(main, [*table, "--list-cells", "--rows", "zsaq-w4a8", "--seeds", "1"])
+    assert some.stdout == "tiny__zsaq-w4a8__s1\n"  # no fp32 row: no latency cell (as a run with --rows does)
+
+
+def test_cell_runs_only_the_named_cells_writes_no_table_and_refuses_unknown_ids(bench_files, monkeypatch):
+    ran = []
+
+    def fake_run(command: list[str], failure_file: Path) -> bool:
+        ran.append(command[command.index("--out") + 1])
+        Path(ran[-1]).parent.mkdir(parents=True, exist_ok=True)
+        Path(ran[-1]).write_text("{}")
+        return True
+
+    monkeypatch.setattr(benchmark, "_run", fake_run)
+    out = bench_files / "out"
+    table = ["bench", "--table", str(bench_files / "spec.yaml"), "--out", str(out)]
+    done = CliRunner().invoke(main, [*table, "--cell", "tiny__zsaq-w4a8__s1", "--cell", "latency"])
+    assert done.exit_code == 0 and done.stdout == "", done.output
+    assert ran == [str(out / "cells" / "latency.json"), str(out / "cells" / "tiny__zsaq-w4a8__s1.json")]
+    assert sorted(p.name for p in out.iterdir()) == ["cells"]  # the table is made once, by --render-only
+    again = CliRunner().invoke(main, [*table, "--cell", "latency"])
+    assert again.exit_code == 0 and len(ran) == 2 and "latency: skipped" in again.stderr
+    planned = len(planned_cells(load_spec(bench_files / "spec.yaml"))) + 1  # and latency
+    for args, message in (
+        (["--cell", "tiny__fp32__s7"], f"bench --cell: unknown cell 'tiny__fp32__s7' (list the {planned} cells: "),
+        (["--cell", "latency", "--rows", "rtn-w8a16"], "--list-cells --rows rtn-w8a16)"),
+        (["--cell", "latency", "--render-only"], "make the table with --render-only"),
+        (["--cell", "latency", "--list-cells"], "give --list-cells or --cell ID, not both"),
+    ):
+        refused = CliRunner().invoke(main, [*table, *args])
+        assert refused.exit_code == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert len(ran) == 2
+
+    def failing_run(command: list[str], failure_file: Path) -> bool:
+        failure_file.parent.mkdir(parents=True, exist_ok=True)
+        failure_file.write_text("boom: out of memory\n")
+        return False
+
+    monkeypatch.setattr(benchmark, "_run", failing_run)
+    table[-1] = str(bench_files / "other")
+    failed = CliRunner().invoke(main, [*table, "--cell", "tiny__fp32__s0", "--cell", "latency"])
+    assert failed.exit_code == 1 and failed.stdout == ""
+    assert failed.stderr == "error: bench: 2 cell(s) failed, first: latency: boom: out of memory\n"
+
+
+@pytest.mark.slow
+def test_cells_run_by_two_xargs_workers_make_the_table_a_serial_run_makes(bench_files):
+    # an embedding task: fidelity (cosine to FP32) tells every quantized cell apart to many digits, where the
+    # tiny classifier's accuracy and agreement are the same for every row; no latency cell (timings differ)
+    pairs = "".join(f"{WORDS[i % 14]} movie\tthe {WORDS[i // 3 % 14]}\t{i % 5}.0\n" for i in range(40))
+    (bench_files / "pairs.tsv").write_text("sentence1\tsentence2\tscore\n" + pairs, encoding="utf-8")
+    config = yaml.safe_load((bench_files / "task.yaml").read_text())
+    config["task"] = {"kind": "embedding", "eval": {"data": "pairs.tsv", "metric": "spearman"}}
+    (bench_files / "emb.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    spec = {"catalogue": str(CATALOGUE), "seeds": [0, 1], "tasks": {"emb": {"config": "emb.yaml"}}, "fidelity": True}
+    spec["rows"] = ["fp32", "rtn-w8a16", "zsaq-w4a8"]
+    (bench_files / "par.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    bench = f"{shlex.quote(sys.executable)} -m pipeline.cli bench --table {shlex.quote(str(bench_files / 'par.yaml'))}"
+    serial, spread = bench_files / "serial", bench_files / "spread"
+
+    def shell(command: str) -> str:
+        done = subprocess.run(command, shell=True, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    shell(f"{bench} --out {serial}")
+    ids = shell(f"{bench} --list-cells").split()
+    assert ids == ["emb__fp32__s0", "emb__rtn-w8a16__s0", "emb__zsaq-w4a8__s0", "emb__zsaq-w4a8__s1"]
+    shell(f"{bench} --list-cells | xargs -P 2 -I{{}} {bench} --out {spread} --cell {{}}")
+    assert sorted(p.name for p in spread.iterdir()) == ["cells"]  # workers write cells, not the table
+    shell(f"{bench} --out {spread} --render-only")
+
+    timed = ("minutes", "peak_gib", "minutes_mean")  # what differs between runs of the same cell
+
+    def cells(out: Path) -> dict[str, dict]:
+        found = {p.name: json.loads(p.read_text()) for p in (out / "cells").iterdir()}
+        return {name: {k: v for k, v in cell.items() if k not in timed} for name, cell in found.items()}
+
+    assert cells(spread) == cells(serial) and sorted(cells(serial)) == [f"{i}.json" for i in ids]
+    assert len({cell["fidelity"] for cell in cells(serial).values()}) == 4  # the comparison tells each cell apart
+
+    def table(out: Path) -> list[dict]:
+        with open(out / "table.csv", encoding="utf-8") as handle:
+            return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(handle)]
+
+    assert table(spread) == table(serial) and len(table(serial)) == 3

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from calib.errors import ConfigError
+from exporters.config import DynamicBatchingConfig, ServeConfig
 from pipeline.config import parse_config
 from tests.models import save_tiny_bert_folder
 
@@ -65,6 +66,31 @@ BAD_CONFIGS = [
     ({"calib": {"method": "teacher-sampled"}}, "calib.method", "teacher-sampled needs task.kind: causal-lm"),
     ({"export": {"opset": 99}}, "export.opset", "17 to 21"),
     ({"model": {"random": {"family": "bert", "kv_heads": 2}}}, "model.random.kv_heads", "grouped key/value heads"),
+    # the serve section (issue 20): Triton's instances and dynamic batcher
+    ({"serve": {"instances": 0}}, "serve.instances", "a positive integer"),
+    ({"serve": {"instances": "two"}}, "serve.instances", "an integer"),
+    ({"serve": {"instance": 2}}, "serve.instance", "unknown key"),
+    ({"serve": {"dynamic_batching": [4]}}, "serve.dynamic_batching", "a mapping"),
+    (
+        {"serve": {"dynamic_batching": {"max_queue_delay_us": -1}}},
+        "serve.dynamic_batching.max_queue_delay_us",
+        "0 or more",
+    ),
+    (
+        {"serve": {"dynamic_batching": {"preferred_batch_sizes": 4}}},
+        "serve.dynamic_batching.preferred_batch_sizes",
+        "a list",
+    ),
+    (
+        {"serve": {"dynamic_batching": {"preferred_batch_sizes": [0]}}},
+        "serve.dynamic_batching.preferred_batch_sizes[0]",
+        "a positive integer",
+    ),
+    (
+        {"serve": {"dynamic_batching": {"preferred_batch_sizes": [2, 8]}}},
+        "serve.dynamic_batching.preferred_batch_sizes[1]",
+        "at most the largest batch in validate.shapes (4, the served max batch), got 8",
+    ),
 ]
 
 
@@ -127,6 +153,17 @@ def test_defaults_and_relative_paths_resolve_next_to_the_file(tmp_path):
     assert config.task.eval.data == str(tmp_path / "d.tsv")
     assert config.quant.weights.bits == 8 and config.quant.activations.bits == 8
     assert config.validate.shapes == ((1, 128), (8, 128))
+
+
+def test_the_serve_section_defaults_and_parses():
+    base = {"model": {"random": {"family": "bert"}}}
+    assert parse_config(base).serve == ServeConfig(instances=1, dynamic_batching=None)  # the measured policy
+    given = {"instances": 2, "dynamic_batching": {"preferred_batch_sizes": [4, 8], "max_queue_delay_us": 500}}
+    serve = parse_config({**base, "serve": given}).serve
+    assert serve.instances == 2 and serve.dynamic_batching == DynamicBatchingConfig((4, 8), 500)
+    assert parse_config({**base, "serve": {"dynamic_batching": {}}}).serve.dynamic_batching == DynamicBatchingConfig()
+    stored = parse_config({**base, "serve": given}).to_dict()["serve"]  # the manifest's form, which serve reads
+    assert stored == {"instances": 2, "dynamic_batching": {"preferred_batch_sizes": [4, 8], "max_queue_delay_us": 500}}
 
 
 def test_bool_is_not_an_integer():

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from calib.config import Range, RelativePath
-from pipeline.config import PipelineConfig, merge
+from calib.errors import ConfigError
+from pipeline.config import PipelineConfig, merge, parse_config
 from tests.models import TINY
 
 CASES = 320
@@ -81,3 +82,24 @@ def test_random_bad_configs_are_one_line_exit_2_and_write_nothing(cli, tmp_path,
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, (what, result.output)
         assert not out.exists(), what
+
+
+def test_the_serve_section_is_among_the_mutated_keys_and_every_bad_value_is_one_line():
+    """The serve section (issue 20) is drawn like every other; each of its bad values fails the parse in one line
+    naming the key."""
+    keys = {path: tp for path, tp in leaves(PipelineConfig) if path[:1] == ("serve",)}
+    assert set(keys) >= {
+        ("serve", "instances"),
+        ("serve", "dynamic_batching"),
+        ("serve", "dynamic_batching", "preferred_batch_sizes"),
+        ("serve", "dynamic_batching", "max_queue_delay_us"),
+    }
+    for path, tp in keys.items():
+        for value in bad_values(tp):
+            patch: dict[str, Any] = {path[-1]: value}
+            for key in reversed(path[:-1]):
+                patch = {key: patch}
+            with pytest.raises(ConfigError) as info:
+                parse_config(merge(TINY, patch))
+            message = str(info.value)
+            assert ".".join(path) in message and "\n" not in message, (path, value, message)
