@@ -158,7 +158,8 @@ class CalibConfig:
     ``real-data``, an upper bound for benchmarks flagged in every report. ``streams``: the generator batch of
     each step is drawn as this many independent streams (:mod:`calib.parallel`); set it to make a data-parallel
     run's numbers independent of the number of processes (it must be a multiple of it). ``device``: where
-    calibrate and quantize run (:mod:`calib.devices`; ``auto``: a CUDA GPU when there is one)."""
+    calibrate and quantize run (:mod:`calib.devices`; ``auto``: a CUDA GPU when there is one; ``cpu`` by default
+    until the CUDA path has run on a GPU)."""
 
     method: Annotated[str, tuple(METHODS)] = "zsaq"
     samples: Positive = 256
@@ -167,7 +168,7 @@ class CalibConfig:
     seed: Seed = 0
     real_data: FilePath | None = None
     streams: Positive | None = None  # sample streams per step (calib.parallel); None: one per process
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # where calibrate and quantize run (calib.devices)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where calibrate and quantize run (calib.devices)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sam_sga: SamSgaConfig = field(default_factory=SamSgaConfig)
     priors: PriorConfig = field(default_factory=PriorConfig)
