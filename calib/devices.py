@@ -4,10 +4,14 @@ its fake quantization in float32 everywhere (its gradients need it)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from calib.errors import ConfigError
-from calib.models import TaskModel
+
+if TYPE_CHECKING:
+    from calib.models import TaskModel
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -7,12 +7,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from calib.families import block_of
 from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.quant_linear import QuantLinear
 from calib.quantizers import TensorQuantizer
-from calib.student import quant_layers
+from calib.student import quant_layers_by_block
 
 
 class _BlockDone(Exception):
@@ -108,9 +107,7 @@ def apply_gptq(student: TaskModel, batches: Iterable[Batch], damp: float = 0.01)
     Range init must have run: the weight quantizers' step sizes are the grid GPTQ rounds onto.
     """
     batches = list(batches)
-    blocks: dict[str | None, dict[str, QuantLinear]] = {}
-    for name, layer in quant_layers(student).items():
-        blocks.setdefault(block_of(name), {})[name] = layer
+    blocks = quant_layers_by_block(student)
     if any(layer.quadapter is not None for layers in blocks.values() for layer in layers.values()):
         raise ValueError("GPTQ runs on students without Quadapter (quant.quadapter.enabled: false)")
     for layers in blocks.values():

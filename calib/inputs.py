@@ -65,14 +65,8 @@ class CalibrationSet:
 
     def batches(self, batch_size: int) -> list[Batch]:
         """Split into batches in order."""
-
-        def cut(tensor: torch.Tensor | None, i: int) -> torch.Tensor | None:
-            return None if tensor is None else tensor[i : i + batch_size]
-
-        return [
-            Batch(cut(self.attention_mask, i), cut(self.input_ids, i), cut(self.inputs_embeds, i))
-            for i in range(0, len(self), batch_size)
-        ]
+        whole = Batch(self.attention_mask, self.input_ids, self.inputs_embeds)
+        return [whole.rows(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The set as named tensors (for safetensors)."""

@@ -18,7 +18,7 @@ from calib.models import TaskModel, TaskOutput
 from calib.parallel import SINGLE, Parallel, split_parts
 from calib.quadapter import ChannelScale
 from calib.quant_attention import ROLES
-from calib.student import attention_quantizers, quant_layers
+from calib.student import attention_quantizers, quant_layers, quant_layers_by_block
 
 # A loss this many times the first one (or NaN/inf) counts as divergence.
 DIVERGENCE_FACTOR = 100.0
@@ -245,11 +245,7 @@ def _learn_block_by_block(
     every batch part are cached at the block's entry (float, ``[batch, seq, hidden]`` each), so memory holds
     one block's graph, not the whole model's. Layers outside the blocks (an LM head) keep their initial ranges.
     Each rank caches only the parts it computes."""
-    blocks: dict[str, list[str]] = {}
-    for name in quant_layers(student):
-        block = block_of(name)
-        if block is not None:
-            blocks.setdefault(block, []).append(name)
+    blocks = {block: list(layers) for block, layers in quant_layers_by_block(student).items() if block is not None}
     if not blocks:
         return
     first, last = next(iter(blocks)), list(blocks)[-1]

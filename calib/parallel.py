@@ -48,7 +48,7 @@ class Parallel:
     def __post_init__(self) -> None:
         if self.streams % self.world_size:
             raise ConfigError(
-                f"calib.streams: expected a multiple of the number of processes ({self.world_size}), got {self.streams}"
+                f"calib.streams: expected a multiple of the {self.world_size} processes, got {self.streams}"
             )
 
     @property

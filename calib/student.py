@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from calib.config import QuantConfig
+from calib.families import block_of
 from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
@@ -42,6 +43,14 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
 def quant_layers(model: TaskModel) -> dict[str, QuantLinear]:
     """The student's quantized layers by qualified name (relative to the backbone)."""
     return {n: m for n, m in model.backbone.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quant_layers_by_block(model: TaskModel) -> dict[str | None, dict[str, QuantLinear]]:
+    """:func:`quant_layers` grouped by transformer block, in model order (None: layers outside the blocks)."""
+    blocks: dict[str | None, dict[str, QuantLinear]] = {}
+    for name, layer in quant_layers(model).items():
+        blocks.setdefault(block_of(name), {})[name] = layer
+    return blocks
 
 
 def attention_quantizers(model: TaskModel) -> dict[str, AttentionQuantizers]:

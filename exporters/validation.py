@@ -94,16 +94,30 @@ def _run_all(runner: Runner, batches: list) -> list[np.ndarray]:
     return [runner(ids, mask) for ids, mask in batches]
 
 
+@dataclass
+class _NllSum:
+    """Token negative log-likelihood summed batch by batch; its perplexity."""
+
+    nll: float = 0.0
+    count: int = 0
+
+    def add(self, logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> None:
+        batch_nll, batch_count = token_nll(logits, ids, mask)
+        self.nll, self.count = self.nll + batch_nll, self.count + batch_count
+
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll / max(self.count, 1)))
+
+
 def task_metric(inputs: EvalInputs, outputs_a: list[np.ndarray], outputs_b: list[np.ndarray]) -> float | None:
     """The configured task metric (x100 where it is a fraction or correlation); None without task data."""
     if inputs.metric is None:
         return None
     if inputs.metric == "perplexity":
-        nll, count = 0.0, 0
+        total = _NllSum()
         for (ids, mask), logits in zip(inputs.batches_a, outputs_a):
-            batch_nll, batch_count = token_nll(logits, ids, mask)
-            nll, count = nll + batch_nll, count + batch_count
-        return float(np.exp(nll / max(count, 1)))
+            total.add(logits, ids, mask)
+        return total.perplexity()
     a = np.concatenate(outputs_a)
     if inputs.metric == "spearman":
         scores = cosine_rows(a, np.concatenate(outputs_b)) if outputs_b else a[:, 0]
@@ -143,7 +157,7 @@ def _run_streaming(runner: Runner, inputs: EvalInputs, reference: list[np.ndarra
     stream = AgreementStream() if reference is not None else None
     kept: list[np.ndarray] = []
     outs_a: list[np.ndarray] = []  # for metrics over all rows (accuracy, correlation): small outputs
-    nll, count = 0.0, 0
+    total = _NllSum()
     for i, (ids, mask) in enumerate(inputs.batches_a):
         output = runner(ids, mask)
         if stream is not None:
@@ -151,12 +165,11 @@ def _run_streaming(runner: Runner, inputs: EvalInputs, reference: list[np.ndarra
         if keep:
             kept.append(output)
         if inputs.metric == "perplexity":
-            batch_nll, batch_count = token_nll(output, ids, mask)
-            nll, count = nll + batch_nll, count + batch_count
+            total.add(output, ids, mask)
         elif inputs.metric is not None:
             outs_a.append(output)
     if inputs.metric == "perplexity":
-        metric = float(np.exp(nll / max(count, 1)))
+        metric = total.perplexity()
     else:
         metric = task_metric(inputs, outs_a, _run_all(runner, inputs.batches_b))
     return _Outputs(metric, stream.result(kind) if stream else None, kept if keep else None)

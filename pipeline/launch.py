@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from calib.devices import resolve_device
-from calib.errors import ConfigError, PipelineError
+from calib.errors import PipelineError
 from calib.parallel import Parallel, check_divides
 from calib.registry import METHODS
 from pipeline.config import PipelineConfig
@@ -47,14 +47,18 @@ def join_process_group(config: PipelineConfig) -> Parallel:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if resolve_device(config.calib.device, local_rank).type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    return _place(config, rank, world, local_rank)
+
+
+def _place(config: PipelineConfig, rank: int, world: int, local_rank: int = 0) -> Parallel:
+    """Rank ``rank`` of ``world`` with the configured stream count (None: one per process); a stream count
+    that does not split over the processes is a one-line error."""
     return Parallel(rank, world, config.calib.streams or world, local_rank)
 
 
 def check_parallel_config(config: PipelineConfig, processes: int) -> None:
     """Before anything starts: the sample streams split over ``processes`` and the generator batch over them."""
-    streams = config.calib.streams or processes
-    if streams % processes:
-        raise ConfigError(f"calib.streams: expected a multiple of the {processes} processes, got {streams}")
+    streams = _place(config, 0, processes).streams
     if METHODS[config.calib.method].trains_student:
         check_divides(config.calib.generator.batch_size, streams, "calib.generator.batch_size")
 

@@ -15,6 +15,7 @@ from calib.errors import ConfigError, PipelineError, StageUnavailable, Threshold
 from calib.parallel import SINGLE, Parallel
 from pipeline import __version__
 from pipeline.config import PipelineConfig
+from pipeline.launch import restore_threads
 from pipeline.runfolder import RunFolder, now, package_versions
 from pipeline.stages import STAGES
 from pipeline.stages.base import StageContext
@@ -94,8 +95,6 @@ def _last_collective(config: PipelineConfig) -> str | None:
 
 def _release(parallel: Parallel) -> None:
     """Let the other ranks go; rank 0 continues alone with every core."""
-    from pipeline.launch import restore_threads
-
     parallel.broadcast(None)
     restore_threads()
 

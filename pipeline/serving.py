@@ -4,7 +4,6 @@ dynamic batcher, which without ``serve.dynamic_batching`` is the one the validat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -48,5 +47,7 @@ def served_spec(run_dir: Path, threads: int, batching: bool, instances: int | No
     policy: Batching | None = None
     if batching:
         policy = configured_batching(serve, validated_latencies(run_dir), max_batch)
-    spec = ServeSpec(graph.path(run_dir), model_dir, task["kind"], labels, max_batch, max_length, threads, policy)
-    return dataclasses.replace(spec, instances=instances or serve.instances)
+    return ServeSpec(
+        graph.path(run_dir), model_dir, task["kind"], labels, max_batch, max_length, threads, policy,
+        instances or serve.instances,
+    )  # fmt: skip

@@ -78,8 +78,9 @@ class CalibrateStage(Stage):
         if game is not None:  # their states are artifacts: on the CPU
             game.student.cpu()
             game.generator.cpu()
-        summary: dict[str, Any] = {"method": calib.method, "samples": calib.samples, "seq_len": calib.seq_len}
-        summary["device"] = str(device)
+        summary: dict[str, Any] = {
+            "method": calib.method, "samples": calib.samples, "seq_len": calib.seq_len, "device": str(device)
+        }  # fmt: skip
         if parallel.world_size > 1 or parallel.streams > 1:
             summary.update(processes=parallel.world_size, streams=parallel.streams)
         if game is not None:
