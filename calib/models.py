@@ -197,6 +197,12 @@ class TaskOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def causal_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A causal LM's positions counted over unmasked tokens (a left-padded row starts at 0 where its text does;
+    padding gets 1), as transformers' ``generate`` and the exported KV-cache graph compute them."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 class TaskModel(nn.Module):
     """A backbone plus the task's head, with a single tensor as its output."""
 
@@ -222,11 +228,13 @@ class TaskModel(nn.Module):
         dtype = self.backbone.dtype
         if inputs_embeds is not None and inputs_embeds.dtype != dtype:
             inputs_embeds = inputs_embeds.to(dtype)
+        positions = {"position_ids": causal_positions(attention_mask)} if self.kind == "causal-lm" else {}
         out = self.backbone(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
+            **positions,
         )
         if self.kind == "embedding":
             mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)

@@ -34,6 +34,13 @@ class QuantLinear(nn.Module):
         self.input_quantizer = TensorQuantizer(8) if quant.activations.bits == 8 else None
         # A calib.quadapter.ChannelScale shared by the layer's group (or FixedMultiplier from a contract).
         self.quadapter: nn.Module | None = None
+        self.frozen_weight: torch.Tensor | None = None  # set by freeze_weight (inference only), not saved
+
+    @torch.no_grad()
+    def freeze_weight(self) -> None:
+        """Compute the quantized weight once and use it from now on: the same function, without re-quantizing
+        every call (a decoder's token-by-token reference); quantizer learning needs the live quantizer."""
+        self.frozen_weight = self.weight_quantizer(self.effective_weight()).detach()
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the weight quantizer sees: ``W * a`` along the input axis under a Quadapter."""
@@ -50,7 +57,10 @@ class QuantLinear(nn.Module):
             x = x * multiplier
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.weight_quantizer(self.effective_weight()), self.bias)
+        weight = self.frozen_weight
+        if weight is None:
+            weight = self.weight_quantizer(self.effective_weight())
+        return F.linear(x, weight, self.bias)
 
 
 class QuantEmbedding(nn.Module):

@@ -45,6 +45,13 @@ def quant_layers(model: TaskModel) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.backbone.named_modules() if isinstance(m, QuantLinear)}
 
 
+def freeze_weights(student: TaskModel) -> TaskModel:
+    """Freeze every quantized layer's weight (:meth:`QuantLinear.freeze_weight`) in place, for inference."""
+    for layer in quant_layers(student).values():
+        layer.freeze_weight()
+    return student
+
+
 def quant_layers_by_block(model: TaskModel) -> dict[str | None, dict[str, QuantLinear]]:
     """:func:`quant_layers` grouped by transformer block, in model order (None: layers outside the blocks)."""
     blocks: dict[str | None, dict[str, QuantLinear]] = {}

@@ -30,8 +30,22 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class DecoderCheckConfig:
+    """A causal LM's generation checks: greedy continuations of ``prompts`` fixed prompts (``new_tokens`` each)
+    against the PyTorch model, the cached graph's perplexity on ``cache_windows`` evaluation windows against its
+    full-sequence call, and prefill / next-token latency at a past of ``past`` tokens for each batch size."""
+
+    prompts: Positive = 20
+    new_tokens: Positive = 32
+    cache_windows: Positive = 2
+    past: Positive = 256
+    batches: tuple[Positive, ...] = (1, 4)
+    repeats: Positive = 30
+
+
+@dataclass(frozen=True)
 class ValidateConfig:
-    """Shapes to time, how, and the thresholds that fail the stage."""
+    """Shapes to time, how, and the thresholds that fail the stage (``decoder``: causal LMs only)."""
 
     shapes: tuple[tuple[Positive, Positive], ...] = ((1, 128), (8, 128))
     warmup: Count = 3
@@ -39,6 +53,7 @@ class ValidateConfig:
     threads: Count = 0
     min_agreement: Fraction | None = None
     samples: Positive = 64
+    decoder: DecoderCheckConfig = DecoderCheckConfig()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from calib.contract import Contract, dequantized_embedding, dequantized_weight, 
 from calib.models import TaskModel
 from calib.placement import quantizable_layers
 from calib.quant_linear import linear_weight
+from exporters.decoding import CACHED_INPUTS, LOGITS
+from exporters.kv_cache import CachedCausalLM, cache_layout
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -69,25 +71,30 @@ def contract_export_model(teacher: TaskModel, contract: Contract) -> TaskModel:
     return model
 
 
+def _trace_arguments(model: TaskModel, example_seq_len: int) -> tuple[nn.Module, tuple, list[str], list[str], dict]:
+    """What to trace: a causal LM with its KV cache (:mod:`exporters.kv_cache`), any other model as
+    ``(input_ids, attention_mask) -> output``."""
+    if model.kind == "causal-lm":
+        cached = CachedCausalLM(model, cache_layout(model)).eval()
+        inputs = cached.example_inputs(2, example_seq_len, past_len=3)
+        outputs = [LOGITS, *cached.layout.present_names]
+        return cached, inputs, [*CACHED_INPUTS, *cached.layout.past_names], outputs, cached.dynamic_axes()
+    ids = torch.ones(2, example_seq_len, dtype=torch.long)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {model.output_name: {0: "batch"}}
+    return model, (ids, torch.ones_like(ids)), list(INPUT_NAMES), [model.output_name], axes
+
+
 def export_onnx(model: TaskModel, path: Path, opset: int, example_seq_len: int = 16) -> onnx.ModelProto:
-    """Export with dynamic batch and sequence axes; returns the checked model (also written to ``path``)."""
-    model = model.eval()
-    input_ids = torch.ones(2, example_seq_len, dtype=torch.long)
-    attention_mask = torch.ones(2, example_seq_len, dtype=torch.long)
-    output_name = model.output_name
-    dynamic_axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "sequence"},
-        output_name: {0: "batch", 1: "sequence"} if model.kind == "causal-lm" else {0: "batch"},
-    }
+    """Export with dynamic axes (a causal LM with its KV cache); returns the checked model (also at ``path``)."""
+    module, inputs, input_names, output_names, dynamic_axes = _trace_arguments(model.eval(), example_seq_len)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         torch.onnx.export(
-            model,
-            (input_ids, attention_mask),
+            module,
+            inputs,
             str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=[output_name],
+            input_names=input_names,
+            output_names=output_names,
             dynamic_axes=dynamic_axes,
             opset_version=min(opset, 17),
             do_constant_folding=True,

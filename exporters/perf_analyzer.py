@@ -57,9 +57,11 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
     return binary, env
 
 
-def write_input_data(path: Path, texts: list[str], input_name: str) -> Path:
-    """perf_analyzer's ``--input-data`` file: one step per text, each a [1] BYTES tensor."""
-    path.write_text(json.dumps({"data": [{input_name: [text]} for text in texts]}), encoding="utf-8")
+def write_input_data(path: Path, texts: list[str], input_name: str, extra: dict[str, int] | None = None) -> Path:
+    """perf_analyzer's ``--input-data`` file: one step per text, each a [1] BYTES tensor, and the same [1] value
+    of each ``extra`` input in every step."""
+    steps = [{input_name: [text], **{name: [value] for name, value in (extra or {}).items()}} for text in texts]
+    path.write_text(json.dumps({"data": steps}), encoding="utf-8")
     return path
 
 

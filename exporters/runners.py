@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from transformers import DynamicCache
 
 from calib.models import TaskModel
 from exporters.cpu_kernels import ort_session
+from exporters.decoding import run_full_sequence
 
 
 class TorchRunner:
@@ -44,7 +46,32 @@ class OrtRunner:
             self.runtime += ", Q/DQ as separate float ops (reference semantics, not int8 kernels)"
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return run_full_sequence(self.session, input_ids, attention_mask)
+
+
+class TorchStepper:
+    """A PyTorch causal LM (the FP teacher or the fake-quantized student) with a transformers cache."""
+
+    def __init__(self, model: TaskModel, threads: int | None = None) -> None:
+        self.model, self.threads = model.eval(), threads
+
+    def empty_past(self, batch: int) -> DynamicCache:
+        return DynamicCache()
+
+    def __call__(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, past: DynamicCache
+    ) -> tuple[np.ndarray, DynamicCache]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            out = self.model.backbone(
+                input_ids=torch.from_numpy(input_ids),
+                attention_mask=torch.from_numpy(attention_mask),
+                position_ids=torch.from_numpy(positions),
+                cache=past,
+                use_cache=True,
+            )
+        return out.logits.float().numpy(), out.cache
 
 
 Runner = TorchRunner | OrtRunner

@@ -1,12 +1,15 @@
 """``zsaq-pipeline serve --load-check``: a running server measured and probed as its users will meet it.
 
-1. Answers: the load texts over HTTP and gRPC, alone and batched, equal the model run in-process.
+1. Answers: the load texts over HTTP and gRPC, alone and batched, equal the model run in-process (a
+   generating model: greedy continuations of :data:`LOAD_NEW_TOKENS` tokens, token for token).
 2. Load: perf_analyzer at each concurrency over HTTP and gRPC, and over HTTP against the same model without
    the dynamic batcher (:data:`~exporters.triton_serve.UNBATCHED_MODEL`) and with the other instance count
    (:func:`~exporters.triton_serve.twin_instances`: 1 vs 2 and more): throughput, p50/p99, queue and compute
    time, and the failures both sides counted.
 3. Malformed requests: each gets a 4xx with a one-line reason (no traceback, no path), the server keeps
-   serving, and the server's failure counters moved by what the clients saw fail."""
+   serving, and the server's failure counters moved by what the clients saw fail (a generating model gets
+   its own too: ``max_new_tokens`` out of range or of the wrong type, a prompt too long for the tokens it
+   asks for)."""
 
 from __future__ import annotations
 
@@ -25,8 +28,7 @@ import numpy as np
 
 from exporters.http_front_door import FAILURE_METRIC
 from exporters.perf_analyzer import Windows, measure, write_input_data
-from exporters.triton_python_model import REFUSED_METRIC, TextModel
-from exporters.triton_repo import TEXT_INPUT
+from exporters.triton_python_model import NEW_TOKENS_INPUT, REFUSED_METRIC, TEXT_INPUT, GenerateModel, TextModel
 from exporters.triton_serve import MODEL_NAME, Endpoints, Variant
 
 LOAD_TEXTS = (
@@ -40,6 +42,7 @@ LOAD_TEXTS = (
     "A woman slices an onion on a wooden board.",
 )
 CONCURRENCY = (1, 4, 16)
+LOAD_NEW_TOKENS = 4  # a generating model's load: short continuations, so that each level measures many requests
 TOLERANCE = 1e-4
 TRITON_FAILURE_METRIC = "nv_inference_request_failure"
 SERVER_PATH = re.compile(r"(/[\w.-]+){2,}\.(py|cc|h|so)\b|/(usr|home|tmp|opt|root|work)/")
@@ -69,18 +72,45 @@ def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
 
 # --- answers ---------------------------------------------------------------------------------------------
 
+ServedModel = TextModel | GenerateModel
 
-def _client_results(endpoints: Endpoints, protocol: str, texts: list[str], names: list[str]) -> dict[str, Any]:
+
+def load_extra(model: ServedModel) -> dict[str, int]:
+    """The inputs a load-check request sends beside its texts, with their value for every text."""
+    return {NEW_TOKENS_INPUT: LOAD_NEW_TOKENS} if isinstance(model, GenerateModel) else {}
+
+
+def load_inputs(model: ServedModel, texts: list[str]) -> dict[str, np.ndarray]:
+    """The tensors of a load-check request of ``texts``."""
+    inputs = {TEXT_INPUT: np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)}
+    for name, value in load_extra(model).items():
+        inputs[name] = np.full((len(texts), 1), value, dtype=np.int32)
+    return inputs
+
+
+def _infer_inputs(module: Any, inputs: dict[str, np.ndarray]) -> list:
+    """Triton client tensors (of ``module``: tritonclient.http or .grpc) holding ``inputs``."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, value in inputs.items():
+        tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    return tensors
+
+
+def _client_results(
+    endpoints: Endpoints, protocol: str, inputs: dict[str, np.ndarray], names: list[str]
+) -> dict[str, Any]:
     if protocol == "http":
-        from tritonclient.http import InferenceServerClient, InferInput
+        import tritonclient.http as module
     else:
-        from tritonclient.grpc import InferenceServerClient, InferInput
+        import tritonclient.grpc as module
     url = endpoints.http if protocol == "http" else endpoints.grpc
-    client = InferenceServerClient(url)
+    client = module.InferenceServerClient(url)
     try:
-        tensor = InferInput(TEXT_INPUT, [len(texts), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_))
-        result = client.infer(MODEL_NAME, [tensor])
+        result = client.infer(MODEL_NAME, _infer_inputs(module, inputs))
         return {name: result.as_numpy(name) for name in names}
     finally:
         client.close()
@@ -101,16 +131,20 @@ def _difference(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> floa
     return worst
 
 
-def check_answers(endpoints: Endpoints, model: TextModel, max_batch_size: int) -> dict[str, Any]:
+def _answer_difference(endpoints: Endpoints, protocol: str, model: ServedModel, texts: list[str]) -> float:
+    """How far the server's answer to a load-check request of ``texts`` is from the model's in-process."""
+    inputs = load_inputs(model, texts)
+    return _difference(_client_results(endpoints, protocol, inputs, model.output_names()), model.answer(inputs))
+
+
+def check_answers(endpoints: Endpoints, model: ServedModel, max_batch_size: int) -> dict[str, Any]:
     """Each load text alone and the texts in batches of ``max_batch_size``, over HTTP and gRPC, against the
     model in-process."""
     texts = list(LOAD_TEXTS)
     groups = [[t] for t in texts] + [texts[i : i + max_batch_size] for i in range(0, len(texts), max_batch_size)]
-    names = model.output_names()
     result: dict[str, Any] = {"requests": 2 * len(groups), "tolerance": TOLERANCE}
     for protocol in ("http", "grpc"):
-        worst = max(_difference(_client_results(endpoints, protocol, g, names), model(g)) for g in groups)
-        result[f"{protocol}_max_abs_diff"] = worst
+        result[f"{protocol}_max_abs_diff"] = max(_answer_difference(endpoints, protocol, model, g) for g in groups)
     result["passed"] = all(result[f"{p}_max_abs_diff"] <= TOLERANCE for p in ("http", "grpc"))
     return result
 
@@ -118,39 +152,38 @@ def check_answers(endpoints: Endpoints, model: TextModel, max_batch_size: int) -
 # --- load ------------------------------------------------------------------------------------------------
 
 
-def _client_infer(endpoints: Endpoints, model: str, texts: list[str]) -> None:
-    from tritonclient.http import InferenceServerClient, InferInput
+def _client_infer(endpoints: Endpoints, model: str, inputs: dict[str, np.ndarray]) -> None:
+    import tritonclient.http as module
 
-    with InferenceServerClient(endpoints.http) as client:
-        tensor = InferInput(TEXT_INPUT, [len(texts), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_))
-        client.infer(model, [tensor])
+    with module.InferenceServerClient(endpoints.http) as client:
+        client.infer(model, _infer_inputs(module, inputs))
 
 
-def _warm_up(endpoints: Endpoints, variant: Variant) -> None:
+def _warm_up(endpoints: Endpoints, variant: Variant, model: ServedModel) -> None:
     """Every load text three times, from as many clients at once as the model has instances (each instance
     answers some before it is measured)."""
     texts = [text for _ in range(3) for text in LOAD_TEXTS] * variant.instances
     with ThreadPoolExecutor(max_workers=variant.instances) as pool:
-        list(pool.map(lambda text: _client_infer(endpoints, variant.name, [text]), texts))
+        list(pool.map(lambda text: _client_infer(endpoints, variant.name, load_inputs(model, [text])), texts))
 
 
 def run_load(
     endpoints: Endpoints,
+    reference: ServedModel,
     variants: list[Variant],
     concurrency: tuple[int, ...],
     windows: Windows,
     progress: Callable,
 ) -> list[dict[str, Any]]:
-    """perf_analyzer levels: each of the ``variants`` over HTTP, the served one over gRPC too. Each concurrency
-    measures them back to back, so the served model's and its twins' figures share the machine's state of the
-    moment; every model answers every load text first (warm-up)."""
+    """perf_analyzer levels: each of the ``variants`` (of ``reference``) over HTTP, the served one over gRPC too.
+    Each concurrency measures them back to back, so the served model's and its twins' figures share the
+    machine's state of the moment; every model answers every load text first (warm-up)."""
     plan = [("http", v) for v in variants] + [("grpc", v) for v in variants if v.role == "served"]
     for variant in variants:
-        _warm_up(endpoints, variant)
+        _warm_up(endpoints, variant, reference)
     levels = []
     with tempfile.TemporaryDirectory(prefix="zsaq-perf-") as scratch:
-        data = write_input_data(Path(scratch) / "texts.json", list(LOAD_TEXTS), TEXT_INPUT)
+        data = write_input_data(Path(scratch) / "texts.json", list(LOAD_TEXTS), TEXT_INPUT, load_extra(reference))
         for level in concurrency:
             for protocol, variant in plan:
                 model = variant.name
@@ -225,8 +258,16 @@ def _post(endpoints: Endpoints, body: bytes, headers: dict[str, str] | None = No
         connection.close()
 
 
+def _json_body(*inputs: tuple[str, str, list[int], list]) -> bytes:
+    """A JSON request of (name, datatype, shape, data) inputs."""
+    tensors = [
+        {"name": name, "datatype": datatype, "shape": shape, "data": data} for name, datatype, shape, data in inputs
+    ]
+    return json.dumps({"inputs": tensors}).encode()
+
+
 def _json_request(datatype: str, shape: list[int], data: list) -> bytes:
-    return json.dumps({"inputs": [{"name": TEXT_INPUT, "datatype": datatype, "shape": shape, "data": data}]}).encode()
+    return _json_body((TEXT_INPUT, datatype, shape, data))
 
 
 def _binary_request(raw: bytes) -> tuple[bytes, str]:
@@ -241,8 +282,9 @@ def _binary_request(raw: bytes) -> tuple[bytes, str]:
 
 @dataclass(frozen=True)
 class Malformed:
-    """One malformed request: over HTTP a body and headers, over gRPC a datatype and data; ``by_model``: the
-    model refuses it (the server itself refuses the others before they reach a model)."""
+    """One malformed request: over HTTP a body and headers, over gRPC the text input's datatype and data and
+    any ``extra`` (name, datatype, data) inputs; ``by_model``: the model refuses it (the server itself refuses
+    the others before they reach a model)."""
 
     name: str
     by_model: bool
@@ -250,6 +292,7 @@ class Malformed:
     headers: tuple[tuple[str, str], ...] = ()
     datatype: str = ""
     data: Any = None
+    extra: tuple[tuple[str, str, Any], ...] = ()
 
 
 def http_malformed(max_length: int, max_batch_size: int) -> list[Malformed]:
@@ -282,15 +325,51 @@ def grpc_malformed(max_length: int) -> list[Malformed]:
     ]
 
 
+def generation_malformed(model: GenerateModel) -> tuple[list[Malformed], list[Malformed]]:
+    """Each malformed request of a generating model beside those of any text model, over HTTP and over gRPC:
+    ``max_new_tokens`` out of range (0, one over the most) or of the wrong datatype, and a prompt that fits
+    alone but not with the tokens it asks for."""
+    prompt = LOAD_TEXTS[0]
+    length = len(model.tokenizer(prompt)["input_ids"])
+    crowded = model.max_length - length + 1  # one token more than the prompt leaves room for
+    over = model.max_new_tokens + 1
+    asks = [
+        ("max_new_tokens 0", True, "INT32", 0),
+        (f"max_new_tokens {over} (over {model.max_new_tokens})", True, "INT32", over),
+        ("max_new_tokens of the wrong datatype (FP32)", False, "FP32", 4.0),
+        (f"prompt of {length} tokens + max_new_tokens {crowded} (over {model.max_length})", True, "INT32", crowded),
+    ]
+    text = (TEXT_INPUT, "BYTES", [1, 1], [prompt])
+    http_cases = [Malformed(n, by, _json_body(text, (NEW_TOKENS_INPUT, d, [1, 1], [v]))) for n, by, d, v in asks]
+    data = np.array([[prompt.encode("utf-8")]], dtype=np.object_)
+    numpy_type = {"INT32": np.int32, "FP32": np.float32}
+    grpc_cases = [
+        Malformed(n, by, datatype="BYTES", data=data, extra=((NEW_TOKENS_INPUT, d, np.full((1, 1), v, numpy_type[d])),))
+        for n, by, d, v in asks
+    ]
+    return http_cases, grpc_cases
+
+
+def malformed_cases(model: ServedModel, max_batch_size: int) -> tuple[list[Malformed], list[Malformed]]:
+    """Every malformed request the load check sends to ``model``, over HTTP and over gRPC."""
+    http_cases, grpc_cases = http_malformed(model.max_length, max_batch_size), grpc_malformed(model.max_length)
+    if isinstance(model, GenerateModel):
+        more_http, more_grpc = generation_malformed(model)
+        return http_cases + more_http, grpc_cases + more_grpc
+    return http_cases, grpc_cases
+
+
 def _grpc_status(endpoints: Endpoints, case: Malformed) -> tuple[str, str]:
     from tritonclient.grpc import InferenceServerClient, InferInput
     from tritonclient.utils import InferenceServerException
 
     client = InferenceServerClient(endpoints.grpc)
     try:
-        tensor = InferInput(TEXT_INPUT, list(case.data.shape), case.datatype)
-        tensor.set_data_from_numpy(case.data)
-        client.infer(MODEL_NAME, [tensor])
+        tensors = []
+        for name, datatype, data in ((TEXT_INPUT, case.datatype, case.data), *case.extra):
+            tensors.append(InferInput(name, list(data.shape), datatype))
+            tensors[-1].set_data_from_numpy(data)
+        client.infer(MODEL_NAME, tensors)
         return "OK", ""
     except InferenceServerException as exc:
         return str(exc.status()).replace("StatusCode.", ""), exc.message() or ""
@@ -311,12 +390,13 @@ def _refused_cleanly(case: dict[str, Any]) -> bool:
     return status_ok and case["one_line"] and case["no_traceback"] and case["no_path"]
 
 
-def check_malformed(endpoints: Endpoints, model: TextModel, max_batch_size: int) -> dict[str, Any]:
+def check_malformed(endpoints: Endpoints, model: ServedModel, max_batch_size: int) -> dict[str, Any]:
     """Every malformed request over HTTP and gRPC; each must be refused cleanly and leave the server serving;
     the failure counters must move by what the clients saw fail."""
     before = read_counters(endpoints.metrics, MODEL_NAME)
+    http_cases, grpc_cases = malformed_cases(model, max_batch_size)
     cases = []
-    for case in http_malformed(model.max_length, max_batch_size):
+    for case in http_cases:
         status, body = _post(endpoints, case.body, dict(case.headers))
         try:
             reason = json.loads(body)["error"]
@@ -324,12 +404,11 @@ def check_malformed(endpoints: Endpoints, model: TextModel, max_batch_size: int)
             reason = body
         row = {"protocol": "http", "request": case.name, "status": str(status), "reason": reason}
         cases.append({**row, "by_model": case.by_model, **_clean(body)})
-    for case in grpc_malformed(model.max_length):
+    for case in grpc_cases:
         status, reason = _grpc_status(endpoints, case)
         row = {"protocol": "grpc", "request": case.name, "status": status, "reason": reason}
         cases.append({**row, "by_model": case.by_model, **_clean(reason)})
-    probe = [LOAD_TEXTS[0]]
-    served_after = _difference(_client_results(endpoints, "http", probe, model.output_names()), model(probe))
+    served_after = _answer_difference(endpoints, "http", model, [LOAD_TEXTS[0]])
     moved = _moved(before, read_counters(endpoints.metrics, MODEL_NAME))
     seen_http = sum(1 for c in cases if c["protocol"] == "http" and c["status"] != "200")
     seen_by_model = sum(1 for c in cases if c["by_model"] and c["status"] not in ("200", "OK"))
@@ -354,7 +433,7 @@ def check_malformed(endpoints: Endpoints, model: TextModel, max_batch_size: int)
 
 def load_check(
     endpoints: Endpoints,
-    model: TextModel,
+    model: ServedModel,
     max_batch_size: int,
     variants: list[Variant],
     concurrency: tuple[int, ...],
@@ -365,7 +444,7 @@ def load_check(
     running server; the report as a dict."""
     progress("answers over HTTP and gRPC")
     answers = check_answers(endpoints, model, max_batch_size)
-    levels = run_load(endpoints, variants, concurrency, windows, progress)
+    levels = run_load(endpoints, model, variants, concurrency, windows, progress)
     progress("malformed requests")
     malformed = check_malformed(endpoints, model, max_batch_size)
     loaded = all(lv["completed"] and lv["server_failures"] == 0 for lv in levels)

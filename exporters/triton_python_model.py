@@ -1,10 +1,13 @@
 """Triton Python-backend model, copied into model repositories as ``model.py``. Its ``mode`` parameter says what
 it does: ``tokenize`` (text -> ids and mask, tokenizer in ``1/tokenizer``), ``classify`` (logits -> label,
-scores), or ``text`` (text -> the task's outputs: tokenizer, the ONNX graph on ONNX Runtime and post-processing
-in one model, for the Python-only Triton server that ``zsaq-pipeline serve`` runs).
+scores), ``text`` (text -> the task's outputs: tokenizer, the ONNX graph on ONNX Runtime and post-processing
+in one model, for the Python-only Triton server that ``zsaq-pipeline serve`` runs), or ``generate`` (a prompt
+and optional ``max_new_tokens`` -> the greedy continuation's text and token ids, through a causal LM's KV-cache
+graph on ONNX Runtime).
 
-It imports only numpy, transformers, onnxruntime and Triton's utils: it runs inside Triton's Python stub, and
-the tests and the serve load check call the same functions in-process.
+It imports only numpy, transformers, onnxruntime and Triton's utils (and, for ``generate``, the copy of
+:mod:`exporters.decoding` that lies beside it as ``decoding.py``): it runs inside Triton's Python stub, and the
+tests and the serve load check call the same functions in-process.
 
 A refused request gets an INVALID_ARG error (HTTP 400, gRPC INVALID_ARGUMENT) whose message is one line; the
 refusal is logged at info level with the request's id. Other requests of a merged batch still run."""
@@ -16,6 +19,7 @@ import json
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,9 @@ except ImportError:  # imported outside Triton (the tests, the serve load check)
 
 
 REFUSED_METRIC = "zsaq_inference_request_refused"
+TEXT_INPUT, NEW_TOKENS_INPUT = "text", "max_new_tokens"
+GENERATED_TEXT, GENERATED_IDS = "generated_text", "generated_ids"
+ENDED = -1  # generated_ids after a row's end-of-sequence token (or beyond its max_new_tokens)
 
 
 class InvalidRequest(ValueError):
@@ -125,9 +132,131 @@ class TextModel:
                 results.append({self.output_names()[0]: np.ascontiguousarray(rows, dtype=np.float32)})
         return results
 
+    def answer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's outputs, as the server answers it (``inputs``: the request's tensors by name)."""
+        return self.run([self.check(inputs[TEXT_INPUT])])[0]
+
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """One request's outputs, as the server answers it."""
-        return self.run([self.check(np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_))])[0]
+        """The outputs of one request of ``texts``."""
+        return self.answer({TEXT_INPUT: np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)})
+
+
+def _decoding() -> ModuleType:
+    """:mod:`exporters.decoding` in-process; inside Triton the copy beside ``model.py`` (the stub imports
+    ``model.py`` as ``<version>.model`` and puts its folder on ``sys.path`` too)."""
+    try:
+        from . import decoding
+    except ImportError:  # model.py imported as a top-level module
+        import decoding
+    return decoding
+
+
+def kept_tokens(tokens: np.ndarray, cap: int, eos_id: int | None) -> list[int]:
+    """A row's generated tokens: at most ``cap``, ending with the end-of-sequence token when it came."""
+    kept = [int(token) for token in tokens[:cap]]
+    if eos_id in kept:
+        kept = kept[: kept.index(eos_id) + 1]
+    return kept
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A checked generation request: each text's token ids and how many tokens to generate for it at most."""
+
+    ids: list[list[int]]
+    new_tokens: list[int]
+
+
+@dataclass
+class GenerateModel:
+    """A prompt to its greedy continuation: the tokenizer and a causal LM's KV-cache graph on ONNX Runtime
+    (:func:`exporters.decoding.generate`). A prompt and the tokens asked for fit in ``max_length`` together."""
+
+    tokenizer: Any
+    stepper: Any  # decoding.OrtStepper
+    max_length: int
+    max_new_tokens: int  # the most a request may ask for
+    default_new_tokens: int  # without max_new_tokens: this many, or as many as fit after the prompt when fewer
+
+    @classmethod
+    def load(cls, graph: str, tokenizer_dir: str, limits: tuple[int, int, int], threads: int) -> GenerateModel:
+        """Load the tokenizer and the graph (``threads`` 0: all cores); ``limits``: (max_length, max_new_tokens,
+        default_new_tokens)."""
+        from transformers import AutoTokenizer
+
+        stepper = _decoding().OrtStepper(Path(graph), threads)
+        return cls(AutoTokenizer.from_pretrained(tokenizer_dir), stepper, *limits)
+
+    def output_names(self) -> list[str]:
+        """The names of the outputs each request gets."""
+        return [GENERATED_TEXT, GENERATED_IDS]
+
+    def _asked(self, raw: np.ndarray | None, count: int) -> list[int] | None:
+        """The request's max_new_tokens per text (None: it names none); raises InvalidRequest."""
+        if raw is None:
+            return None
+        values = [int(value) for value in raw.reshape(-1)]
+        if len(values) != count:
+            raise InvalidRequest(f"max_new_tokens has {len(values)} values for {count} texts", "new_tokens_count")
+        for value in values:
+            if not 1 <= value <= self.max_new_tokens:
+                raise InvalidRequest(
+                    f"max_new_tokens {value} is out of range: expected 1 to {self.max_new_tokens}", "new_tokens_range"
+                )
+        return values
+
+    def check(self, raw_text: np.ndarray, raw_new: np.ndarray | None = None) -> Prompts:
+        """A request's prompts as token ids and its new tokens per prompt; raises InvalidRequest."""
+        texts = decode_texts(raw_text)
+        asked = self._asked(raw_new, len(texts))
+        ids = [list(row) for row in self.tokenizer(texts)["input_ids"]]
+        new_tokens = []
+        for i, prompt in enumerate(ids):
+            if not prompt:
+                raise InvalidRequest(f"text {i} has no tokens", "empty_text")
+            room = self.max_length - len(prompt)
+            if asked is None and room < 1:
+                message = f"text {i} is {len(prompt)} tokens long; this model takes at most {self.max_length - 1}"
+                raise InvalidRequest(message, "too_long")
+            if asked is not None and asked[i] > room:
+                message = (
+                    f"text {i} is {len(prompt)} tokens long; with max_new_tokens {asked[i]} this model takes at "
+                    f"most {self.max_length - asked[i]}"
+                )
+                raise InvalidRequest(message, "too_long")
+            new_tokens.append(min(self.default_new_tokens, room) if asked is None else asked[i])
+        return Prompts(ids, new_tokens)
+
+    def run(self, requests: list[Prompts]) -> list[dict[str, np.ndarray]]:
+        """Outputs per checked request, generated as one left-padded batch."""
+        prompts = [prompt for request in requests for prompt in request.ids]
+        caps = [new for request in requests for new in request.new_tokens]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.tokenizer.eos_token_id
+        steps = np.stack(list(_decoding().generate(self.stepper, prompts, max(caps), pad, eos)), axis=1)
+        rows = [kept_tokens(tokens, cap, eos) for tokens, cap in zip(steps, caps)]
+        results, start = [], 0
+        for request in requests:
+            results.append(self._outputs(rows[start : start + len(request.ids)]))
+            start += len(request.ids)
+        return results
+
+    def _outputs(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        ids = np.full((len(rows), max(len(row) for row in rows)), ENDED, dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        texts = [[self._text(row)] for row in rows]
+        return {GENERATED_TEXT: np.array(texts, dtype=np.object_), GENERATED_IDS: ids}
+
+    def _text(self, row: list[int]) -> bytes:
+        """The UTF-8 text of a row's tokens, its end-of-sequence token left out."""
+        if row and row[-1] == self.tokenizer.eos_token_id:
+            row = row[:-1]
+        return self.tokenizer.decode(row, skip_special_tokens=True).encode("utf-8")
+
+    def answer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's outputs, as the server answers it (``inputs``: the request's tensors by name)."""
+        return self.run([self.check(inputs[TEXT_INPUT], inputs.get(NEW_TOKENS_INPUT))])[0]
 
 
 class TritonPythonModel:
@@ -156,8 +285,13 @@ class TritonPythonModel:
             self.max_length = int(params["max_length"])
         elif self.mode == "classify":
             self.labels = json.loads(params["labels"])
+        elif self.mode == "generate":
+            version = Path(args["model_repository"]) / args["model_version"]  # relative paths: from here
+            limits = (int(params["max_length"]), int(params["max_new_tokens"]), int(params["default_new_tokens"]))
+            graph, tokenizer = (str(version / params[key]) for key in ("graph", "tokenizer"))
+            self.batched = GenerateModel.load(graph, tokenizer, limits, int(params["threads"]))
         else:
-            self.text_model = TextModel.load(
+            self.batched = TextModel.load(
                 params["graph"],
                 params["tokenizer"],
                 params["task_kind"],
@@ -168,8 +302,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         """One response per request; a refused request gets an error response and the others still run."""
-        if self.mode == "text":
-            return self._respond_text(requests)
+        if self.mode in ("text", "generate"):
+            return self._respond_batched(requests)
         return [self._respond(request) for request in requests]
 
     def _refuse(self, request: Any, exc: InvalidRequest) -> Any:
@@ -184,7 +318,7 @@ class TritonPythonModel:
     def _respond(self, request: Any) -> Any:
         try:
             if self.mode == "tokenize":
-                texts = decode_texts(pb_utils.get_input_tensor_by_name(request, "text").as_numpy())
+                texts = decode_texts(pb_utils.get_input_tensor_by_name(request, TEXT_INPUT).as_numpy())
                 ids, mask = encode(self.tokenizer, texts, self.max_length)
                 tensors = [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]
             else:
@@ -194,20 +328,27 @@ class TritonPythonModel:
             return self._refuse(request, exc)
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def _respond_text(self, requests: list) -> list:
+    def _check(self, request: Any) -> Any:
+        """A request of the text or generate mode, checked (raises InvalidRequest)."""
+        text = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT).as_numpy()
+        if self.mode == "text":
+            return self.batched.check(text)
+        new_tokens = pb_utils.get_input_tensor_by_name(request, NEW_TOKENS_INPUT)
+        return self.batched.check(text, None if new_tokens is None else new_tokens.as_numpy())
+
+    def _respond_batched(self, requests: list) -> list:
         """Check each request, run the accepted ones as one batch, answer all in their order."""
         responses: list[Any] = [None] * len(requests)
         accepted = []
         for i, request in enumerate(requests):
             try:
-                text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
-                accepted.append((i, self.text_model.check(text)))
+                accepted.append((i, self._check(request)))
             except InvalidRequest as exc:
                 responses[i] = self._refuse(request, exc)
         if not accepted:
             return responses
         try:
-            outputs = self.text_model.run([checked for _, checked in accepted])
+            outputs = self.batched.run([checked for _, checked in accepted])
         except Exception:  # a fault of the server, not of a request: the traceback goes to the log only
             pb_utils.Logger.log_error(f"{self.model_name} failed on a batch:\n{traceback.format_exc()}")
             error = pb_utils.TritonError("the model failed on this batch; see the server log")

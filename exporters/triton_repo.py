@@ -1,5 +1,6 @@
 """Triton model repository: ``config.pbtxt`` files derived from the ONNX graph (written by a small protobuf
-text writer: packaging needs no serve extra; the tests parse them with Triton's ``ModelConfig``)."""
+text writer: packaging needs no serve extra; the tests parse them with Triton's ``ModelConfig``). A causal LM
+exported with its KV cache is served as generation (:data:`GENERATE_MODEL`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import onnx
 
 from calib.errors import PipelineError
 from exporters.config import ServeConfig
+from exporters.decoding import past_name
+from exporters.triton_python_model import GENERATED_IDS, GENERATED_TEXT, NEW_TOKENS_INPUT, TEXT_INPUT
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+DECODING_MODULE = Path(__file__).with_name("decoding.py")  # a generating model.py imports its copy
+DEFAULT_NEW_TOKENS = 32  # what a generation request without max_new_tokens gets (at most the limit)
 ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -27,7 +32,6 @@ ONNX_TO_TRITON = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
-TEXT_INPUT = "text"
 BATCHING_PAYS = 1.2  # a batch size is preferred when it computes this many times batch 1's items per second
 QUEUE_DELAY_SHARE = 0.1  # then a lone request waits at most this share of its own batch-1 latency for company
 MAX_QUEUE_DELAY_US = 5000
@@ -36,6 +40,7 @@ MAX_QUEUE_DELAY_US = 5000
 ONNX_MODEL, PLAN_MODEL = "student_onnx", "student_trt"
 TOKENIZER_MODEL, POSTPROCESS_MODEL = "tokenizer", "postprocess"
 TEXT_ENSEMBLE = {ONNX_MODEL: "student_text", PLAN_MODEL: "student_text_trt"}
+GENERATE_MODEL = "student_generate"  # a causal LM's KV-cache graph: greedy generation, raw text in and out
 
 
 class Enum(str):
@@ -128,10 +133,12 @@ class TensorSpec:
     name: str
     data_type: str
     dims: tuple[int, ...]
+    optional: bool = False  # an input a request may leave out
 
     def config(self) -> dict[str, Any]:
         """The ``ModelInput`` / ``ModelOutput`` message."""
-        return {"name": self.name, "data_type": Enum(self.data_type), "dims": list(self.dims)}
+        message = {"name": self.name, "data_type": Enum(self.data_type), "dims": list(self.dims)}
+        return {**message, "optional": True} if self.optional else message
 
 
 def _tensor_spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:
@@ -193,6 +200,26 @@ def text_outputs(graph_outputs: list[TensorSpec], task_kind: str) -> list[Tensor
         return graph_outputs
     (logits,) = graph_outputs
     return [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("scores", "TYPE_FP32", logits.dims)]
+
+
+def has_kv_cache(path: Path) -> bool:
+    """Whether a graph takes a KV cache (a causal LM exported for generation, :mod:`exporters.decoding`)."""
+    return any(t.name == past_name(0, "key") for t in graph_io(path)[0])
+
+
+def generate_io() -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A generating model's (inputs, outputs): the prompt and optional ``max_new_tokens`` per text; the
+    continuation's text and token ids (-1 after its end)."""
+    inputs = [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,)), TensorSpec(NEW_TOKENS_INPUT, "TYPE_INT32", (1,), True)]
+    return inputs, [TensorSpec(GENERATED_TEXT, "TYPE_STRING", (1,)), TensorSpec(GENERATED_IDS, "TYPE_INT64", (-1,))]
+
+
+def generation_limits(max_length: int) -> tuple[int, int, int]:
+    """(max tokens of prompt and continuation together, the most new tokens a request may ask for, what it gets
+    without asking) for a graph validated at ``max_length`` tokens; a one-line error when that leaves no room."""
+    if max_length < 2:
+        raise PipelineError(f"a decoder validated at {max_length} token(s) has no room for a prompt and a new token")
+    return max_length, max_length - 1, min(DEFAULT_NEW_TOKENS, max_length - 1)
 
 
 def serving_limits(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -278,8 +305,35 @@ def ensemble_config(
     }
 
 
+def _write_generate_model(root: Path, spec: RepositorySpec) -> None:
+    """The Python-backend model that generates with the CPU graph (ONNX Runtime on all cores). Its version folder
+    holds all it needs (a copy of the graph, the tokenizer, :mod:`exporters.decoding`'s file): a server with the
+    Python backend alone serves it."""
+    folder = root / GENERATE_MODEL
+    config = model_config(
+        GENERATE_MODEL, *generate_io(), spec.max_batch_size, "KIND_CPU", spec.serving, backend="python"
+    )
+    max_length, max_new, default_new = generation_limits(spec.max_length)
+    params = {
+        "mode": "generate",
+        "graph": "model.onnx",  # relative to the version folder
+        "tokenizer": "tokenizer",
+        "max_length": str(max_length),
+        "max_new_tokens": str(max_new),
+        "default_new_tokens": str(default_new),
+        "threads": "0",
+    }
+    write_config(folder, {**config, "parameters": _parameters(params)})
+    shutil.copy(spec.onnx_path, folder / "1" / "model.onnx")
+    spec.tokenizer.save_pretrained(str(folder / "1" / "tokenizer"))
+    shutil.copy(PYTHON_MODEL, folder / "1" / "model.py")
+    shutil.copy(DECODING_MODULE, folder / "1" / DECODING_MODULE.name)
+
+
 def write_repository(root: Path, spec: RepositorySpec) -> dict[str, Any]:
-    """Write the repository under ``root``; returns {"models": {name: platform or backend}, ...}."""
+    """Write the repository under ``root``; returns {"models": {name: platform or backend}, ...}. A causal LM
+    exported with its KV cache gets :data:`GENERATE_MODEL` instead of the text ensembles (an ensemble cannot
+    feed a graph its cache)."""
     graphs = {ONNX_MODEL: graph_io(spec.onnx_path)}
     config = model_config(
         ONNX_MODEL, *graphs[ONNX_MODEL], spec.max_batch_size, "KIND_CPU", spec.serving, platform="onnxruntime_onnx"
@@ -305,6 +359,10 @@ def write_repository(root: Path, spec: RepositorySpec) -> dict[str, Any]:
     if spec.tokenizer is None:
         summary["note"] = "the model has no tokenizer: no tokenizer model and no text ensemble (send token ids)"
         return summary
+    if has_kv_cache(spec.onnx_path):
+        _write_generate_model(root, spec)
+        models[GENERATE_MODEL] = "python"
+        return {**summary, "max_length": spec.max_length}
     after, outputs = _write_text_models(root, spec, graphs[ONNX_MODEL][1])
     models[TOKENIZER_MODEL] = "python"
     if after:

@@ -1,7 +1,8 @@
 """What ``zsaq-pipeline serve`` puts behind Triton: a repository with one Python-backend model, ``student_text``
-(raw text in; tokenizer, the CPU student graph on ONNX Runtime and post-processing in one model), in the
-configured number of instances, with Triton's dynamic batcher from the config or else set from the validate
-stage's measured batch latencies (docs/ARCHITECTURE.md, Serving)."""
+(raw text in; tokenizer, the CPU student graph on ONNX Runtime and post-processing in one model; for a causal LM
+exported with its KV cache, greedy generation: a prompt and optional ``max_new_tokens`` in, the continuation's
+text and token ids out), in the configured number of instances, with Triton's dynamic batcher from the config or
+else set from the validate stage's measured batch latencies (docs/ARCHITECTURE.md, Serving)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.http_front_door import FrontDoor
-from exporters.triton_python_model import TextModel
+from exporters.triton_python_model import GenerateModel, TextModel
 from exporters.triton_repo import (
+    DECODING_MODULE,
     PYTHON_MODEL,
     TEXT_INPUT,
     Batching,
     TensorSpec,
+    generate_io,
+    generation_limits,
     graph_io,
     instance_group,
     text_outputs,
@@ -65,12 +69,25 @@ class ServeSpec:
     threads: int  # ONNX Runtime intra-op threads per instance; 0: cores // instances (all cores for one)
     batching: Batching | None
     instances: int = 1
+    generates: bool = False  # a causal LM's KV-cache graph: served as greedy generation
 
-    def reference_model(self) -> TextModel:
+    def reference_model(self) -> TextModel | GenerateModel:
         """The served model loaded in this process, the reference the load check compares answers with. One
         ONNX Runtime thread: a thread pool here would spin beside the server's while perf_analyzer measures."""
+        if self.generates:
+            return GenerateModel.load(str(self.graph), str(self.tokenizer_dir), generation_limits(self.max_length), 1)
         return TextModel.load(
             str(self.graph), str(self.tokenizer_dir), self.task_kind, list(self.labels), self.max_length, 1
+        )
+
+    def describe_requests(self) -> str:
+        """What one request may hold, for the console."""
+        if not self.generates:
+            return f"up to {self.max_batch_size} texts of {self.max_length} tokens per request"
+        max_length, max_new, default_new = generation_limits(self.max_length)
+        return (
+            f"up to {self.max_batch_size} prompts per request, each continued greedily by max_new_tokens tokens "
+            f"(1 to {max_new}, default {default_new} or what fits), prompt and continuation within {max_length}"
         )
 
 
@@ -107,21 +124,35 @@ def serve_variants(spec: ServeSpec, with_twins: bool = False) -> list[Variant]:
     ]
 
 
-def _text_model_config(spec: ServeSpec, outputs: list[TensorSpec], variant: Variant) -> dict:
+ModelIO = tuple[list[TensorSpec], list[TensorSpec], dict[str, str]]
+
+
+def _model_io(spec: ServeSpec) -> ModelIO:
+    """(inputs, outputs, mode parameters) of the served model."""
+    paths = {"graph": str(spec.graph.resolve()), "tokenizer": str(spec.tokenizer_dir.resolve())}
+    if spec.generates:
+        max_length, max_new, default_new = generation_limits(spec.max_length)
+        limits = {"max_length": str(max_length), "max_new_tokens": str(max_new), "default_new_tokens": str(default_new)}
+        return *generate_io(), {"mode": "generate", **paths, **limits}
     parameters = {
         "mode": "text",
-        "graph": str(spec.graph.resolve()),
-        "tokenizer": str(spec.tokenizer_dir.resolve()),
+        **paths,
         "task_kind": spec.task_kind,
         "labels": json.dumps(list(spec.labels)),
         "max_length": str(spec.max_length),
-        "threads": str(variant.threads),
     }
+    outputs = text_outputs(graph_io(spec.graph)[1], spec.task_kind)
+    return [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))], outputs, parameters
+
+
+def _model_config(spec: ServeSpec, io: ModelIO, variant: Variant) -> dict:
+    inputs, outputs, parameters = io
+    parameters = {**parameters, "threads": str(variant.threads)}
     config = {
         "name": variant.name,
         "backend": "python",
         "max_batch_size": spec.max_batch_size,
-        "input": [TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,)).config()],
+        "input": [t.config() for t in inputs],
         "output": [t.config() for t in outputs],
         "instance_group": instance_group(variant.instances, "KIND_CPU"),
         "parameters": [{"key": k, "value": {"string_value": v}} for k, v in parameters.items()],
@@ -133,12 +164,15 @@ def _text_model_config(spec: ServeSpec, outputs: list[TensorSpec], variant: Vari
 
 def write_serve_repository(root: Path, spec: ServeSpec, with_twins: bool = False) -> list[Variant]:
     """The repository under ``root`` (the graph and tokenizer stay in the run folder); returns its models.
-    ``with_twins`` adds the load check's comparisons (:func:`serve_variants`)."""
-    outputs = text_outputs(graph_io(spec.graph)[1], spec.task_kind)
+    ``with_twins`` adds the load check's comparisons (:func:`serve_variants`). A generating model gets a copy
+    of :mod:`exporters.decoding` beside its ``model.py``."""
+    io = _model_io(spec)
     variants = serve_variants(spec, with_twins)
     for variant in variants:
-        write_config(root / variant.name, _text_model_config(spec, outputs, variant))
+        write_config(root / variant.name, _model_config(spec, io, variant))
         shutil.copy(PYTHON_MODEL, root / variant.name / "1" / "model.py")
+        if spec.generates:
+            shutil.copy(DECODING_MODULE, root / variant.name / "1" / DECODING_MODULE.name)
     return variants
 
 

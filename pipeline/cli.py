@@ -13,7 +13,7 @@ import click
 
 from calib.errors import ConfigError, PipelineError, ThresholdFailed
 from pipeline import __version__
-from pipeline.layout import REPORT_MD, SERVE_DIR, SERVE_REPORT
+from pipeline.layout import REPORT_MD, SERVE_DIR, SERVE_REPORT, STUDENT_ONNX
 
 EXPORT_CHOICES = ("onnx", "trt", "triton")
 
@@ -139,6 +139,47 @@ def inspect(run_dir: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True, help="New tokens at most (fewer at end of text).")
+@click.option("--model", default=Path(STUDENT_ONNX["cpu"].name).stem, show_default=True, help="Exported graph (stem).")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sampling.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the k most likely tokens (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (instruct models).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: all cores).")
+@user_errors
+def generate(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int,
+    model: str,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    chat: bool,
+    threads: int,
+) -> None:
+    """Generate text from PROMPT with a causal-LM run's exported graph (ONNX Runtime, KV cache), streaming."""
+    from exporters.decoding import Sampling
+    from pipeline.generation import stream_text
+
+    if temperature < 0 or top_k < 0:
+        raise ConfigError(f"--temperature and --top-k: expected 0 or more, got {temperature} and {top_k}")
+    click.echo(prompt, nl=False)
+    stats = stream_text(
+        run_dir, prompt, model, max_new_tokens, Sampling(temperature, top_k, seed), threads, chat,
+        lambda text: click.echo(text, nl=False),
+    )  # fmt: skip
+    click.echo("")
+    click.echo(
+        f"[{model}] prompt {stats.prompt_tokens} tokens in {1000 * stats.prefill_seconds:.0f} ms; "
+        f"{stats.new_tokens} new tokens, {stats.tokens_per_second:.1f} tokens/s",
+        err=True,
+    )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--port", default=8000, show_default=True, help="HTTP port on 127.0.0.1.")
 @click.option("--grpc-port", default=8001, show_default=True, help="gRPC port on 127.0.0.1.")
 @click.option("--metrics-port", default=8002, show_default=True, help="Prometheus metrics port on 127.0.0.1.")
@@ -185,7 +226,8 @@ def serve(
     window_ms: int,
     stability: float,
 ) -> None:
-    """Serve a run's CPU student (raw text in) through a Triton server on 127.0.0.1 (needs the serve extra)."""
+    """Serve a run's CPU student (raw text in; a causal LM generates) through a Triton server on 127.0.0.1 (needs
+    the serve extra)."""
     levels = _concurrency_levels(concurrency)
     if window_ms < 100 or not 0 < stability <= 100:
         raise ConfigError(
@@ -243,7 +285,7 @@ def _print_endpoints(spec: Any, served: Any, server: Any) -> None:
     click.echo(f"  gRPC     {endpoints.grpc}")
     click.echo(f"  metrics  {endpoints.metrics}")
     click.echo(f"  {served.describe()}")
-    click.echo(f"  up to {spec.max_batch_size} texts of {spec.max_length} tokens per request")
+    click.echo(f"  {spec.describe_requests()}")
     click.echo(f"  logs: {server.triton_log}, {server.front_log}; Ctrl-C stops")
 
 

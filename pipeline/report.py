@@ -55,9 +55,43 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells += [_fmt(lat["p50_ms"]) for lat in row["latency"]]
         cells += [_fmt(x) + "x" if x else "—" for x in row.get("speedup_vs_fp32_onnx", [None] * len(shapes))]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("decoding"):
+        lines += _decoding_section(report["decoding"])
     if report.get("threshold_failures"):
         lines += ["", "## Threshold failures", ""] + [f"- {f}" for f in report["threshold_failures"]]
     return "\n".join(lines) + "\n"
+
+
+def _decoding_section(decoding: dict[str, Any]) -> list[str]:
+    """Per cached graph: greedy agreement with its PyTorch reference, cached vs full-sequence perplexity, and
+    prefill / next-token latency (speed-up of decoding over the FP32 graph at each batch size)."""
+    models = decoding["models"]
+    batches = [lat["batch"] for lat in next(iter(models.values()))["latency"]] if models else []
+    fp32 = models.get("fp32-onnx")
+    lines = [
+        "",
+        f"## Decoding (KV cache): greedy tokens, cache consistency, latency at a past of {decoding['past']} tokens",
+        "",
+        f"Greedy: {decoding['prompts']} fixed prompts x {decoding['new_tokens']} new tokens, exact matches with the "
+        "reference's tokens (first divergence of the others). Cache: perplexity of the same windows with the second "
+        "half decoded token by token on the cache vs one full-sequence call.",
+        "",
+    ]
+    header = ["model", "reference", "greedy exact", "first divergences", "ppl full", "ppl cached", "rel. diff"]
+    for b in batches:
+        header += [f"prefill ms b{b}", f"decode ms b{b}", f"tokens/s b{b}", f"decode speed-up b{b}"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in models.items():
+        greedy, cache = row["greedy"], row["cache"]
+        parted = sorted(d for d in greedy["first_divergence"] if d is not None)
+        cells = [name, row["reference"], f"{greedy['exact']}/{greedy['prompts']}", ", ".join(map(str, parted)) or "—"]
+        cells += [_fmt(cache["full"], 3), _fmt(cache["cached"], 3), f"{cache['relative_difference']:.1e}"]
+        for i, lat in enumerate(row["latency"]):
+            base = fp32["latency"][i]["decode_ms"] if fp32 else None
+            cells += [_fmt(lat["prefill_ms"]), _fmt(lat["decode_ms"]), _fmt(lat["tokens_per_second"], 1)]
+            cells.append(_fmt(base / lat["decode_ms"]) + "x" if base else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_plot(report: dict[str, Any], path: Path) -> None:

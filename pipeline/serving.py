@@ -1,6 +1,7 @@
-"""What ``serve`` serves, found through the run layout: the CPU student graph, the tokenizer, the task's
-labels, the limits the graph was validated at, and the run config's ``serve`` section (instances, and the
-dynamic batcher, which without ``serve.dynamic_batching`` is the one the validated latencies suggest)."""
+"""What ``serve`` serves, found through the run layout: the CPU student graph (a causal LM's with its KV cache:
+served as generation), the tokenizer, the task's labels, the limits the graph was validated at, and the run
+config's ``serve`` section (instances, and the dynamic batcher, which without ``serve.dynamic_batching`` is the
+one the validated latencies suggest)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from calib.errors import PipelineError
 from exporters.config import ServeConfig
-from exporters.triton_repo import Batching, configured_batching, label_names, serving_limits
+from exporters.triton_repo import Batching, configured_batching, has_kv_cache, label_names, serving_limits
 from exporters.triton_serve import ServeSpec
 from pipeline.config import build
 from pipeline.layout import MANIFEST, REPORT_JSON, STUDENT_ONNX, TEACHER_MODEL
@@ -47,7 +48,8 @@ def served_spec(run_dir: Path, threads: int, batching: bool, instances: int | No
     policy: Batching | None = None
     if batching:
         policy = configured_batching(serve, validated_latencies(run_dir), max_batch)
+    generates = task["kind"] == "causal-lm" and has_kv_cache(graph.path(run_dir))
     return ServeSpec(
         graph.path(run_dir), model_dir, task["kind"], labels, max_batch, max_length, threads, policy,
-        instances or serve.instances,
+        instances or serve.instances, generates,
     )  # fmt: skip

@@ -166,3 +166,21 @@ def write_tiny_llama_gguf(folder: Path, layers: int = 2, hidden: int = 32, heads
     writer.write_tensors_to_file()
     writer.close()
     return folder / "tiny.gguf"
+
+
+def save_tiny_llama_folder(folder: Path) -> TaskModel:
+    """A random Llama with grouped-query attention (2 key/value heads for 4 query heads) and a word-level
+    tokenizer of ``w0 .. w99`` (ids 4 to 103) saved as a Hugging Face model folder; returns the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(100)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    named = dict(zip(("pad_token", "bos_token", "eos_token", "unk_token"), specials))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **named).save_pretrained(folder)
+    spec = RandomModel(family="llama", kv_heads=2)
+    model = TaskModel(load_backbone(ModelSource(random=spec), TaskConfig(kind="causal-lm")), "causal-lm").eval()
+    model.backbone.save_pretrained(folder)
+    return model

@@ -14,7 +14,8 @@ from pipeline.stages.base import Stage, StageContext
 
 class PackageStage(Stage):
     """Writes ``package/model_repository/``: the CPU student graph (onnxruntime), the TensorRT engine when one
-    was built, and for models with a tokenizer a Python-backend tokenizer and a raw-text ensemble; each model in
+    was built, and for models with a tokenizer a Python-backend tokenizer and a raw-text ensemble (a causal LM
+    exported with its KV cache: a Python-backend model that generates instead); each model in
     ``serve.instances`` instances with the dynamic batcher ``serve`` serves with (``serve.dynamic_batching``, else
     the one the validate stage's measured latencies of the CPU student suggest)."""
 

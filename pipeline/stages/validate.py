@@ -7,15 +7,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from calib.contract import load_contract, load_student
 from calib.errors import ThresholdFailed
 from calib.registry import METHODS
+from calib.student import freeze_weights
 from calib.task_data import REAL_DATA_FLAG
+from exporters.decoder_checks import decoder_report, prompt_ids
+from exporters.decoding import OrtStepper, graph_cache_layout
 from exporters.onnx_qdq import FLAVOURS
-from exporters.runners import OrtRunner, TorchRunner
-from exporters.validation import build_eval_inputs, validate_models
+from exporters.runners import OrtRunner, Runner, TorchRunner, TorchStepper
+from exporters.validation import GENERATED_SEED_OFFSET, EvalInputs, build_eval_inputs, validate_models
 from pipeline.layout import ORT_DYNAMIC_ONNX, STUDENT_ONNX, TEACHER_MODEL, TEACHER_ONNX, int4_weight_only_onnx
 from pipeline.report import write_report
 from pipeline.stages.base import Stage, StageContext
@@ -50,7 +54,8 @@ class ValidateStage(Stage):
         config = ctx.config
         threads = config.validate.threads or os.cpu_count() or 1
         teacher = ctx.teacher()
-        student = load_student(teacher, config.quant, load_contract(ctx.run.stage_dir("quantize")))
+        # weights quantized once: validation only runs the student (a decoder's greedy reference calls it per token)
+        student = freeze_weights(load_student(teacher, config.quant, load_contract(ctx.run.stage_dir("quantize"))))
         vocab = teacher.backbone.config.vocab_size
         inputs, fallback = build_eval_inputs(config.task, config.validate, config.calib.seed, ctx.tokenizer(), vocab)
         if fallback:
@@ -87,6 +92,9 @@ class ValidateStage(Stage):
                 ]
             rows.append(row)
         failures = self._threshold_failures(rows, config.validate.min_agreement)
+        decoding = None
+        if config.task.kind == "causal-lm":
+            decoding = self._decoder_checks(ctx, runners, inputs, {**references, FP32_ONNX: FP32_PYTORCH})
         report = {
             "model": config.model.describe(),
             "task": config.task.kind,
@@ -102,11 +110,34 @@ class ValidateStage(Stage):
             "shapes": [list(s) for s in config.validate.shapes],
             "models": rows,
             "threshold_failures": failures,
+            "decoding": decoding,
         }
         write_report(report, ctx.out)
         if failures:
             raise ThresholdFailed("validate: " + "; ".join(failures))
         return {r["name"]: {"metric": r["metric"], "speedup": r.get("speedup_vs_fp32_onnx")} for r in rows}
+
+    @staticmethod
+    def _decoder_checks(
+        ctx: StageContext, runners: list[Runner], inputs: EvalInputs, references: dict[str, str]
+    ) -> dict[str, Any]:
+        """Generation checks of every cached graph (:func:`exporters.decoder_checks.decoder_report`): the student's
+        exports against the student's greedy tokens, the teacher's graphs (``references``) against the FP
+        teacher's."""
+        settings = ctx.config.validate.decoder
+        torch_models = {r.name: TorchStepper(r.model, r.threads) for r in runners if isinstance(r, TorchRunner)}
+        graphs = {
+            r.name: OrtStepper(r.session)
+            for r in runners
+            if isinstance(r, OrtRunner) and graph_cache_layout(r.session) is not None
+        }
+        reference_of = {name: references.get(name, STUDENT) for name in graphs}
+        vocab = ctx.teacher().backbone.config.vocab_size
+        seed = ctx.config.calib.seed + GENERATED_SEED_OFFSET
+        prompts = prompt_ids(ctx.tokenizer(), vocab, settings.prompts, seed)
+        windows = np.concatenate([ids for ids, _ in inputs.batches_a])[: settings.cache_windows]
+        ctx.log(f"[validate] decoding: {len(prompts)} prompts x {settings.new_tokens} greedy tokens, cache checks")
+        return decoder_report(graphs, torch_models, reference_of, prompts, windows, settings)
 
     @staticmethod
     def _threshold_failures(rows: list[dict[str, Any]], minimum: float | None) -> list[str]:

@@ -70,3 +70,20 @@ def test_clipping_inits_clip_outliers_harder_than_minmax(method):
     assert (other.scale < minmax.scale).all()
     err = lambda q: (q(weight) - weight)[:, 1:].pow(2).mean()  # noqa: E731
     assert err(other) < err(minmax)
+
+
+def test_frozen_weights_compute_the_same_function_and_save_the_same_state():
+    from calib.config import QuadapterConfig, QuantConfig
+    from calib.inputs import random_tokens
+    from calib.student import build_student, freeze_weights, init_ranges
+    from tests.models import tiny_teacher
+
+    quant = QuantConfig(quadapter=QuadapterConfig(enabled=True, positions="all"))
+    student = build_student(tiny_teacher("llama"), quant)
+    tokens = random_tokens(8, 12, student.backbone.config.vocab_size, seed=0)
+    init_ranges(student, quant, tokens.batches(8))
+    with torch.no_grad():
+        live = student(tokens.input_ids, tokens.attention_mask)
+        keys = set(student.state_dict())
+        frozen = freeze_weights(student)(tokens.input_ids, tokens.attention_mask)
+    assert torch.equal(live, frozen) and set(student.state_dict()) == keys

@@ -13,6 +13,7 @@ from calib.contract import build_contract, load_student
 from calib.inputs import random_tokens
 from calib.student import build_student, init_ranges
 from exporters.cpu_kernels import ort_session, u8s8_products_exact
+from exporters.decoding import run_full_sequence
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph
 from tests.models import student_and_graphs, tiny_teacher
@@ -34,7 +35,7 @@ MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
 
 def _run(graph, ids, mask, reference_qdq=False):
     session = ort_session(graph.SerializeToString(), reference_qdq=reference_qdq)
-    return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    return run_full_sequence(session, ids, mask)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
