@@ -232,12 +232,14 @@ class LearnConfig:
 class QuantConfig:
     """What is quantized and how. ``embedding_bits``: the word-embedding table, per row (None: float);
     ``attention_matmuls``: Q/DQ on the attention matmuls' inputs, for TensorRT's int8 attention (off: ORT's CPU
-    kernels gain little, and softmax outputs are the most fragile tensor); ``lm_head``: a causal LM's head too."""
+    kernels gain little, and softmax outputs are the most fragile tensor); ``lm_head``: a causal LM's head too;
+    ``kv_cache``: a causal LM's cached keys and values as int8, one scale per key/value head (min-max)."""
 
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
     embedding_bits: Literal[8] | None = None
     attention_matmuls: bool = False
     lm_head: bool = False
+    kv_cache: bool = False
     quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)

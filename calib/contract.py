@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from calib.config import QuadapterConfig, QuantConfig
 from calib.models import TaskModel
 from calib.quadapter import FixedMultiplier, fold_quadapters
-from calib.quant_attention import ROLES
+from calib.quant_attention import KV_ROLES, ROLES
 from calib.quant_linear import QuantEmbedding
-from calib.student import attention_quantizers, build_student, quant_layers
+from calib.student import attention_quantizers, build_student, kv_cache_quantizers, quant_layers
 
 CONTRACT_TENSORS = "contract.safetensors"
 CONTRACT_META = "contract.json"
@@ -44,6 +44,7 @@ class Contract:
     layers: list[LayerSpec]
     embedding: str | None = None  # the quantized word-embedding table's module name, if any
     attention: list[str] = dataclasses.field(default_factory=list)  # attention modules with quantized matmuls
+    kv_cache: list[str] = dataclasses.field(default_factory=list)  # attention modules with an int8 cache, in order
 
 
 @torch.no_grad()
@@ -90,10 +91,15 @@ def build_contract(student: TaskModel) -> Contract:
         for role in ROLES:
             tensors[f"{name}.{role}_scale"] = group.quantizer(role).scale.detach().float().reshape(()).clone()
         quantized.add(f"{name}.attn_quantizers.")
+    cache = kv_cache_quantizers(student)
+    for name, group in cache.items():  # one scale per key/value head
+        for role in KV_ROLES:
+            tensors[f"{name}.{role}_cache_scale"] = group.quantizer(role).scale.detach().float().reshape(-1).clone()
+        quantized.add(f"{name}.kv_quantizers.")
     for pname, value in student.backbone.state_dict().items():
         if not any(pname.startswith(prefix) for prefix in quantized):
             tensors[f"float.{pname}"] = value.detach().clone().contiguous()
-    return Contract(tensors, specs, embedding, list(attention))
+    return Contract(tensors, specs, embedding, list(attention), list(cache))
 
 
 def save_contract(contract: Contract, folder: Path) -> list[Path]:
@@ -106,6 +112,7 @@ def save_contract(contract: Contract, folder: Path) -> list[Path]:
         "layers": [asdict(spec) for spec in contract.layers],
         "embedding": contract.embedding,
         "attention": contract.attention,
+        "kv_cache": contract.kv_cache,
     }
     meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return [tensors_path, meta_path]
@@ -116,7 +123,7 @@ def load_contract(folder: Path) -> Contract:
     meta = json.loads((folder / CONTRACT_META).read_text(encoding="utf-8"))
     tensors = load_file(str(folder / CONTRACT_TENSORS))
     layers = [LayerSpec(**spec) for spec in meta["layers"]]
-    return Contract(tensors, layers, meta.get("embedding"), meta.get("attention", []))
+    return Contract(tensors, layers, meta.get("embedding"), meta.get("attention", []), meta.get("kv_cache", []))
 
 
 def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
@@ -165,4 +172,7 @@ def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> 
     for name, group in attention_quantizers(student).items():
         for role in ROLES:
             group.quantizer(role).set_scale(contract.tensors[f"{name}.{role}_scale"])
+    for name, group in kv_cache_quantizers(student).items():
+        for role in KV_ROLES:
+            group.quantizer(role).set_scale(contract.tensors[f"{name}.{role}_cache_scale"].reshape(1, -1, 1, 1))
     return student

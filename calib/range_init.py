@@ -27,9 +27,12 @@ def _mse_absmax(values: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int
 class RangeObserver:
     """Finds |x| bounds, either streaming over activation batches or row-wise over a weight."""
 
-    def __init__(self, method: str = "minmax", percentile: float = 99.99) -> None:
+    def __init__(self, method: str = "minmax", percentile: float = 99.99, channel_axis: int | None = None) -> None:
         if method not in ("minmax", "percentile", "mse"):
             raise ValueError(f"unknown range init {method!r}")
+        if channel_axis is not None and method != "minmax":
+            raise ValueError("a per-channel activation range is min-max only")
+        self.channel_axis = channel_axis  # one bound per index of this axis (min-max)
         self.method = method
         self.percentile = percentile
         self.absmax = torch.zeros(())
@@ -38,6 +41,10 @@ class RangeObserver:
 
     def observe(self, x: torch.Tensor) -> None:
         """Record one activation batch."""
+        if self.channel_axis is not None:
+            rows = x.detach().abs().float().movedim(self.channel_axis, 0)
+            self.absmax = torch.maximum(self.absmax, rows.reshape(rows.shape[0], -1).amax(dim=1))
+            return
         flat = x.detach().abs().reshape(-1).float()
         self.absmax = torch.maximum(self.absmax, flat.max())
         if self.method != "minmax":
@@ -47,7 +54,7 @@ class RangeObserver:
             self.samples.append(flat)
 
     def result(self, qmin: int, qmax: int) -> torch.Tensor:
-        """The per-tensor clipping bound from everything observed."""
+        """The clipping bound from everything observed (per channel with ``channel_axis``)."""
         if self.method == "minmax" or not self.samples:
             return self.absmax
         values = torch.cat(self.samples)

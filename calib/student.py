@@ -13,7 +13,7 @@ from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
 from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
-from calib.quant_attention import ROLES, AttentionQuantizers, attach_attention_quantizers
+from calib.quant_attention import KV_ROLES, ROLES, AttentionQuantizers, KVCacheQuantizers, attach_attention_quantizers
 from calib.quant_linear import QuantEmbedding, QuantLinear
 from calib.quantizers import TensorQuantizer
 from calib.range_init import RangeObserver
@@ -25,8 +25,8 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
     """A deep copy of the teacher with every block Linear swapped for a QuantLinear (plus Quadapters)."""
     student = copy.deepcopy(teacher)
     names = insert_quantizers(student.backbone, quant)
-    if quant.attention_matmuls:
-        attach_attention_quantizers(student.backbone)
+    if quant.attention_matmuls or quant.kv_cache:
+        attach_attention_quantizers(student.backbone, quant.attention_matmuls, quant.kv_cache)
     if quant.embedding_bits is not None:
         student.backbone.set_input_embeddings(
             QuantEmbedding(student.backbone.get_input_embeddings(), quant.embedding_bits)
@@ -69,12 +69,23 @@ def attention_quantizers(model: TaskModel) -> dict[str, AttentionQuantizers]:
     }
 
 
+def kv_cache_quantizers(model: TaskModel) -> dict[str, KVCacheQuantizers]:
+    """The attention modules' cache quantizers by attention module name (empty when switched off)."""
+    suffix = ".kv_quantizers"
+    return {n[: -len(suffix)]: m for n, m in model.backbone.named_modules() if isinstance(m, KVCacheQuantizers)}
+
+
 def activation_quantizers(model: TaskModel) -> list[TensorQuantizer]:
-    """Every activation quantizer once (Q, K and V share theirs): layer inputs, then attention matmul inputs."""
+    """Every per-tensor activation quantizer once (Q, K and V share theirs): layer inputs, then attention matmul
+    inputs (the per-head cache quantizers: :func:`kv_cache_quantizers`)."""
     found = {id(layer.input_quantizer): layer.input_quantizer for layer in quant_layers(model).values()}
     for group in attention_quantizers(model).values():
         found.update({id(q): q for q in (group.quantizer(role) for role in ROLES)})
     return [q for q in found.values() if q is not None]
+
+
+def _cache_quantizers(model: TaskModel) -> list[TensorQuantizer]:
+    return [group.quantizer(role) for group in kv_cache_quantizers(model).values() for role in KV_ROLES]
 
 
 def quadapter_owners(model: TaskModel) -> dict[int, list[QuantLinear]]:
@@ -123,12 +134,19 @@ def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> Non
     activations = activation_quantizers(student)
     for q in activations:
         q.observer = RangeObserver(quant.activations.init, quant.activations.percentile)
+    cache = _cache_quantizers(student)
+    for q in cache:  # per key/value head ([batch, heads, seq, dim]), min-max
+        q.observer = RangeObserver("minmax", channel_axis=1)
     for batch in batches:
         batch.run(student)
     for q in activations:
         bound = q.observer.result(q.qmin, q.qmax)
         q.observer = None
         q.init_scale(bound)
+    for q in cache:
+        bound = q.observer.result(q.qmin, q.qmax)
+        q.observer = None
+        q.init_scale(bound.reshape(1, -1, 1, 1))
 
 
 def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.Tensor]:
@@ -146,6 +164,9 @@ def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.
     for name, group in attention_quantizers(student).items():
         for role in ROLES:
             state[f"{name}.attn_quantizers.{role}.scale"] = group.quantizer(role).scale.detach().clone()
+    for name, group in kv_cache_quantizers(student).items():
+        for role in KV_ROLES:
+            state[f"{name}.kv_quantizers.{role}.scale"] = group.quantizer(role).scale.detach().clone()
     return state
 
 
@@ -153,11 +174,12 @@ def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.
 def load_student_state(student: TaskModel, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`student_state` (quantizer scales take their saved shapes)."""
     layers = quant_layers(student)
-    attention = attention_quantizers(student)
+    groups = {".attn_quantizers.": attention_quantizers(student), ".kv_quantizers.": kv_cache_quantizers(student)}
     for key, value in state.items():
-        if ".attn_quantizers." in key:
-            name, _, rest = key.partition(".attn_quantizers.")
-            attention[name].quantizer(rest.removesuffix(".scale")).set_scale(value)
+        owner = next((o for o in groups if o in key), None)
+        if owner is not None:
+            name, _, rest = key.partition(owner)
+            groups[owner][name].quantizer(rest.removesuffix(".scale")).set_scale(value)
             continue
         name, _, part = key.rpartition(".")
         layer_name, _, owner = name.rpartition(".")

@@ -33,11 +33,13 @@ def present_name(layer: int, role: str) -> str:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """How many layers cache keys and values, and each cached tensor's heads and head width."""
+    """How many layers cache keys and values, each cached tensor's heads and head width, and its element type
+    (``int8`` for a cache quantized per head: ``quant.kv_cache``)."""
 
     layers: int
     kv_heads: int
     head_dim: int
+    dtype: str = "float32"
 
     @property
     def past_names(self) -> list[str]:
@@ -49,9 +51,9 @@ class CacheLayout:
         """The present outputs in the order of :attr:`past_names`."""
         return [present_name(i, role) for i in range(self.layers) for role in ("key", "value")]
 
-    def empty_past(self, batch: int, dtype: type = np.float32) -> list[np.ndarray]:
+    def empty_past(self, batch: int) -> list[np.ndarray]:
         """Past tensors of length 0: the prompt's call."""
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype) for _ in self.past_names]
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for _ in self.past_names]
 
 
 def position_ids(attention_mask: np.ndarray) -> np.ndarray:
@@ -70,14 +72,18 @@ class CacheStepper(Protocol):
     def empty_past(self, batch: int) -> Any: ...
 
 
+CACHE_TYPES = {"tensor(float)": "float32", "tensor(int8)": "int8"}  # ONNX Runtime's input type -> numpy's
+
+
 def graph_cache_layout(session: ort.InferenceSession) -> CacheLayout | None:
     """The cache layout a session's inputs declare, or None for a graph without a KV cache."""
     inputs = {i.name: i for i in session.get_inputs()}
     if past_name(0, "key") not in inputs:
         return None
     layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
-    _, heads, _, dim = inputs[past_name(0, "key")].shape
-    return CacheLayout(layers, int(heads), int(dim))
+    first = inputs[past_name(0, "key")]
+    _, heads, _, dim = first.shape
+    return CacheLayout(layers, int(heads), int(dim), CACHE_TYPES[first.type])
 
 
 def takes_positions(session: ort.InferenceSession) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 
 from calib.errors import StageUnavailable
 from exporters.cpu_kernels import ort_session
+from exporters.decoding import CacheLayout, position_ids
 
 # Stated bound for TensorRT vs ONNX Runtime on the same Q/DQ graph: different kernels may round an int8
 # value to the neighbouring step, so outputs agree to a fraction of their spread, not bit for bit.
@@ -40,8 +41,12 @@ class Comparison:
         )
 
 
-def random_feeds(shapes: Sequence[tuple[int, int]], vocab_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Token ids and masks (the last quarter of each row padded) at each (batch, sequence) shape."""
+def random_feeds(
+    shapes: Sequence[tuple[int, int]], vocab_size: int, seed: int = 0, cache: CacheLayout | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Token ids and masks (the last quarter of each row padded) at each (batch, sequence) shape. A graph with a
+    KV ``cache`` gets, per shape, the prompt's call (an empty past) and one next token on a random past one token
+    shorter (past and new tokens within the shape's length, as the engine's profile allows)."""
     rng = np.random.default_rng(seed)
     feeds = []
     for batch, seq_len in shapes:
@@ -49,6 +54,14 @@ def random_feeds(shapes: Sequence[tuple[int, int]], vocab_size: int, seed: int =
         mask = np.ones((batch, seq_len), dtype=np.int64)
         mask[:, seq_len - seq_len // 4 :] = 0
         feeds.append({"input_ids": ids, "attention_mask": mask})
+        if cache is not None:
+            feeds[-1] |= {"position_ids": position_ids(mask), **dict(zip(cache.past_names, cache.empty_past(batch)))}
+            shape = (batch, cache.kv_heads, seq_len - 1, cache.head_dim)
+            past = [(rng.standard_normal(shape) * (1 if cache.dtype == "float32" else 20)).astype(cache.dtype)
+                    for _ in cache.past_names]  # fmt: skip
+            step = {"input_ids": ids[:, :1], "attention_mask": np.ones((batch, seq_len), dtype=np.int64)}
+            step["position_ids"] = np.full((batch, 1), seq_len - 1, dtype=np.int64)
+            feeds.append(step | dict(zip(cache.past_names, past)))
     return feeds
 
 

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from calib.capabilities import Scheme, unsupported
 from calib.contract import Contract, LayerSpec
 from exporters.cpu_kernels import Int8WeightType, cpu_int8_weight_type
+from exporters.decoding import past_name, present_name
 from exporters.onnx_export import weight_initializer_name
 from exporters.trt_check import check_trt_compatible
 
@@ -323,6 +324,59 @@ def _matmul_nbits(
     return inits, node
 
 
+def _pass_through_source(producers: dict[str, onnx.NodeProto], name: str) -> str:
+    """The tensor ``name`` copies through single-input Concat / Identity nodes (the tracer's copy of the past)."""
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Concat", "Identity") and len(node.input) == 1:
+        name = node.input[0]
+        node = producers.get(name)
+    return name
+
+
+def _quantize_kv_cache(model: onnx.ModelProto, contract: Contract) -> None:
+    """An int8 cache, one scale per key/value head: each layer's past input and present output become int8, the
+    new keys / values are quantized before the Concat that appends them, and one DequantizeLinear after it feeds
+    attention (the student fake-quantizes the whole cache at every call: the same numbers). Both flavours."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    types = {v.name: v for v in list(graph.input) + list(graph.output)}
+    inserted: dict[str, list[onnx.NodeProto]] = {}
+    for layer, module in enumerate(contract.kv_cache):
+        for role in ("key", "value"):
+            past, present = past_name(layer, role), present_name(layer, role)
+            concat = producers.get(present)
+            if concat is None or concat.op_type != "Concat" or _pass_through_source(producers, concat.input[0]) != past:
+                raise ValueError(f"expected {present} to be a Concat of {past} and the new {role}s")
+            base = f"{module}.{role}_cache"
+            scale = contract.tensors[f"{base}_scale"].numpy().astype(np.float32)
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(scale, f"{base}_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zero_point"),
+                ]
+            )
+            qdq = [f"{base}_scale", f"{base}_zero_point"]
+            new, dequantized = concat.input[1], f"{present}_dequantized"
+            for node in graph.node:  # attention reads the dequantized cache; the graph returns the int8 one
+                node.input[:] = [dequantized if name == present else name for name in node.input]
+            concat.input[1] = f"{base}_new_quantized"
+            inserted[concat.name] = [
+                helper.make_node("QuantizeLinear", [new, *qdq], [concat.input[1]], name=f"{base}_Q", axis=1)
+            ]
+            inserted[f"{concat.name}/after"] = [
+                helper.make_node("DequantizeLinear", [present, *qdq], [dequantized], name=f"{base}_DQ", axis=1)
+            ]
+            types[past].type.tensor_type.elem_type = TensorProto.INT8
+            types[present].type.tensor_type.elem_type = TensorProto.INT8
+    ordered = []
+    for node in graph.node:
+        ordered += inserted.get(node.name, [])
+        ordered.append(node)
+        ordered += inserted.get(f"{node.name}/after", [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def quantize_graph(
     float_model: onnx.ModelProto,
     contract: Contract,
@@ -422,5 +476,7 @@ def quantize_graph(
         _use_ms_domain(model)
     if contract.embedding is not None:
         _rewrite_embedding(model, contract, flavour)
+    if contract.kv_cache:
+        _quantize_kv_cache(model, contract)
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -39,6 +39,20 @@ class ShapeRange:
     max: tuple[int, int]
 
 
+def input_profile(dims: tuple[int, ...], shapes: ShapeRange) -> tuple[tuple[int, ...], ...]:
+    """min / opt / max of one network input (``dims``: -1 where dynamic). ``(batch, sequence)`` inputs take
+    ``shapes`` (a decoder's mask spans past and new tokens: the same range); a KV-cache input ``[batch, heads,
+    past, head_dim]`` keeps its heads and width, its past running from 0 (the prompt's call) to the longest
+    sequence."""
+    if len(dims) == 2:
+        return shapes.min, shapes.opt, shapes.max
+    if len(dims) == 4:
+        _, heads, _, width = dims
+        pasts = ((shapes.min[0], 0), shapes.opt, shapes.max)
+        return tuple((batch, heads, past, width) for batch, past in pasts)
+    raise StageUnavailable(f"no optimisation profile for an input of shape {dims}")
+
+
 def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, log_path: Path, shapes: ShapeRange) -> None:
     """Parse ``onnx_path`` into a strongly typed network and write the serialized engine and timing cache."""
     trt = require_tensorrt()
@@ -62,7 +76,8 @@ def build_engine(onnx_path: Path, engine_path: Path, cache_path: Path, log_path:
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
-            profile.set_shape(network.get_input(i).name, shapes.min, shapes.opt, shapes.max)
+            tensor = network.get_input(i)
+            profile.set_shape(tensor.name, *input_profile(tuple(tensor.shape), shapes))
         config.add_optimization_profile(profile)
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)

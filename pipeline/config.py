@@ -244,6 +244,8 @@ def _check_quant(quant: QuantConfig, task: TaskConfig, fail: typing.Callable[[st
         fail("quant.attention_matmuls", "false unless quant.activations.bits is 8", True)
     if quant.lm_head and task.kind != "causal-lm":
         fail("quant.lm_head", "false unless task.kind is causal-lm (only causal LMs have an LM head)", True)
+    if quant.kv_cache and task.kind != "causal-lm":
+        fail("quant.kv_cache", "false unless task.kind is causal-lm (only causal LMs keep a KV cache)", True)
     if w.rounding == "gptq" and quant.quadapter.enabled:
         fail("quant.weights.rounding", "nearest when quant.quadapter is enabled (GPTQ runs without it)", w.rounding)
     if not quant.learn.params:
@@ -285,6 +287,11 @@ def check_runtimes(config: PipelineConfig, source: str) -> None:
         if problem is not None:
             key, expected, got = problem
             raise ConfigError(f"{source}: quant.{key}: expected {expected} for export format {fmt}, got {got!r}")
+        if runtime == "tensorrt" and config.quant.kv_cache:  # TensorRT's activation scales are per tensor
+            raise ConfigError(
+                f"{source}: quant.kv_cache: expected false for export format {fmt} (TensorRT quantizes activations "
+                "per tensor; the int8 cache has a scale per key/value head), got True"
+            )
 
 
 def with_export_formats(config: PipelineConfig, extra: tuple[str, ...], source: str) -> PipelineConfig:

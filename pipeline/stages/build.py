@@ -9,6 +9,8 @@ from typing import Any
 import onnx
 
 from calib.errors import StageUnavailable
+from exporters.cpu_kernels import ort_session
+from exporters.decoding import graph_cache_layout
 from exporters.engine_compare import compare_runners, onnxruntime_runner, random_feeds, tensorrt_runner
 from exporters.tensorrt_build import ShapeRange, build_engine, require_tensorrt
 from exporters.trt_check import TrtIncompatible, require_trt_compatible
@@ -53,7 +55,12 @@ class BuildStage(Stage):
         comparison = compare_runners(
             onnxruntime_runner(onnx_path, "onnxruntime"),
             tensorrt_runner(engine, "tensorrt"),
-            random_feeds(ctx.config.validate.shapes, teacher_config["vocab_size"], ctx.config.calib.seed),
+            random_feeds(
+                ctx.config.validate.shapes,
+                teacher_config["vocab_size"],
+                ctx.config.calib.seed,
+                graph_cache_layout(ort_session(onnx_path)),  # a decoder: prompt and cached-step feeds
+            ),
         )
         ctx.log(f"[build] {comparison.describe()}")
         return {

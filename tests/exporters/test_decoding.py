@@ -9,6 +9,7 @@ import torch
 
 from calib.config import QuantConfig, WeightQuant
 from calib.inputs import random_tokens
+from calib.student import kv_cache_quantizers
 from exporters.config import DecoderCheckConfig
 from exporters.cpu_kernels import ort_session
 from exporters.decoder_checks import cache_consistency, decoder_report, greedy_agreement, prompt_ids
@@ -150,3 +151,49 @@ def test_decoder_report_compares_each_graph_with_its_reference(exported):
     assert row["cache"]["relative_difference"] < 1e-4
     assert [lat["batch"] for lat in row["latency"]] == [1, 2]
     assert all(lat["decode_ms"] > 0 and lat["prefill_ms"] > 0 for lat in row["latency"])
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize(
+    "quant",
+    [QuantConfig(kv_cache=True), QuantConfig(kv_cache=True, attention_matmuls=True)],
+    ids=["W8A8kv8", "W8A8attention-kv8"],
+)
+def test_an_int8_cache_is_int8_in_the_graph_and_the_students_function(family, quant, tmp_path):
+    teacher, student, contract, graphs = student_and_graphs(family, quant, tmp_path)
+    layout = OrtStepper(ort_session(graphs["cpu"].SerializeToString())).layout
+    assert layout.dtype == "int8" and len(contract.kv_cache) == layout.layers
+    scale = contract.tensors[f"{contract.kv_cache[0]}.key_cache_scale"]
+    assert scale.shape == (layout.kv_heads,) and len(set(scale.tolist())) == layout.kv_heads  # one per head
+    ids = random_tokens(2, 16, teacher.backbone.config.vocab_size, seed=3).input_ids.numpy()
+    run = (torch.from_numpy(ids), torch.ones(2, 16, dtype=torch.long))
+    with torch.no_grad():
+        expected = student(*run).numpy()
+        for group in kv_cache_quantizers(student).values():
+            group.key.enabled = group.value.enabled = False
+        float_cache = student(*run).numpy()
+    assert not np.allclose(expected, float_cache, atol=1e-5)  # the cache quantizers do something
+    for flavour, graph in graphs.items():
+        stepper = OrtStepper(ort_session(graph.SerializeToString(), reference_qdq=flavour == "trt"))
+        _, present = stepper(ids[:, :4], np.ones((2, 4), np.int64), position_ids(np.ones((2, 4), np.int64)),
+                             stepper.empty_past(2))  # fmt: skip
+        assert all(p.dtype == np.int8 for p in present)
+        got = cached_logits(stepper, ids, prefill=6)
+        cosine = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
+        assert cosine.min() > 0.9999, (flavour, cosine.min())
+        assert cache_consistency(stepper, ids).relative_difference < 1e-4, flavour
+
+
+def test_tensorrt_profiles_cover_the_prompt_and_every_cached_step(exported):
+    from exporters.tensorrt_build import ShapeRange, input_profile
+
+    _, graph = exported
+    shapes = ShapeRange(min=(1, 1), opt=(4, 256), max=(4, 256))
+    for tensor in graph.session.get_inputs():
+        dims = tuple(d if isinstance(d, int) else -1 for d in tensor.shape)  # TensorRT's -1 for a dynamic axis
+        low, opt, high = input_profile(dims, shapes)
+        if tensor.name.startswith("past_key_values."):
+            heads, width = graph.layout.kv_heads, graph.layout.head_dim
+            assert (low, opt, high) == ((1, heads, 0, width), (4, heads, 256, width), (4, heads, 256, width))
+        else:
+            assert (low, opt, high) == ((1, 1), (4, 256), (4, 256)), tensor.name

@@ -47,3 +47,21 @@ def test_a_wrong_weight_scale_is_caught(flavours):
     )
     assert not result.passed and "DISAGREE" in result.describe()
     assert result.max_abs_diff > result.atol
+
+
+@pytest.mark.parametrize("kv_cache", [False, True], ids=["float-cache", "int8-cache"])
+def test_a_decoders_flavours_agree_on_the_prompt_and_a_cached_step(kv_cache, tmp_path):
+    from exporters.cpu_kernels import ort_session
+    from exporters.decoding import graph_cache_layout
+
+    _, _, _, graphs = student_and_graphs("llama", QuantConfig(kv_cache=kv_cache), tmp_path)
+    paths = {}
+    for flavour, graph in graphs.items():
+        paths[flavour] = tmp_path / f"{flavour}.onnx"
+        onnx.save(graph, str(paths[flavour]))
+    layout = graph_cache_layout(ort_session(paths["trt"]))
+    feeds = random_feeds([(1, 16), (2, 8)], vocab_size=256, cache=layout)
+    assert len(feeds) == 4 and feeds[1]["past_key_values.0.key"].shape == (1, layout.kv_heads, 15, layout.head_dim)
+    cpu_kernels = onnxruntime_runner(paths["cpu"], "cpu", reference_qdq=False)
+    result = compare_runners(onnxruntime_runner(paths["trt"], "trt"), cpu_kernels, feeds)
+    assert result.passed and result.feeds == 4, result.describe()

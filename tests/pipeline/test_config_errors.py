@@ -51,6 +51,7 @@ BAD_CONFIGS = [
     ),
     ({"quant": {"lm_head": True}}, "quant.lm_head", "false unless task.kind is causal-lm"),
     ({"quant": {"lm_head": "yes"}}, "quant.lm_head", "true or false"),
+    ({"quant": {"kv_cache": True}}, "quant.kv_cache", "false unless task.kind is causal-lm"),
     # values that once passed this check and failed later (issue 21)
     ({"validate": {"shapes": []}}, "validate.shapes", "at least one [batch, sequence]"),
     ({"validate": {"samples": 0}}, "validate.samples", "a positive integer"),
@@ -183,6 +184,11 @@ def test_a_scheme_tensorrt_cannot_run_is_refused_before_any_work_with_export_trt
     per_channel = write_config({"quant": {"weights": {"bits": 4}}}, name="w4.yaml")
     refused = cli("run", per_channel, "--out", out, "--export", "trt")
     assert refused.exit_code == 2 and "quant.weights.granularity: expected per-group" in refused.stderr
+    assert not out.exists()
+    decoder = {"model": {"random": {"family": "llama"}}, "task": {"kind": "causal-lm"}, "quant": {"kv_cache": True}}
+    int8_cache = write_config(decoder, name="kv.yaml")
+    refused = cli("run", int8_cache, "--out", out, "--export", "trt")
+    assert refused.exit_code == 2 and "quant.kv_cache: expected false for export format trt" in refused.stderr
     assert not out.exists()
 
 

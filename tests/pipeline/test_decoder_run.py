@@ -15,7 +15,7 @@ from tests.models import write_tiny_llama_gguf
 
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory) -> Path:
-    """A finished W8A8 run of a tiny GGUF Llama with a byte-level BPE tokenizer."""
+    """A finished W8A8 run (int8 KV cache) of a tiny GGUF Llama with a byte-level BPE tokenizer."""
     pytest.importorskip("gguf", reason="GGUF sources need the [models] extra")
     from click.testing import CliRunner
 
@@ -27,6 +27,7 @@ def decoder_run(tmp_path_factory) -> Path:
     config.write_text(
         f"model: {{path: {gguf_file.parent}, gguf_file: {gguf_file.name}}}\ntask: {{kind: causal-lm}}\n"
         "calib: {method: random-tokens, samples: 8, seq_len: 16, batch_size: 8}\n"
+        "quant: {kv_cache: true}\n"  # the student's graphs keep an int8 cache, the teacher's a float one
         "export: {int4_weight_only: [32]}\n"
         "validate: {shapes: [[1, 16]], repeats: 2, warmup: 1, samples: 8,\n"
         "  decoder: {prompts: 4, new_tokens: 6, cache_windows: 1, past: 16, batches: [1, 2], repeats: 2}}\n"
@@ -51,6 +52,13 @@ def test_the_report_checks_every_cached_graph(decoder_run):
         assert [lat["batch"] for lat in row["latency"]] == [1, 2]
     markdown = (decoder_run / REPORT_MD.stage / REPORT_MD.name).read_text()
     assert "## Decoding (KV cache)" in markdown and "| fp32-onnx | fp32-pytorch | 4/4 |" in markdown
+
+
+def test_the_students_graphs_keep_an_int8_cache(decoder_run, cli):
+    for name, dtype in (("student_qdq_cpu", "int8"), ("student_qdq_trt", "int8"), ("teacher_fp32", "float32")):
+        assert OrtStepper(decoder_run / "export" / f"{name}.onnx").layout.dtype == dtype, name
+    result = cli("generate", decoder_run, "ab ba", "--max-new-tokens", "4")
+    assert result.exit_code == 0 and result.stdout.startswith("ab ba"), result.output
 
 
 def test_generate_streams_the_graphs_greedy_tokens(decoder_run, cli):
