@@ -17,32 +17,33 @@ ROLES = ("query", "key", "probs", "value")  # QK^T reads query and key; AV reads
 KV_ROLES = ("key", "value")
 
 
-class AttentionQuantizers(nn.Module):
-    """The four per-tensor int8 quantizers of one attention module's matmul inputs."""
+class RoleQuantizers(nn.Module):
+    """One int8 quantizer per role (a submodule named after it)."""
+
+    roles: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
-        for role in ROLES:
+        for role in self.roles:
             self.add_module(role, TensorQuantizer(8))
 
     def quantizer(self, role: str) -> TensorQuantizer:
-        """The quantizer of one matmul input (one of :data:`ROLES`)."""
+        """The quantizer of one role (one of :attr:`roles`)."""
         return getattr(self, role)
 
 
-class KVCacheQuantizers(nn.Module):
+class AttentionQuantizers(RoleQuantizers):
+    """The four per-tensor int8 quantizers of one attention module's matmul inputs (:data:`ROLES`)."""
+
+    roles = ROLES
+
+
+class KVCacheQuantizers(RoleQuantizers):
     """Int8 quantizers of one attention module's cached keys and values, one scale per key/value head (shape
     ``[1, kv_heads, 1, 1]``). Applied to the whole cache at every call: keys quantized when they were new come
     back unchanged (the same grid), so this is the function of a cache that stores int8."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        for role in KV_ROLES:
-            self.add_module(role, TensorQuantizer(8))
-
-    def quantizer(self, role: str) -> TensorQuantizer:
-        """The quantizer of the cached ``key`` or ``value``."""
-        return getattr(self, role)
+    roles = KV_ROLES
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
