@@ -165,7 +165,6 @@ def generate(
 
     if temperature < 0 or top_k < 0:
         raise ConfigError(f"--temperature and --top-k: expected 0 or more, got {temperature} and {top_k}")
-    click.echo(prompt, nl=False)
     stats = stream_text(
         run_dir, prompt, model, max_new_tokens, Sampling(temperature, top_k, seed), threads, chat,
         lambda text: click.echo(text, nl=False),

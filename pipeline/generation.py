@@ -61,8 +61,9 @@ def stream_text(
     chat: bool,
     emit: Callable[[str], None],
 ) -> GenerationStats:
-    """Generate from ``prompt`` and ``emit`` the text as it grows (a character is held back while its UTF-8
-    bytes are incomplete); stops at the tokenizer's end-of-sequence token."""
+    """Generate from ``prompt`` and ``emit`` the prompt (on a line of its own for a chat), then the text as it
+    grows (a character is held back while its UTF-8 bytes are incomplete); stops at the tokenizer's
+    end-of-sequence token. Every refusal comes before anything is emitted."""
     if not prompt.strip():
         raise ConfigError("prompt: expected some text, got an empty prompt")
     if max_new_tokens < 1:
@@ -74,10 +75,12 @@ def stream_text(
     if chat:
         if not tokenizer.chat_template:
             raise ConfigError("--chat: the model's tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        message = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template holds the specials
     else:
         ids = list(tokenizer(prompt)["input_ids"])
+    emit(prompt + ("\n" if chat else ""))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     new: list[int] = []
     shown = ""

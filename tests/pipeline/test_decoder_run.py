@@ -91,7 +91,7 @@ def test_sampled_generation_is_seeded(decoder_run, cli):
 )
 def test_generate_refuses_bad_options_in_one_line(decoder_run, cli, args, expected):
     result = cli("generate", decoder_run, "ab", *args)
-    assert result.exit_code != 0 and result.stderr.startswith("error: " + expected)
+    assert result.exit_code != 0 and result.stderr.startswith("error: " + expected) and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
@@ -105,3 +105,23 @@ def test_generate_refuses_an_empty_prompt_and_a_folder_that_is_no_run(decoder_ru
 def test_generate_refuses_an_encoder_run(text_run, cli):
     result = cli("generate", text_run, "hello")
     assert result.exit_code != 0 and "has no KV cache: only a causal-LM run generates" in result.stderr
+
+
+def test_chat_prompts_go_through_the_tokenizers_template(decoder_run, cli):
+    refused = cli("generate", decoder_run, "ab", "--chat")
+    assert refused.exit_code != 0
+    assert refused.stderr.strip() == "error: --chat: the model's tokenizer has no chat template"
+    from calib.models import load_saved_tokenizer
+
+    folder = decoder_run / "teacher" / "model"
+    tokenizer = load_saved_tokenizer(folder)
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}ba{% endif %}"
+    tokenizer.chat_template = template  # "ab" as a user message -> "ab ba"
+    tokenizer.save_pretrained(folder)
+    result = cli("generate", decoder_run, "ab", "--chat", "--max-new-tokens", "3", "--model", "teacher_fp32")
+    assert result.exit_code == 0, result.output
+    stepper = OrtStepper(decoder_run / "export" / "teacher_fp32.onnx")
+    tokens = greedy_tokens(stepper, tokenizer("ab ba", add_special_tokens=False)["input_ids"], 3)
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    assert result.stdout.rstrip("\n") == "ab\n" + tokenizer.decode(tokens, skip_special_tokens=True)
