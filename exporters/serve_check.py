@@ -457,6 +457,7 @@ def load_check(
         "perf_analyzer": f"tritonclient {metadata.version('tritonclient')}",
         "endpoints": {"http": endpoints.http, "grpc": endpoints.grpc, "metrics": endpoints.metrics},
         "windows": asdict(windows),
+        "request": f"one prompt, {LOAD_NEW_TOKENS} new tokens" if isinstance(model, GenerateModel) else "one text",
         "answers": answers,
         "levels": levels,
         "batching_effect": batching_effect(levels),

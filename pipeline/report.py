@@ -167,7 +167,8 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
         f"{report['answers']['http_max_abs_diff']:.2e} / {report['answers']['grpc_max_abs_diff']:.2e}",
         f"- Result: {'passed' if report['passed'] else 'FAILED'}",
         "",
-        f"## Load (one text per request; perf_analyzer time windows of {windows['window_ms']} ms, three in a row "
+        f"## Load ({report.get('request', 'one text')} per request; perf_analyzer time windows of "
+        f"{windows['window_ms']} ms, three in a row "
         f"within {windows['stability_percent']:g}%)",
         "",
         "| protocol | model | instances | concurrency | infer/s | p50 ms | p99 ms | queue ms | compute ms | failed "

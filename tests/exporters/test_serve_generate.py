@@ -296,6 +296,8 @@ def test_serve_load_check_on_a_decoder_run_passes_with_nothing_lost(generating_r
     refused = sum(case.by_model for case in http_cases + grpc_cases)
     assert counters["model_refusals_seen"] == counters["zsaq_inference_request_refused"] == refused
     assert counters["nv_inference_request_failure"] == 0 and report["malformed"]["served_after"]
+    assert report["request"] == "one prompt, 4 new tokens"
+    assert "## Load (one prompt, 4 new tokens per request;" in (generating_run / "serve" / "report.md").read_text()
 
 
 @pytest.mark.slow
