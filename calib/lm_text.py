@@ -31,8 +31,8 @@ def sample_sequences(
         past = None
         step_input = ids
         for _ in range(seq_len - 1):
-            out = lm(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = lm(input_ids=step_input, cache=past, use_cache=True)  # transformers 5: ``cache``
+            past = out.cache
             logits = out.logits[:, -1].float()
             top = logits.topk(top_k, dim=-1)
             probs = torch.softmax(top.values, dim=-1)
