@@ -200,6 +200,7 @@ def phase(record: dict[str, Phase], name: str, limit_gib: float) -> Iterator[Pha
         current.error = f"out of memory{limit}: {what}"
     finally:
         current.peak_gib = max(note_peak(), current.rss_start_gib)  # RSS counters lag by a few pages
+        _PEAKS.append(current.peak_gib)  # so the process peak is never below a phase's
         if current.error is None:
             current.seconds = time.perf_counter() - started
         gc.collect()
