@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from exporters.decoding import CacheStepper, OrtStepper, cached_logits, decode_latencies, greedy_tokens, position_ids
+from exporters.decoding import CacheStepper, OrtStepper, cached_logits, decode_latencies, greedy_tokens
+from exporters.metrics import token_nll
 
 # Fixed prompts for the greedy-generation check: short, varied openings a chat or completion user would type.
 FIXED_PROMPTS = (
@@ -78,11 +79,8 @@ def continuations(stepper: CacheStepper, prompts: Sequence[Sequence[int]], new_t
 
 def _perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     """Perplexity of next-token predictions over every position of unpadded rows."""
-    shifted = logits[:, :-1].astype(np.float64)
-    shifted -= shifted.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)
-    return float(np.exp(nll.mean()))
+    nll, count = token_nll(logits, ids, np.ones_like(ids))
+    return float(np.exp(nll / count))
 
 
 @dataclass(frozen=True)
@@ -107,8 +105,7 @@ def cache_consistency(stepper: OrtStepper, windows: np.ndarray) -> CacheConsiste
     full, cached = [], []
     for row in windows:
         ids = row[None]
-        mask = np.ones_like(ids)
-        full.append(stepper(ids, mask, position_ids(mask), stepper.empty_past(1))[0])
+        full.append(stepper.full_sequence(ids, np.ones_like(ids)))
         cached.append(cached_logits(stepper, ids, prefill))
     return CacheConsistency(
         len(windows), prefill, _perplexity(np.concatenate(full), windows), _perplexity(np.concatenate(cached), windows)

@@ -99,14 +99,13 @@ def run_full_sequence(
     layout: CacheLayout | None = None,
 ) -> np.ndarray:
     """The first output of one call on whole sequences; a cached graph gets positions (where it reads them) and
-    an empty past. ``layout``: the cache layout of a graph whose inputs leave the head width symbolic."""
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+    an empty past (:meth:`OrtStepper.full_sequence`). ``layout``: the cache layout of a graph whose inputs leave
+    the head width symbolic."""
     layout = layout or graph_cache_layout(session)
-    if layout is not None:
-        if takes_positions(session):
-            feed["position_ids"] = position_ids(attention_mask)
-        feed.update(zip(layout.past_names, layout.empty_past(len(input_ids))))
-    return session.run([session.get_outputs()[0].name], feed)[0]
+    if layout is None:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return session.run([session.get_outputs()[0].name], feed)[0]
+    return OrtStepper(session, layout=layout).full_sequence(input_ids, attention_mask)
 
 
 class OrtStepper:
@@ -132,15 +131,24 @@ class OrtStepper:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return self.layout.empty_past(batch)
 
+    def _feed(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **dict(zip(self.layout.past_names, past))}
+        if self._positions:
+            feed["position_ids"] = positions
+        return feed
+
     def __call__(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self._positions:
-            feed["position_ids"] = positions
-        feed.update(zip(self.layout.past_names, past))
-        logits, *present = self.session.run(self._outputs, feed)
+        logits, *present = self.session.run(self._outputs, self._feed(input_ids, attention_mask, positions, past))
         return logits, present
+
+    def full_sequence(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The logits of one call on whole sequences (an empty past; the presents are not fetched)."""
+        past = self.empty_past(len(input_ids))
+        return self.session.run([LOGITS], self._feed(input_ids, attention_mask, position_ids(attention_mask), past))[0]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,11 +250,13 @@ def decode_latencies(
     """Prefill (``batch x past`` prompt) and next-token latency at past length ``past`` of every graph, side by
     side: the graphs take turns in ``blocks`` blocks per batch size, each opened by an untimed call."""
     rng = np.random.default_rng(0)
+    vocab = min(stepper.vocab_size for stepper in steppers.values())
     result: dict[str, list[DecodeLatency]] = {name: [] for name in steppers}
     for batch in batches:
-        vocab = min(stepper.vocab_size for stepper in steppers.values())
         ids = rng.integers(1, vocab, size=(batch, past), dtype=np.int64)
         mask = np.ones_like(ids)
+        token, step_mask = ids[:, -1:], np.ones((batch, past + 1), dtype=np.int64)
+        step_pos = np.full((batch, 1), past, dtype=np.int64)
         prefill_times: dict[str, list[float]] = {name: [] for name in steppers}
         decode_times: dict[str, list[float]] = {name: [] for name in steppers}
         for _ in range(blocks):
@@ -254,9 +264,6 @@ def decode_latencies(
                 start = time.perf_counter()
                 _, cache = stepper(ids, mask, position_ids(mask), stepper.empty_past(batch))
                 prefill_times[name].append((time.perf_counter() - start) * 1000.0)
-                step_mask = np.ones((batch, past + 1), dtype=np.int64)
-                step_pos = np.full((batch, 1), past, dtype=np.int64)
-                token = ids[:, -1:]
                 stepper(token, step_mask, step_pos, cache)  # untimed: the first call after a prefill
                 for _ in range(max(1, repeats // blocks)):
                     start = time.perf_counter()

@@ -16,7 +16,6 @@ from calib.registry import METHODS
 from calib.student import freeze_weights
 from calib.task_data import REAL_DATA_FLAG
 from exporters.decoder_checks import decoder_report, prompt_ids
-from exporters.decoding import OrtStepper, graph_cache_layout
 from exporters.onnx_qdq import FLAVOURS
 from exporters.runners import OrtRunner, Runner, TorchRunner, TorchStepper
 from exporters.validation import GENERATED_SEED_OFFSET, EvalInputs, build_eval_inputs, validate_models
@@ -126,11 +125,7 @@ class ValidateStage(Stage):
         teacher's."""
         settings = ctx.config.validate.decoder
         torch_models = {r.name: TorchStepper(r.model, r.threads) for r in runners if isinstance(r, TorchRunner)}
-        graphs = {
-            r.name: OrtStepper(r.session)
-            for r in runners
-            if isinstance(r, OrtRunner) and graph_cache_layout(r.session) is not None
-        }
+        graphs = {r.name: r.decoder for r in runners if isinstance(r, OrtRunner) and r.decoder is not None}
         reference_of = {name: references.get(name, STUDENT) for name in graphs}
         vocab = ctx.teacher().backbone.config.vocab_size
         seed = ctx.config.calib.seed + GENERATED_SEED_OFFSET
