@@ -13,7 +13,14 @@ from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
 from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
-from calib.quant_attention import KV_ROLES, ROLES, AttentionQuantizers, KVCacheQuantizers, attach_attention_quantizers
+from calib.quant_attention import (
+    KV_ROLES,
+    ROLES,
+    AttentionQuantizers,
+    KVCacheQuantizers,
+    RoleQuantizers,
+    attach_attention_quantizers,
+)
 from calib.quant_linear import QuantEmbedding, QuantLinear
 from calib.quantizers import TensorQuantizer
 from calib.range_init import RangeObserver
@@ -60,19 +67,19 @@ def quant_layers_by_block(model: TaskModel) -> dict[str | None, dict[str, QuantL
     return blocks
 
 
+def _role_groups(model: TaskModel, kind: type[RoleQuantizers]) -> dict[str, RoleQuantizers]:
+    """The quantizer groups of one kind by the name of the attention module holding them."""
+    return {n.rpartition(".")[0]: m for n, m in model.backbone.named_modules() if isinstance(m, kind)}
+
+
 def attention_quantizers(model: TaskModel) -> dict[str, AttentionQuantizers]:
     """The attention modules' matmul-input quantizers by attention module name (empty when switched off)."""
-    return {
-        n[: -len(".attn_quantizers")]: m
-        for n, m in model.backbone.named_modules()
-        if isinstance(m, AttentionQuantizers)
-    }
+    return _role_groups(model, AttentionQuantizers)
 
 
 def kv_cache_quantizers(model: TaskModel) -> dict[str, KVCacheQuantizers]:
     """The attention modules' cache quantizers by attention module name (empty when switched off)."""
-    suffix = ".kv_quantizers"
-    return {n[: -len(suffix)]: m for n, m in model.backbone.named_modules() if isinstance(m, KVCacheQuantizers)}
+    return _role_groups(model, KVCacheQuantizers)
 
 
 def activation_quantizers(model: TaskModel) -> list[TensorQuantizer]:
@@ -149,6 +156,11 @@ def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> Non
         q.init_scale(bound.reshape(1, -1, 1, 1))
 
 
+def _attention_groups(student: TaskModel) -> dict[str, dict[str, RoleQuantizers]]:
+    """Both kinds of attention quantizer groups, by the attribute an attention module holds them in."""
+    return {"attn_quantizers": attention_quantizers(student), "kv_quantizers": kv_cache_quantizers(student)}
+
+
 def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.Tensor]:
     """The learned part of the student: step sizes, Quadapter scales and (after QAT) the weights."""
     state = {}
@@ -161,12 +173,10 @@ def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.
             state[f"{name}.quadapter.scale"] = layer.quadapter.scale.detach().clone()
         if include_weights:
             state[f"{name}.weight"] = layer.weight.detach().clone()
-    for name, group in attention_quantizers(student).items():
-        for role in ROLES:
-            state[f"{name}.attn_quantizers.{role}.scale"] = group.quantizer(role).scale.detach().clone()
-    for name, group in kv_cache_quantizers(student).items():
-        for role in KV_ROLES:
-            state[f"{name}.kv_quantizers.{role}.scale"] = group.quantizer(role).scale.detach().clone()
+    for attribute, groups in _attention_groups(student).items():
+        for name, group in groups.items():
+            for role in group.roles:
+                state[f"{name}.{attribute}.{role}.scale"] = group.quantizer(role).scale.detach().clone()
     return state
 
 
@@ -174,7 +184,7 @@ def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.
 def load_student_state(student: TaskModel, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`student_state` (quantizer scales take their saved shapes)."""
     layers = quant_layers(student)
-    groups = {".attn_quantizers.": attention_quantizers(student), ".kv_quantizers.": kv_cache_quantizers(student)}
+    groups = {f".{attribute}.": found for attribute, found in _attention_groups(student).items()}
     for key, value in state.items():
         owner = next((o for o in groups if o in key), None)
         if owner is not None:
