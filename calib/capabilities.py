@@ -14,28 +14,40 @@ class Scheme:
     granularity: str = "per-channel"
     group_size: int | None = None
     act_bits: int = 16
+    act_granularity: str = "per-tensor"  # of 8-bit activations: static per-tensor or dynamic per-block
 
 
 @dataclass(frozen=True)
 class Support:
     """Schemes a runtime runs with one kernel family: any of ``weight_bits`` at ``granularity`` with one of
-    ``group_sizes`` (None: no groups), with activations of any of ``act_bits``."""
+    ``group_sizes`` (None: no groups), with activations of any of ``act_bits``, 8-bit ones at any of
+    ``act_granularities``."""
 
     weight_bits: tuple[int, ...]
     granularity: str
     group_sizes: tuple[int | None, ...]
     kernel: str
     act_bits: tuple[int, ...] = (8, 16)
+    act_granularities: tuple[str, ...] = ("per-tensor",)
 
 
+# per-block activations: dynamic int8, one scale per row and block of input channels, computed at run time, as
+# ONNX Runtime's MatMulNBits computes in int8 (accuracy_level 4); TensorRT's int8 activations are static per tensor
+STATIC_AND_DYNAMIC = ("per-tensor", "per-block")
 RUNTIMES: dict[str, tuple[Support, ...]] = {
     "pytorch": (
-        Support((2, 4, 8), "per-channel", (None,), "fake quantization"),
-        Support((2, 4), "per-group", (32, 64, 128), "fake quantization"),
+        Support((2, 4, 8), "per-channel", (None,), "fake quantization", act_granularities=STATIC_AND_DYNAMIC),
+        Support((2, 4), "per-group", (32, 64, 128), "fake quantization", act_granularities=STATIC_AND_DYNAMIC),
     ),
     "onnxruntime": (
-        Support((4, 8), "per-channel", (None,), "MatMulIntegerToFloat (A8) or DequantizeLinear (A16)"),
-        Support((4,), "per-group", (32, 64, 128), "MatMulNBits"),
+        Support(
+            (4, 8),
+            "per-channel",
+            (None,),
+            "MatMulIntegerToFloat (A8), DequantizeLinear (A16), MatMulNBits int8 compute (per-block A8)",
+            act_granularities=STATIC_AND_DYNAMIC,
+        ),
+        Support((4,), "per-group", (32, 64, 128), "MatMulNBits", act_granularities=STATIC_AND_DYNAMIC),
     ),
     "tensorrt": (
         Support((8,), "per-channel", (None,), "int8 GEMM from Q/DQ"),
@@ -67,6 +79,9 @@ def unsupported(runtime: str, scheme: Scheme) -> tuple[str, str, object] | None:
         return "weights.group_size", f"{sizes} ({name}'s {scheme.weight_bits}-bit group sizes)", scheme.group_size
     if not any(scheme.act_bits in s.act_bits for s in matching):
         return "activations.bits", f"{_options([a for s in matching for a in s.act_bits])} for {name}", scheme.act_bits
+    if scheme.act_bits == 8 and not any(scheme.act_granularity in s.act_granularities for s in matching):
+        kinds = _options([g for s in matching for g in s.act_granularities])
+        return "activations.granularity", f"{kinds} for {name}", scheme.act_granularity
     return None
 
 

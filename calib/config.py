@@ -187,11 +187,21 @@ class WeightQuant:
     rounding: Rounding = "nearest"
 
 
+ActivationGranularity = Literal["per-tensor", "per-block"]
+BlockSize = Literal[16, 32, 64, 128]  # ONNX Runtime's MatMulNBits block sizes
+
+
 @dataclass(frozen=True)
 class ActivationQuant:
-    """Signed symmetric per-tensor activations (zero-point 0); 16 means left in float (W*A16)."""
+    """Signed symmetric activations (zero-point 0); 16 means left in float (W*A16). ``per-tensor``: one static
+    scale per layer input, calibrated and learned (what TensorRT and ONNX Q/DQ run). ``per-block``: dynamic, a
+    scale of max|x| / 127 per row and block of ``block_size`` input channels computed at run time, as ONNX
+    Runtime's MatMulNBits computes in int8 (accuracy_level 4): nothing to calibrate, CPU flavour only, weights
+    stored at their own width (int4 in int4). ``block_size`` None: the weights' group size."""
 
     bits: int = 8
+    granularity: ActivationGranularity = "per-tensor"
+    block_size: BlockSize | None = None
     init: RangeInit = "percentile"
     percentile: Annotated[float, Range("a number in (50, 100]", 50, 100, low_open=True)] = 99.99
 
@@ -230,16 +240,31 @@ class LearnConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What is quantized and how. ``embedding_bits``: the word-embedding table, per row (None: float);
+    """What is quantized and how. ``embedding_bits``: the word-embedding table, per row (None: float; ``auto``:
+    int8 for encoders, whose table is most of the file, float for causal LMs, whose table is often the LM head);
     ``attention_matmuls``: Q/DQ on the attention matmuls' inputs, for TensorRT's int8 attention (off: ORT's CPU
     kernels gain little, and softmax outputs are the most fragile tensor); ``lm_head``: a causal LM's head too;
     ``kv_cache``: a causal LM's cached keys and values as int8, one scale per key/value head (min-max)."""
 
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
-    embedding_bits: Literal[8] | None = None
+    embedding_bits: Literal["auto", 8] | None = "auto"
     attention_matmuls: bool = False
     lm_head: bool = False
     kv_cache: bool = False
     quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+
+    def table_bits(self, task_kind: str) -> int | None:
+        """The word-embedding table's bits for a teacher of ``task_kind`` (``embedding_bits`` with auto resolved)."""
+        if self.embedding_bits == "auto":
+            return None if task_kind == "causal-lm" else 8
+        return self.embedding_bits
+
+    def activation_block(self) -> int | None:
+        """The block of per-block (dynamic) activations: ``activations.block_size``, else the weights' group
+        (MatMulNBits quantizes its input in the weights' blocks); None for static or float activations."""
+        a = self.activations
+        if a.bits != 8 or a.granularity != "per-block":
+            return None
+        return a.block_size or self.weights.group_size

@@ -34,6 +34,12 @@ class LayerSpec:
     granularity: str
     group_size: int | None
     act_bits: int
+    act_block: int | None = None  # 8-bit activations quantized dynamically per block of this many (None: static)
+
+    @property
+    def act_granularity(self) -> str:
+        """``per-block`` (dynamic) or ``per-tensor`` (static) for 8-bit activations."""
+        return "per-tensor" if self.act_block is None else "per-block"
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Contract:
 
     tensors: dict[str, torch.Tensor]
     layers: list[LayerSpec]
-    embedding: str | None = None  # the quantized word-embedding table's module name, if any
+    embeddings: list[str] = dataclasses.field(default_factory=list)  # quantized embedding tables' module names
     attention: list[str] = dataclasses.field(default_factory=list)  # attention modules with quantized matmuls
     kv_cache: list[str] = dataclasses.field(default_factory=list)  # attention modules with an int8 cache, in order
 
@@ -66,6 +72,7 @@ def build_contract(student: TaskModel) -> Contract:
         multiplier = layer.input_multiplier()
         if multiplier is not None:
             tensors[f"{name}.input_multiplier"] = multiplier.detach().float().clone()
+        dynamic = layer.dynamic_input_quantizer
         if layer.input_quantizer is not None:
             tensors[f"{name}.input_scale"] = layer.input_quantizer.scale.detach().float().reshape(()).clone()
         specs.append(
@@ -76,12 +83,13 @@ def build_contract(student: TaskModel) -> Contract:
                 weight_bits=wq.bits,
                 granularity=wq.granularity,
                 group_size=wq.group_size,
-                act_bits=8 if layer.input_quantizer is not None else 16,
+                act_bits=8 if layer.input_quantizer is not None or dynamic is not None else 16,
+                act_block=None if dynamic is None else dynamic.block_size,
             )
         )
     quantized = {f"{n}." for n in layers}
-    embedding = next((n for n, m in student.backbone.named_modules() if isinstance(m, QuantEmbedding)), None)
-    if embedding is not None:
+    embeddings = [n for n, m in student.backbone.named_modules() if isinstance(m, QuantEmbedding)]
+    for embedding in embeddings:
         table = student.backbone.get_submodule(embedding)
         tensors[f"{embedding}.weight_int"] = table.weight_quantizer.to_int(table.weight).to(torch.int8)
         tensors[f"{embedding}.weight_scale"] = table.weight_quantizer.scale.detach().float().reshape(-1).clone()
@@ -99,7 +107,7 @@ def build_contract(student: TaskModel) -> Contract:
     for pname, value in student.backbone.state_dict().items():
         if not any(pname.startswith(prefix) for prefix in quantized):
             tensors[f"float.{pname}"] = value.detach().clone().contiguous()
-    return Contract(tensors, specs, embedding, list(attention), list(cache))
+    return Contract(tensors, specs, embeddings, list(attention), list(cache))
 
 
 def save_contract(contract: Contract, folder: Path) -> list[Path]:
@@ -110,7 +118,7 @@ def save_contract(contract: Contract, folder: Path) -> list[Path]:
     meta = {
         "layout": "weight [out, in]",
         "layers": [asdict(spec) for spec in contract.layers],
-        "embedding": contract.embedding,
+        "embeddings": contract.embeddings,
         "attention": contract.attention,
         "kv_cache": contract.kv_cache,
     }
@@ -123,7 +131,8 @@ def load_contract(folder: Path) -> Contract:
     meta = json.loads((folder / CONTRACT_META).read_text(encoding="utf-8"))
     tensors = load_file(str(folder / CONTRACT_TENSORS))
     layers = [LayerSpec(**spec) for spec in meta["layers"]]
-    return Contract(tensors, layers, meta.get("embedding"), meta.get("attention", []), meta.get("kv_cache", []))
+    embeddings = meta.get("embeddings", [meta["embedding"]] if meta.get("embedding") else [])  # older: one table
+    return Contract(tensors, layers, embeddings, meta.get("attention", []), meta.get("kv_cache", []))
 
 
 def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
@@ -136,10 +145,10 @@ def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
     return q * scale.unsqueeze(-1)
 
 
-def dequantized_embedding(contract: Contract) -> torch.Tensor:
-    """The word-embedding table the student uses: ``weight_int * weight_scale`` per row."""
-    q = contract.tensors[f"{contract.embedding}.weight_int"].float()
-    return q * contract.tensors[f"{contract.embedding}.weight_scale"].unsqueeze(-1)
+def dequantized_embedding(contract: Contract, name: str) -> torch.Tensor:
+    """The embedding table ``name`` as the student uses it: ``weight_int * weight_scale`` per row."""
+    q = contract.tensors[f"{name}.weight_int"].float()
+    return q * contract.tensors[f"{name}.weight_scale"].unsqueeze(-1)
 
 
 def float_state_dict(contract: Contract) -> dict[str, torch.Tensor]:
@@ -165,10 +174,10 @@ def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> 
             layer.bias.copy_(contract.tensors[f"{spec.name}.bias"])
         if layer.input_quantizer is not None:
             layer.input_quantizer.set_scale(contract.tensors[f"{spec.name}.input_scale"])
-    if contract.embedding is not None:
-        table = student.backbone.get_submodule(contract.embedding)
-        table.weight.copy_(dequantized_embedding(contract))
-        table.weight_quantizer.set_scale(contract.tensors[f"{contract.embedding}.weight_scale"].unsqueeze(-1))
+    for name in contract.embeddings:
+        table = student.backbone.get_submodule(name)
+        table.weight.copy_(dequantized_embedding(contract, name))
+        table.weight_quantizer.set_scale(contract.tensors[f"{name}.weight_scale"].unsqueeze(-1))
     for name, group in attention_quantizers(student).items():
         for role in ROLES:
             group.quantizer(role).set_scale(contract.tensors[f"{name}.{role}_scale"])

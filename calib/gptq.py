@@ -54,14 +54,6 @@ def gptq_weight(
     return result.to(weight.dtype)
 
 
-def _layer_input(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the layer's weight multiplies: the input after the Quadapter multiplier and the input quantizer."""
-    multiplier = layer.input_multiplier()
-    if multiplier is not None:
-        x = x * multiplier
-    return layer.input_quantizer(x) if layer.input_quantizer is not None else x
-
-
 @torch.no_grad()
 def _block_hessians(
     student: TaskModel, layers: dict[str, QuantLinear], batches: list[Batch]
@@ -76,7 +68,7 @@ def _block_hessians(
 
     def hook(name: str, layer: QuantLinear) -> Callable[[torch.nn.Module, tuple], None]:
         def record(_module: torch.nn.Module, args: tuple) -> None:
-            x = _layer_input(layer, args[0])
+            x = layer.quantized_input(args[0])
             rows = x.reshape(-1, x.shape[-1])[mask[0].reshape(-1).bool()].double()
             hessians[name] += rows.T @ rows
             seen.add(name)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from calib.config import QuantConfig
-from calib.quantizers import TensorQuantizer
+from calib.quantizers import DynamicBlockQuantizer, TensorQuantizer
 
 
 def linear_weight(layer: nn.Linear | Conv1D) -> torch.Tensor:
@@ -20,7 +20,8 @@ def linear_weight(layer: nn.Linear | Conv1D) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """``y = Q_a(x) @ Q_w(W)^T + b`` with the weight stored as ``[out, in]`` whatever the source layer."""
+    """``y = Q_a(x) @ Q_w(W)^T + b`` with the weight stored as ``[out, in]`` whatever the source layer; ``Q_a`` is a
+    static per-tensor quantizer or a dynamic per-block one (``quant.activations.granularity``)."""
 
     def __init__(self, layer: nn.Linear | Conv1D, quant: QuantConfig) -> None:
         super().__init__()
@@ -31,7 +32,10 @@ class QuantLinear(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         wq = quant.weights
         self.weight_quantizer = TensorQuantizer(wq.bits, wq.granularity, wq.group_size)
-        self.input_quantizer = TensorQuantizer(8) if quant.activations.bits == 8 else None
+        block = quant.activation_block()
+        static = quant.activations.bits == 8 and block is None
+        self.input_quantizer = TensorQuantizer(8) if static else None  # static: a calibrated, learned scale
+        self.dynamic_input_quantizer = None if block is None else DynamicBlockQuantizer(block)
         # A calib.quadapter.ChannelScale shared by the layer's group (or FixedMultiplier from a contract).
         self.quadapter: nn.Module | None = None
         self.frozen_weight: torch.Tensor | None = None  # set by freeze_weight (inference only), not saved
@@ -51,12 +55,18 @@ class QuantLinear(nn.Module):
         """``1 / a``, the Quadapter's factor on the input (exported as a Mul where it cannot be folded)."""
         return None if self.quadapter is None else self.quadapter.input_multiplier()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the quantized weight multiplies: ``x`` after the Quadapter's multiplier and the input quantizer."""
         multiplier = self.input_multiplier()
         if multiplier is not None:
             x = x * multiplier
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
+        for quantizer in (self.input_quantizer, self.dynamic_input_quantizer):
+            if quantizer is not None:
+                x = quantizer(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantized_input(x)
         weight = self.frozen_weight
         if weight is None:
             weight = self.weight_quantizer(self.effective_weight())

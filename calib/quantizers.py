@@ -96,3 +96,25 @@ class TensorQuantizer(nn.Module):
             scale = scale_grad(scale, 1.0 / math.sqrt(per_scale * self.qmax))
         q = round_ste(torch.clamp(grouped / scale, self.qmin, self.qmax))
         return (q * scale).reshape(x.shape)
+
+
+class DynamicBlockQuantizer(nn.Module):
+    """Dynamic int8 quantize-dequantize of the last axis in blocks of ``block_size``: each row's block gets the
+    scale max|x| / 127, computed from the tensor itself (nothing to calibrate or learn). It is what ONNX Runtime's
+    MatMulNBits does to its input when it computes in int8 (accuracy_level 4): x * (127 / max|x|), rounded half
+    to even, so the exported graph reproduces the student up to float summation order."""
+
+    def __init__(self, block_size: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.qmax = 127
+
+    def extra_repr(self) -> str:
+        return f"bits=8, granularity=per-block, block_size={self.block_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.reshape(*x.shape[:-1], x.shape[-1] // self.block_size, self.block_size)
+        amax = blocks.detach().abs().amax(-1, keepdim=True)
+        inverse = torch.where(amax > 0, self.qmax / amax, torch.zeros_like(amax))
+        q = round_ste(blocks * inverse)
+        return (q * (amax / self.qmax)).reshape(x.shape)

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from calib.config import QuantConfig
 from calib.families import block_of
@@ -34,10 +35,12 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
     names = insert_quantizers(student.backbone, quant)
     if quant.attention_matmuls or quant.kv_cache:
         attach_attention_quantizers(student.backbone, quant.attention_matmuls, quant.kv_cache)
-    if quant.embedding_bits is not None:
-        student.backbone.set_input_embeddings(
-            QuantEmbedding(student.backbone.get_input_embeddings(), quant.embedding_bits)
-        )
+    table_bits = quant.table_bits(teacher.kind)
+    if table_bits is not None:
+        for name in embedding_tables(student):
+            parent, _, child = name.rpartition(".")
+            owner = student.backbone.get_submodule(parent)
+            setattr(owner, child, QuantEmbedding(getattr(owner, child), table_bits))
     student.quadapter_groups = []
     if quant.quadapter.enabled:
         student.quadapter_groups = quadapter_groups(student.backbone, names, quant.quadapter.positions)
@@ -45,6 +48,17 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
     for param in student.parameters():
         param.requires_grad_(False)
     return student
+
+
+def embedding_tables(model: TaskModel) -> list[str]:
+    """The embedding tables ``quant.embedding_bits`` quantizes: an encoder's every table (word, position, token
+    type: together about half of MiniLM's file), a causal LM's word table only (its positions may be rotary)."""
+    word = model.backbone.get_input_embeddings()
+    return [
+        name
+        for name, module in model.backbone.named_modules()
+        if isinstance(module, nn.Embedding) and (module is word or model.kind != "causal-lm")
+    ]
 
 
 def quant_layers(model: TaskModel) -> dict[str, QuantLinear]:

@@ -62,9 +62,9 @@ def contract_export_model(teacher: TaskModel, contract: Contract) -> TaskModel:
     if contract.attention:  # the attention matmuls must appear as plain MatMuls for their Q/DQ
         model.backbone.set_attn_implementation("eager")
     model.backbone.load_state_dict(float_state_dict(contract), strict=False)
-    if contract.embedding is not None:
-        with torch.no_grad():
-            model.backbone.get_submodule(contract.embedding).weight.copy_(dequantized_embedding(contract))
+    with torch.no_grad():
+        for name in contract.embeddings:
+            model.backbone.get_submodule(name).weight.copy_(dequantized_embedding(contract, name))
     for spec in contract.layers:
         bias = contract.tensors.get(f"{spec.name}.bias")
         _swap(model.backbone, spec.name, ExportLinear(dequantized_weight(contract, spec), bias))

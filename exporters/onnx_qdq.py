@@ -19,6 +19,7 @@ from exporters.onnx_export import weight_initializer_name
 from exporters.trt_check import check_trt_compatible
 
 INT4_OPSET = 21
+DYNAMIC_ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute, its input quantized per block at run time
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ FLAVOURS: dict[str, Flavour] = {
 
 
 class ExportUnsupported(ValueError):
-    """ONNX Runtime, which executes every graph written here, does not run the contract's scheme (2-bit)."""
+    """ONNX Runtime, which executes every graph written here, does not run the contract's scheme (2-bit), or a
+    flavour cannot express it (per-block activations in the TensorRT flavour)."""
 
 
 def check_exportable(contract: Contract) -> None:
@@ -51,7 +53,7 @@ def check_exportable(contract: Contract) -> None:
     Both flavours are graphs ONNX Runtime runs (the CPU flavour on its kernels, the TensorRT flavour by the
     ONNX definition of Q/DQ); whether TensorRT builds the latter is its lint's and the config check's business."""
     for spec in contract.layers:
-        scheme = Scheme(spec.weight_bits, spec.granularity, spec.group_size, spec.act_bits)
+        scheme = Scheme(spec.weight_bits, spec.granularity, spec.group_size, spec.act_bits, spec.act_granularity)
         problem = unsupported("onnxruntime", scheme)
         if problem is not None:
             key, expected, got = problem
@@ -59,6 +61,18 @@ def check_exportable(contract: Contract) -> None:
                 f"{spec.weight_bits}-bit weights ({spec.name}): quant.{key} must be {expected}, got {got!r}; "
                 "the student is PyTorch-only"
             )
+
+
+def flavour_unsupported(contract: Contract, flavour: Flavour) -> str | None:
+    """Why ``flavour`` cannot lay out the contract, or None: per-block (dynamic) activations exist only as ONNX
+    Runtime's MatMulNBits int8 compute, which the TensorRT flavour (static per-tensor Q/DQ) cannot express."""
+    dynamic = next((spec for spec in contract.layers if spec.act_block), None)
+    if dynamic is not None and not flavour.fused_kernels:
+        return (
+            f"per-block dynamic activations ({dynamic.name}) are ONNX Runtime's MatMulNBits int8 compute; "
+            f"the {flavour.name} flavour's int8 activations are static per tensor"
+        )
+    return None
 
 
 def required_opset(contract: Contract) -> int:
@@ -226,73 +240,54 @@ def _matmul_integer_to_float(
     return inits, node
 
 
-def _embedding_block(hidden: int) -> int | None:
-    """The largest power-of-two block (>= 16) that divides the hidden size, for GatherBlockQuantized."""
-    block = 1 << (hidden.bit_length() - 1)
-    while block >= 16 and hidden % block:
-        block //= 2
-    return block if block >= 16 else None
+def _rewrite_embedding(model: onnx.ModelProto, contract: Contract, name: str) -> None:
+    """Swap the float initializer of embedding table ``name`` for the contract's int8 rows, gathered before they
+    are dequantized (a DequantizeLinear of the whole table would run at every inference: 5.8 ms for MiniLM's).
 
-
-def _rewrite_embedding(model: onnx.ModelProto, contract: Contract, flavour: Flavour) -> None:
-    """Swap the float word-embedding initializer for the contract's int8 rows.
-
-    TensorRT flavour: DequantizeLinear (per row) feeding the Gather. CPU flavour: ORT's
-    GatherBlockQuantized, which gathers rows before dequantizing them: a DequantizeLinear of the whole
-    table would run at every inference (5.8 ms for MiniLM's, measured); uint8 rows are q + 128.
+    Both flavours: a Gather of the int8 rows, a per-tensor DequantizeLinear of scale 1 (an int8 activation as
+    TensorRT's rules take it), times the gathered rows' scales: the student's products. ORT's
+    GatherBlockQuantized would do it in one kernel, but its scales come per block of at most 128 columns and
+    with zero points, which makes MiniLM's file 0.4 MB larger than per-row scales; the gather is no hot path.
     """
-    graph, name = model.graph, contract.embedding
+    graph = model.graph
     table_name = f"backbone.{name}.weight"
     initializer = next((i for i in graph.initializer if i.name == table_name), None)
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table_name]
     if initializer is None or len(gathers) != 1:
         raise ValueError(f"expected one Gather on initializer {table_name} in the float graph")
     graph.initializer.remove(initializer)
+    gather = gathers[0]
     q = contract.tensors[f"{name}.weight_int"].numpy()
     scale = contract.tensors[f"{name}.weight_scale"].numpy().astype(np.float32)
-    block = _embedding_block(q.shape[1])
     data, scale_name, zero_name = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
-    if not flavour.fused_kernels or block is None:
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(q, data),
-                numpy_helper.from_array(scale, scale_name),
-                numpy_helper.from_array(np.zeros(scale.shape, np.int8), zero_name),
-            ]
-        )
-        dq = helper.make_node(
-            "DequantizeLinear", [data, scale_name, zero_name], [table_name], axis=0, name=f"{name}_DQ"
-        )
-        graph.node.insert(0, dq)
-        return
-    blocks = q.shape[1] // block
     graph.initializer.extend(
         [
-            numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), data),
-            numpy_helper.from_array(np.repeat(scale[:, None], blocks, axis=1), scale_name),
-            numpy_helper.from_array(np.full((q.shape[0], blocks), 128, np.uint8), zero_name),
+            numpy_helper.from_array(q, data),
+            numpy_helper.from_array(scale[:, None], scale_name),  # [rows, 1]: gathers to [..., 1]
+            numpy_helper.from_array(np.array(1.0, np.float32), f"{name}.unit_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), zero_name),
         ]
     )
-    gather = gathers[0]
-    fused = helper.make_node(
-        "GatherBlockQuantized",
-        [data, gather.input[1], scale_name, zero_name],
-        list(gather.output),
-        name=f"{name}.GatherBlockQuantized",
-        domain="com.microsoft",
-        gather_axis=0,
-        quantize_axis=1,
-        block_size=block,
-        bits=8,
-    )
+    ids, out = gather.input[1], gather.output[0]
+    nodes = [
+        helper.make_node("Gather", [data, ids], [f"{name}.rows_int8"], name=f"{name}.GatherRows"),
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{name}.rows_int8", f"{name}.unit_scale", zero_name],
+            [f"{name}.rows_integers"],
+            name=f"{name}.rows_DequantizeLinear",
+        ),
+        helper.make_node("Gather", [scale_name, ids], [f"{name}.rows_scale"], name=f"{name}.GatherScales"),
+        helper.make_node("Mul", [f"{name}.rows_integers", f"{name}.rows_scale"], [out], name=f"{name}.RowsMul"),
+    ]
     index = list(graph.node).index(gather)
     graph.node.remove(gather)
-    graph.node.insert(index, fused)
-    _use_ms_domain(model)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
 
 
 def _use_ms_domain(model: onnx.ModelProto) -> None:
-    """Declare ONNX Runtime's contrib-op domain (MatMulNBits, GatherBlockQuantized)."""
+    """Declare ONNX Runtime's contrib-op domain (MatMulNBits, MatMulIntegerToFloat)."""
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
@@ -300,13 +295,18 @@ def _use_ms_domain(model: onnx.ModelProto) -> None:
 def _matmul_nbits(
     spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, accuracy_level: int
 ) -> tuple[list[TensorProto], onnx.NodeProto]:
-    """ORT's MatMulNBits for a grouped int4 layer (CPU flavour): the contract's integers as unsigned 4-bit
-    (q + 8, MatMulNBits' default zero point when none is given), two per byte, and its scales."""
-    q = contract.tensors[f"{spec.name}.weight_int"].numpy().astype(np.int16) + 8  # [N, K]
-    n, k, block = spec.out_features, spec.in_features, spec.group_size
+    """ORT's MatMulNBits for a layer (CPU flavour): the contract's integers as unsigned (q + 2^(bits-1), the
+    default zero point when none is given; 4-bit ones two per byte) in blocks of the weights' group or, for
+    per-channel weights under per-block activations, of the activations' block, each channel's scale repeated
+    per block (the same numbers). With accuracy_level 4 the kernel quantizes its input in those blocks."""
+    bits = spec.weight_bits
+    q = contract.tensors[f"{spec.name}.weight_int"].numpy().astype(np.int16) + (1 << (bits - 1))  # [N, K]
+    n, k = spec.out_features, spec.in_features
+    block = spec.group_size or spec.act_block
     u = q.reshape(n, k // block, block).astype(np.uint8)
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # [N, K/block, block/2]
-    scale = contract.tensors[f"{spec.name}.weight_scale"].numpy().astype(np.float32).reshape(-1)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u  # [N, K/block, bytes]
+    scale = contract.tensors[f"{spec.name}.weight_scale"].numpy().astype(np.float32)
+    scale = (scale if spec.group_size else np.repeat(scale[:, None], k // block, axis=1)).reshape(-1)
     base = f"{spec.name}.weight"
     inits = [numpy_helper.from_array(packed, f"{base}_packed"), numpy_helper.from_array(scale, f"{base}_scale")]
     node = helper.make_node(
@@ -317,7 +317,7 @@ def _matmul_nbits(
         domain="com.microsoft",
         K=k,
         N=n,
-        bits=4,
+        bits=bits,
         block_size=block,
         accuracy_level=accuracy_level,
     )
@@ -387,10 +387,13 @@ def quantize_graph(
     """A copy of ``float_model`` with Q/DQ for every contract layer (weights, and inputs when A8).
 
     With fused kernels (the CPU flavour) grouped int4 weights become MatMulNBits (``int4_accuracy_level``
-    sets its compute mode), a quantized embedding table becomes GatherBlockQuantized, and 8-bit weights are
-    stored as ``cpu_int8_weights`` (``auto``: what is exact on this machine, :func:`cpu_int8_weight_type`)."""
+    sets its compute mode) and 8-bit weights are stored as ``cpu_int8_weights`` (``auto``: what is exact on
+    this machine, :func:`cpu_int8_weight_type`). Quantized embedding tables are gathered as int8 rows."""
     flavour = FLAVOURS[flavour] if isinstance(flavour, str) else flavour
     check_exportable(contract)
+    problem = flavour_unsupported(contract, flavour)
+    if problem is not None:
+        raise ExportUnsupported(problem)
     int8_weights = cpu_int8_weight_type(cpu_int8_weights)
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
@@ -429,6 +432,11 @@ def quantize_graph(
                 before.append(helper.make_node("Mul", [matmul.input[0], name], [f"{name}_out"], name=f"{name}_Mul"))
                 multiplied[key] = f"{name}_out"
             matmul.input[0] = multiplied[key]
+        if spec.act_block:  # the kernel quantizes its own input, per block (flavour_unsupported: CPU only)
+            inits, replaced[matmul.name] = _matmul_nbits(spec, contract, matmul, DYNAMIC_ACCURACY_LEVEL)
+            new_inits += inits
+            new_nodes[matmul.name] = before
+            continue
         q = None
         if spec.act_bits == 8:
             scale = contract.tensors[f"{spec.name}.input_scale"].numpy()
@@ -474,8 +482,8 @@ def quantize_graph(
     graph.initializer.extend(new_inits)
     if any(node.domain == "com.microsoft" for node in graph.node):
         _use_ms_domain(model)
-    if contract.embedding is not None:
-        _rewrite_embedding(model, contract, flavour)
+    for name in contract.embeddings:
+        _rewrite_embedding(model, contract, name)
     if contract.kv_cache:
         _quantize_kv_cache(model, contract)
     onnx.checker.check_model(model, full_check=True)

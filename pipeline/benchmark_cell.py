@@ -18,6 +18,7 @@ import click
 import numpy as np
 import torch
 
+from calib.inputs import random_tokens
 from calib.methods import CalibrationRequest, calibrate, int4_weight_only_quant, quantize_student
 from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
 from calib.student import student_state
@@ -25,6 +26,14 @@ from exporters.cpu_kernels import machine_description
 from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph
 from exporters.metrics import fidelity
 from exporters.onnx_export import export_onnx, teacher_export_model
+from exporters.peer_graphs import (
+    Feeds,
+    PeerUnavailable,
+    StaticMethod,
+    modelopt_graph,
+    ort_static_graph,
+    peer_format_graphs,
+)
 from exporters.runners import OrtRunner, speedups
 from exporters.validation import EvalInputs, build_eval_inputs, evaluate_torch, task_metric
 from pipeline.benchmark import BenchSpec, BenchTask, load_spec, task_config
@@ -79,15 +88,50 @@ def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any
     return quantize_student(teacher, quant, [], show_progress=False)[0]
 
 
-def _ort_dynamic(config: PipelineConfig, teacher: TaskModel, tokenizer: Any, inputs: EvalInputs) -> Evaluation:
-    with tempfile.TemporaryDirectory(prefix="zsaq-bench-") as tmp:
-        fp32, dynamic = Path(tmp) / "fp32.onnx", Path(tmp) / "dynamic.onnx"
-        export_onnx(teacher_export_model(teacher), fp32, config.export.opset)
-        ort_dynamic_graph(fp32, dynamic)
-        runner = OrtRunner("model", dynamic, os.cpu_count() or 1)
-        outs_a = [runner(i, m) for i, m in inputs.batches_a]
-        outs_b = [runner(i, m) for i, m in inputs.batches_b]
-    return task_metric(inputs, outs_a, outs_b), np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+GraphMaker = Callable[[Path, Path, PipelineConfig, TaskModel, Any], None]  # (fp32, out, config, teacher, tokenizer)
+
+
+def _calibration_feeds(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> list[Feeds]:
+    """The row's calibration inputs (``calib.method``: the row's ``inputs``) as one ONNX feed per sample."""
+    calibration = calibrate(CalibrationRequest(teacher, tokenizer, config.calib, config.quant, config.task))
+    samples = calibration.samples
+    if samples.input_ids is None:
+        raise click.ClickException(f"calib.method {config.calib.method} makes embeddings; an ONNX peer needs token ids")
+    return [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()} for b in samples.batches(1)]
+
+
+def _onnx_peer(make: GraphMaker) -> Procedure:
+    """A procedure that quantizes the teacher's FP32 ONNX graph with a peer's tool and scores the result on ONNX
+    Runtime's CPU provider (a peer that cannot run here fails its cell with the reason, shown in the table)."""
+
+    def run(config: PipelineConfig, teacher: TaskModel, tokenizer: Any, inputs: EvalInputs) -> Evaluation:
+        with tempfile.TemporaryDirectory(prefix="zsaq-bench-") as tmp:
+            fp32, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "quantized.onnx"
+            export_onnx(teacher_export_model(teacher), fp32, config.export.opset)
+            try:
+                make(fp32, quantized, config, teacher, tokenizer)
+            except PeerUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
+            runner = OrtRunner("model", quantized, os.cpu_count() or 1)
+            outs_a = [runner(i, m) for i, m in inputs.batches_a]
+            outs_b = [runner(i, m) for i, m in inputs.batches_b]
+        return task_metric(inputs, outs_a, outs_b), np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+
+    return run
+
+
+def _ort_static(method: StaticMethod) -> GraphMaker:
+    def make(fp32: Path, out: Path, config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> None:
+        ort_static_graph(fp32, out, _calibration_feeds(config, teacher, tokenizer), method)
+
+    return make
+
+
+def _modelopt_int8(fp32: Path, out: Path, config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> None:
+    """Without a row ``inputs`` ModelOpt draws its own random sample (unseeded); with them, it calibrates on
+    those."""
+    feeds = _calibration_feeds(config, teacher, tokenizer) if config.calib.method != "zsaq" else None
+    modelopt_graph(fp32, out, "int8", feeds)
 
 
 def _evaluated(student: StudentProcedure) -> Procedure:
@@ -106,7 +150,10 @@ STUDENTS: dict[str, StudentProcedure] = {
 }
 PROCEDURES: dict[str, Procedure] = {
     "fp32": lambda config, teacher, tokenizer, inputs: evaluate_torch(teacher, inputs),
-    "ort-dynamic": _ort_dynamic,
+    "ort-dynamic": _onnx_peer(lambda fp32, out, *_: ort_dynamic_graph(fp32, out)),
+    "ort-static-minmax": _onnx_peer(_ort_static("minmax")),
+    "ort-static-entropy": _onnx_peer(_ort_static("entropy")),
+    "modelopt-int8": _onnx_peer(_modelopt_int8),
     **{name: _evaluated(student) for name, student in STUDENTS.items()},
 }
 
@@ -139,8 +186,14 @@ def measure_formats(base: PipelineConfig, repeats: int) -> dict[str, Any]:
         seq_len = max(s for _, s in base.validate.shapes)
         paths = cpu_format_graphs(teacher, formats, Path(tmp), base.export.opset, seq_len)
         vocab = teacher.backbone.config.vocab_size
+        feeds = [
+            {"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()}
+            for b in random_tokens(16, seq_len, vocab, seed=0).batches(1)
+        ]
+        peers, unavailable = peer_format_graphs(paths["fp32"], Path(tmp), feeds)
+        paths |= peers
         result = speedups(paths, base.validate.shapes, repeats, vocab, dict.fromkeys(paths, threads))
-    return {**result, "threads": threads, "machine": machine_description()}
+    return {**result, "unavailable": unavailable, "threads": threads, "machine": machine_description()}
 
 
 @click.command()

@@ -103,6 +103,9 @@ class TableData:
         fmt = row.latency_format
         if fmt is None:
             return ["n/a (PyTorch only)"] + ["n/a"] * len(self.shapes)
+        reason = (self.latency or {}).get("unavailable", {}).get(fmt)
+        if reason is not None:
+            return [f"not run: {reason}"] + ["n/a"] * len(self.shapes)
         if self.latency is None or fmt not in self.latency["speedup"]:
             return ["pending"] * (len(self.shapes) + 1)
         speed = self.latency["speedup"][fmt]

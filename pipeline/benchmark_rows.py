@@ -13,7 +13,11 @@ from calib.registry import METHODS
 from pipeline.config import PipelineConfig, build, merge, read_yaml
 
 TaskFamily = Literal["encoder", "decoder"]
-Procedure = Literal["fp32", "rtn", "ort-dynamic", "ptq", "qat", "zsaq"]  # pipeline.benchmark_cell's
+Procedure = Literal[
+    "fp32", "rtn", "ort-dynamic", "ort-static-minmax", "ort-static-entropy", "modelopt-int8", "ptq", "qat", "zsaq"
+]  # pipeline.benchmark_cell's
+# Peers' own tools on the FP32 ONNX graph (exporters.peer_graphs): timed as their own CPU graph
+PEER_PROCEDURES = ("ort-dynamic", "ort-static-minmax", "ort-static-entropy", "modelopt-int8")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class Row:
     @property
     def latency_format(self) -> str | None:
         """The exported CPU model whose speed and size this row has (None: no runtime executes the scheme)."""
-        if self.method in ("fp32", "ort-dynamic"):
+        if self.method.startswith("ort-static"):
+            return "ort-static"  # both calibration methods make the same graph structure: one is timed
+        if self.method == "fp32" or self.method in PEER_PROCEDURES:
             return self.method
         if unsupported("onnxruntime", Scheme(self.weight_bits, act_bits=min(self.act_bits, 16))):
             return None  # e.g. 2-bit weights: the student is PyTorch-only

@@ -237,9 +237,18 @@ def _check_quant(quant: QuantConfig, task: TaskConfig, fail: typing.Callable[[st
     w, a = quant.weights, quant.activations
     if w.granularity == "per-channel" and w.group_size is not None:
         fail("quant.weights.group_size", "no value unless granularity is per-group", w.group_size)
-    problem = unsupported("pytorch", Scheme(w.bits, w.granularity, w.group_size, a.bits))
+    problem = unsupported("pytorch", Scheme(w.bits, w.granularity, w.group_size, a.bits, a.granularity))
     if problem is not None:
         fail(f"quant.{problem[0]}", problem[1], problem[2])
+    if a.block_size is not None and (a.bits != 8 or a.granularity != "per-block"):
+        fail("quant.activations.block_size", "no value unless activations are 8-bit per-block", a.block_size)
+    if a.bits == 8 and a.granularity == "per-block":
+        if w.group_size is None and a.block_size is None:
+            fail("quant.activations.block_size", "16, 32, 64 or 128 for per-block activations with per-channel "
+                 "weights", None)  # fmt: skip
+        if w.group_size is not None and a.block_size not in (None, w.group_size):
+            fail("quant.activations.block_size", f"the weights' group size ({w.group_size}) or nothing: MatMulNBits "
+                 "quantizes its input in the weights' blocks", a.block_size)  # fmt: skip
     if quant.attention_matmuls and a.bits != 8:
         fail("quant.attention_matmuls", "false unless quant.activations.bits is 8", True)
     if quant.lm_head and task.kind != "causal-lm":
@@ -280,7 +289,7 @@ def check_runtimes(config: PipelineConfig, source: str) -> None:
     """Each requested format's runtime must execute the student's scheme (``--export trt`` with int4 groups of
     32, say, fails here, not at export)."""
     w, a = config.quant.weights, config.quant.activations
-    scheme = Scheme(w.bits, w.granularity, w.group_size, a.bits)
+    scheme = Scheme(w.bits, w.granularity, w.group_size, a.bits, a.granularity)
     for fmt in config.export.formats:
         runtime = FORMAT_RUNTIMES.get(fmt)
         problem = None if runtime is None else unsupported(runtime, scheme)

@@ -51,12 +51,13 @@ def check_against_model(config: PipelineConfig, source: str) -> PretrainedConfig
                     f"{source}: validate.shapes[{i}]: expected a sequence length of at most {limit}, got {seq}"
                 )
     tied = getattr(model_config, "tie_word_embeddings", False) and config.task.kind == "causal-lm"
-    if config.quant.embedding_bits is not None and tied:
+    if config.quant.embedding_bits == 8 and tied:
         raise ConfigError(
             f"{source}: quant.embedding_bits: expected nothing for a model whose LM head shares the embedding "
             f"table (it would quantize the head too), got {config.quant.embedding_bits}"
         )
     groups = [("quant.weights.group_size", config.quant.weights.group_size)]
+    groups += [("quant.activations.block_size", config.quant.activations.block_size)]
     groups += [(f"export.int4_weight_only[{i}]", g) for i, g in enumerate(config.export.int4_weight_only)]
     widths = sorted(layer_widths(model_config))
     for key, group in groups:

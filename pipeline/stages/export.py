@@ -11,7 +11,15 @@ from calib.contract import load_contract
 from exporters.cpu_kernels import cpu_int8_weight_type
 from exporters.graphs import int4_weight_only_graph, ort_dynamic_graph
 from exporters.onnx_export import contract_float_graph, export_onnx, teacher_export_model
-from exporters.onnx_qdq import FLAVOURS, ExportUnsupported, Flavour, check_exportable, quantize_graph, required_opset
+from exporters.onnx_qdq import (
+    FLAVOURS,
+    ExportUnsupported,
+    Flavour,
+    check_exportable,
+    flavour_unsupported,
+    quantize_graph,
+    required_opset,
+)
 from pipeline.layout import ORT_DYNAMIC_ONNX, STUDENT_ONNX, TEACHER_ONNX, int4_weight_only_onnx
 from pipeline.stages.base import Stage, StageContext
 
@@ -56,6 +64,11 @@ class ExportStage(Stage):
             ctx.log(f"[export] {summary['student']}")
         else:
             for name, artifact in STUDENT_ONNX.items():
+                problem = flavour_unsupported(contract, FLAVOURS[name])
+                if problem is not None:
+                    summary[name] = f"not exported: {problem}"
+                    ctx.log(f"[export] {name} flavour {summary[name]}")
+                    continue
                 graph = quantize_graph(float_graph, contract, name, export.int4_accuracy_level, int8_weights)
                 onnx.save(graph, str(ctx.out / artifact.name))
                 summary[name] = self._graph_summary(graph, FLAVOURS[name], ctx, artifact.name)

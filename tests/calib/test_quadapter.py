@@ -20,7 +20,8 @@ from tests.models import tiny_teacher
 def _float_student(family: str, positions: str = "foldable"):
     """A student with random Quadapter scales and its quantizers switched off: a float model."""
     teacher = tiny_teacher(family)
-    quant = QuantConfig(quadapter=QuadapterConfig(enabled=True, positions=positions, init="ones"))
+    quadapter = QuadapterConfig(enabled=True, positions=positions, init="ones")
+    quant = QuantConfig(embedding_bits=None, quadapter=quadapter)  # float tables: only the layers' quantizers
     student = build_student(teacher, quant)
     generator = torch.Generator().manual_seed(1)
     for group in quadapter_owners(student).values():

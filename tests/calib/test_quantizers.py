@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from calib.quantizers import TensorQuantizer
+from calib.quantizers import DynamicBlockQuantizer, TensorQuantizer
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,23 @@ def test_frozen_weights_compute_the_same_function_and_save_the_same_state():
         keys = set(student.state_dict())
         frozen = freeze_weights(student)(tokens.input_ids, tokens.attention_mask)
     assert torch.equal(live, frozen) and set(student.state_dict()) == keys
+
+
+def test_dynamic_blocks_put_each_blocks_largest_value_on_the_grid_edge():
+    quantizer = DynamicBlockQuantizer(4)
+    x = torch.tensor([[0.5, -2.0, 1.0, 0.1, 0.0, 0.0, 0.0, 0.0], [3.0, 0.2, -0.7, 1.5, 0.01, -0.02, 0.03, 0.04]])
+    out = quantizer(x)
+    blocks, got = x.reshape(2, 2, 4), out.reshape(2, 2, 4)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    step = amax / 127
+    assert torch.equal(got.abs().amax(-1, keepdim=True), amax)  # the block's largest value survives exactly
+    inside = step > 0
+    assert ((got - blocks).abs() <= step / 2 + 1e-7)[inside.expand_as(blocks)].all()  # half a step at most
+    assert torch.equal(got[0, 1], torch.zeros(4))  # an all-zero block stays zero (no division by zero)
+    torch.testing.assert_close(got / torch.where(inside, step, 1), torch.round(got / torch.where(inside, step, 1)))
+
+
+def test_dynamic_blocks_pass_the_gradient_straight_through():
+    x = torch.randn(3, 32, requires_grad=True)
+    DynamicBlockQuantizer(16)(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))

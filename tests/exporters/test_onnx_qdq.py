@@ -6,16 +6,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from calib.config import ActivationQuant, QuadapterConfig, QuantConfig, WeightQuant
 from calib.contract import build_contract, load_student
 from calib.inputs import random_tokens
+from calib.quant_linear import QuantLinear
 from calib.student import build_student, init_ranges
 from exporters.cpu_kernels import ort_session, u8s8_products_exact
 from exporters.decoding import run_full_sequence
 from exporters.onnx_export import contract_export_model, export_onnx, teacher_export_model
 from exporters.onnx_qdq import ExportUnsupported, quantize_graph
+from exporters.trt_check import check_trt_compatible
 from tests.models import student_and_graphs, tiny_teacher
 
 W8A8 = QuantConfig()
@@ -28,6 +30,14 @@ W8A8_QUADAPTER = QuantConfig(quadapter=QuadapterConfig(enabled=True, positions="
 W8A8_ATTENTION = QuantConfig(attention_matmuls=True)
 W8A8_LM_HEAD = QuantConfig(lm_head=True)
 W4A8_G32_EMB8 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32), embedding_bits=8)
+PER_BLOCK = ActivationQuant(granularity="per-block")  # dynamic int8 in the weights' groups
+W4A8_G32_DYNAMIC = QuantConfig(
+    weights=WeightQuant(bits=4, granularity="per-group", group_size=32), activations=PER_BLOCK
+)
+W8A8_DYNAMIC = QuantConfig(activations=ActivationQuant(granularity="per-block", block_size=32))
+W4A8_DYNAMIC = QuantConfig(
+    weights=WeightQuant(bits=4), activations=ActivationQuant(granularity="per-block", block_size=16)
+)
 # Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
 # and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
 MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
@@ -41,9 +51,11 @@ def _run(graph, ids, mask, reference_qdq=False):
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize(
     "quant",
-    [W8A8, W4A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD],
-    ids=["W8A8", "W4A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead"],
-)
+    [W8A8, W4A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD,
+     W4A8_G32_DYNAMIC, W8A8_DYNAMIC, W4A8_DYNAMIC],
+    ids=["W8A8", "W4A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead",
+         "W4A8g32dynamic", "W8A8dynamic", "W4A8dynamic"],
+)  # fmt: skip
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = student_and_graphs(family, quant, tmp_path)
     tokens = random_tokens(8, 20, teacher.backbone.config.vocab_size, seed=7)
@@ -110,12 +122,12 @@ def test_int4_groups_use_opset_21_blocked_dequantize(tmp_path):
     assert len(int4) == 2 * len(contract.layers)  # weights and their zero points
 
 
-def test_cpu_flavour_uses_ort_contrib_ops_for_int4_and_the_embedding_table(tmp_path):
+def test_cpu_flavour_uses_ort_contrib_ops_for_int4(tmp_path):
     _, _, contract, graphs = student_and_graphs("bert", W4A8_G32_EMB8, tmp_path)
     ops = [n.op_type for n in graphs["cpu"].graph.node]
-    assert ops.count("MatMulNBits") == len(contract.layers) and ops.count("GatherBlockQuantized") == 1
+    assert ops.count("MatMulNBits") == len(contract.layers)
     trt_ops = [n.op_type for n in graphs["trt"].graph.node]
-    assert "MatMulNBits" not in trt_ops and "GatherBlockQuantized" not in trt_ops
+    assert "MatMulNBits" not in trt_ops
     size = {flavour: len(graph.SerializeToString()) for flavour, graph in graphs.items()}
     assert abs(size["cpu"] - size["trt"]) / size["trt"] < 0.1  # the same int4 / int8 storage either way
 
@@ -129,7 +141,8 @@ def test_cpu_flavour_runs_int8_inputs_as_one_integer_kernel_with_the_bias(quant,
     assert all(n.input[6] for n in fused)  # every bias Add went into the kernel
     adds = {flavour: sum(n.op_type == "Add" for n in graph.graph.node) for flavour, graph in graphs.items()}
     assert adds["trt"] - adds["cpu"] == len(contract.layers)
-    assert not [n for n in nodes if n.op_type == "DequantizeLinear"]  # nothing left for ORT to fuse
+    dequantized = [n.name for n in nodes if n.op_type == "DequantizeLinear"]
+    assert all(name.endswith(".rows_DequantizeLinear") for name in dequantized)  # only gathered table rows
     shared = {n.input[0] for n in fused}  # Q, K and V read one QuantizeLinear
     assert len(shared) == sum(n.op_type == "QuantizeLinear" for n in nodes) == len(contract.layers) - 2 * 2
 
@@ -177,3 +190,75 @@ def test_cpu_int8_weight_layouts_are_the_same_integers(family, tmp_path):
         got = _run(layouts[layout], tokens.input_ids.numpy(), tokens.attention_mask.numpy()).reshape(expected.shape)
         cosine = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
         assert cosine.min() > MIN_COSINE, (layout, cosine.min())
+
+
+def test_encoder_tables_are_int8_by_default_in_a_form_each_runtime_takes(tmp_path):
+    """The default (``embedding_bits: auto``) quantizes an encoder's tables (word, position, token type): int8
+    rows gathered, then a per-tensor DequantizeLinear and the rows' scales, in both flavours (TensorRT's lint
+    passes); a causal LM keeps its tables float unless asked."""
+    assert QuantConfig().table_bits("classification") == QuantConfig().table_bits("embedding") == 8
+    assert QuantConfig().table_bits("causal-lm") is None
+    assert QuantConfig(embedding_bits=None).table_bits("embedding") is None
+    _, _, contract, graphs = student_and_graphs("bert", W8A8, tmp_path)
+    assert [name.rpartition(".")[2] for name in contract.embeddings] == [
+        "word_embeddings", "position_embeddings", "token_type_embeddings"
+    ]  # fmt: skip
+    for graph in graphs.values():
+        inits = {i.name: i for i in graph.graph.initializer}
+        for name in contract.embeddings:
+            assert f"backbone.{name}.weight" not in inits  # no float table left
+            assert inits[f"{name}.weight_quantized"].data_type == TensorProto.INT8
+    assert check_trt_compatible(graphs["trt"]) == []
+    assert not student_and_graphs("llama", W8A8, tmp_path)[2].embeddings
+
+
+@pytest.mark.parametrize(
+    ("quant", "bits", "block"), [(W4A8_G32_DYNAMIC, 4, 32), (W8A8_DYNAMIC, 8, 32), (W4A8_DYNAMIC, 4, 16)]
+)
+def test_per_block_activations_are_matmul_nbits_int8_compute_in_the_cpu_flavour_only(quant, bits, block, tmp_path):
+    teacher, _, contract, graphs = student_and_graphs("bert", quant, tmp_path)
+    assert set(graphs) == {"cpu"}
+    nodes = graphs["cpu"].graph.node
+    kernels = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(kernels) == len(contract.layers)
+    assert all((k["accuracy_level"], k["bits"], k["block_size"]) == (4, bits, block) for k in kernels)
+    assert not [n for n in nodes if n.op_type == "QuantizeLinear"]  # the kernel quantizes its own input
+    float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "f.onnx", 17)
+    with pytest.raises(ExportUnsupported, match="per-block dynamic activations .* static per tensor"):
+        quantize_graph(float_graph, contract, "trt")
+
+
+@pytest.mark.parametrize(("bits", "block"), [(4, 32), (4, 128), (8, 32), (8, 64)])
+def test_matmul_nbits_int8_compute_is_what_the_student_simulates(bits, block):
+    """ONNX Runtime's MatMulNBits with accuracy_level 4 quantizes its input per row and weight block at
+    max|x| / 127: the student's DynamicBlockQuantizer, so one kernel matches one QuantLinear to float rounding."""
+    n, k = 48, 256
+    layer = QuantLinear(
+        torch.nn.Linear(k, n, bias=False),
+        QuantConfig(
+            weights=WeightQuant(bits=bits, granularity="per-group", group_size=block) if bits == 4 else WeightQuant(),
+            activations=ActivationQuant(granularity="per-block", block_size=None if bits == 4 else block),
+        ),
+    )
+    layer.weight_quantizer.init_from_tensor(layer.weight, "minmax")
+    q = layer.weight_quantizer.to_int(layer.weight).numpy().astype(np.int16) + (1 << (bits - 1))
+    scale = layer.weight_quantizer.scale.detach().numpy().reshape(n, -1)
+    scale = np.repeat(scale, k // block, axis=1) if scale.shape[1] == 1 else scale
+    u = q.reshape(n, k // block, block).astype(np.uint8)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u
+    node = helper.make_node(
+        "MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+        accuracy_level=4,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "one_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scale.astype(np.float32).reshape(-1), "s")],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    x = torch.randn(37, k) * torch.rand(k) * 4  # uneven channel ranges, an odd row count
+    got = ort_session(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -22,10 +24,13 @@ from calib.errors import ConfigError
 from calib.inputs import random_tokens
 from calib.learn import distillation_loss
 from calib.methods import CalibrationRequest, calibrate
-from calib.models import load_source_tokenizer
+from calib.models import frozen_teacher, load_backbone, load_source_tokenizer
 from calib.student import activation_quantizers, quant_layers
 from exporters.cpu_kernels import machine_description
 from exporters.metrics import fidelity
+from exporters.onnx_export import export_onnx, teacher_export_model
+from exporters.peer_graphs import MODELOPT_PYTHON_ENV, ort_static_graph
+from exporters.validation import build_eval_inputs
 from pipeline import benchmark
 from pipeline.benchmark import Cell, load_spec, planned_cells, task_config
 from pipeline.benchmark_cell import PROCEDURES, STUDENTS
@@ -380,3 +385,45 @@ def test_cells_run_by_two_xargs_workers_make_the_table_a_serial_run_makes(bench_
             return [{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader(handle)]
 
     assert table(spread) == table(serial) and len(table(serial)) == 3
+
+
+def test_peer_rows_quantize_the_fp32_graph_with_their_own_tools(bench_files, monkeypatch, tmp_path):
+    """quantize_static (MinMax and Entropy on random tokens) scores its own QDQ graph; a peer that cannot run here
+    (ModelOpt without its environment) fails its cell in one line saying how to install it."""
+    spec = load_spec(bench_files / "spec.yaml")
+    task = spec.tasks[0]
+    config = task_config(spec, task, row_patch(ROWS["ort-static-minmax"], 0, None))
+    teacher = frozen_teacher(load_backbone(config.model, config.task), config.task.kind)
+    tokenizer = load_source_tokenizer(config.model)
+    inputs, _ = build_eval_inputs(config.task, config.validate, 0, tokenizer, teacher.backbone.config.vocab_size)
+    fp32_metric, fp32_outputs = PROCEDURES["fp32"](config, teacher, tokenizer, inputs)
+    for key in ("ort-static-minmax", "ort-static-entropy"):
+        row_config = task_config(spec, task, row_patch(ROWS[key], 0, None))
+        assert row_config.calib.method == "random-tokens"
+        metric, outputs = PROCEDURES[key](row_config, teacher, tokenizer, inputs)
+        assert 0.0 <= metric <= 100.0 and outputs.shape == fp32_outputs.shape
+        assert not np.array_equal(outputs, fp32_outputs)  # quantized, so not the float function
+        norms = np.linalg.norm(outputs, axis=-1) * np.linalg.norm(fp32_outputs, axis=-1)
+        cosine = (outputs * fp32_outputs).sum(-1) / norms
+        assert cosine.mean() > 0.9  # the same function, in int8
+    assert ROWS["ort-static-entropy"].latency_format == ROWS["ort-static-minmax"].latency_format == "ort-static"
+    monkeypatch.setenv(MODELOPT_PYTHON_ENV, str(tmp_path / "no-such-python"))
+    modelopt = task_config(spec, task, row_patch(ROWS["modelopt-int8"], 0, None))
+    with pytest.raises(click.ClickException, match=r"nvidia-modelopt is not installed \(its own environment: "):
+        PROCEDURES["modelopt-int8"](modelopt, teacher, tokenizer, inputs)
+
+
+def test_ort_static_graphs_are_per_channel_qdq_with_uint8_activations(tmp_path):
+    teacher = tiny_teacher("bert")
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(teacher_export_model(teacher), fp32, 17)
+    tokens = random_tokens(4, 16, teacher.backbone.config.vocab_size, seed=0)
+    feeds = [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()} for b in tokens.batches(1)]
+    ort_static_graph(fp32, tmp_path / "static.onnx", feeds, "minmax")
+    graph = onnx.load(tmp_path / "static.onnx")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    constant_dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    per_channel = [n for n in constant_dq if inits[n.input[0]].dtype == np.int8 and inits[n.input[1]].ndim == 1]
+    assert len(per_channel) >= 6  # every MatMul weight of the tiny BERT block, one scale per output channel
+    activation_q = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_q and all(inits[n.input[2]].dtype == np.uint8 for n in activation_q)

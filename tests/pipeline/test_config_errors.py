@@ -52,6 +52,32 @@ BAD_CONFIGS = [
     ({"quant": {"lm_head": True}}, "quant.lm_head", "false unless task.kind is causal-lm"),
     ({"quant": {"lm_head": "yes"}}, "quant.lm_head", "true or false"),
     ({"quant": {"kv_cache": True}}, "quant.kv_cache", "false unless task.kind is causal-lm"),
+    ({"quant": {"activations": {"granularity": "per-row"}}}, "quant.activations.granularity", "per-tensor, per-block"),
+    ({"quant": {"activations": {"block_size": 32}}}, "quant.activations.block_size", "no value unless"),
+    ({"quant": {"activations": {"granularity": "per-block"}}}, "quant.activations.block_size", "16, 32, 64 or 128"),
+    (
+        {"quant": {"activations": {"granularity": "per-block", "block_size": 48}}},
+        "quant.activations.block_size",
+        "16, 32, 64, 128",
+    ),
+    (
+        {
+            "quant": {
+                "weights": {"bits": 4, "granularity": "per-group", "group_size": 32},
+                "activations": {"granularity": "per-block", "block_size": 64},
+            }
+        },
+        "quant.activations.block_size",
+        "the weights' group size (32)",
+    ),
+    (
+        {
+            "quant": {"activations": {"granularity": "per-block", "block_size": 128}},
+            "model": {"random": {"hidden": 96, "heads": 4, "intermediate": 192}},
+        },
+        "quant.activations.block_size",
+        "divisor of every layer width",
+    ),
     # values that once passed this check and failed later (issue 21)
     ({"validate": {"shapes": []}}, "validate.shapes", "at least one [batch, sequence]"),
     ({"validate": {"samples": 0}}, "validate.samples", "a positive integer"),
@@ -189,6 +215,11 @@ def test_a_scheme_tensorrt_cannot_run_is_refused_before_any_work_with_export_trt
     int8_cache = write_config(decoder, name="kv.yaml")
     refused = cli("run", int8_cache, "--out", out, "--export", "trt")
     assert refused.exit_code == 2 and "quant.kv_cache: expected false for export format trt" in refused.stderr
+    assert not out.exists()
+    dynamic = write_config({"quant": {"activations": {"granularity": "per-block", "block_size": 32}}}, name="dyn.yaml")
+    refused = cli("run", dynamic, "--out", out, "--export", "trt")
+    assert refused.exit_code == 2
+    assert "quant.activations.granularity: expected per-tensor for TensorRT" in refused.stderr
     assert not out.exists()
 
 
