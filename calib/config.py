@@ -240,8 +240,9 @@ class LearnConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What is quantized and how. ``embedding_bits``: the word-embedding table, per row (None: float; ``auto``:
-    int8 for encoders, whose table is most of the file, float for causal LMs, whose table is often the LM head);
+    """What is quantized and how. ``embedding_bits``: embedding tables, per row (:func:`calib.student.
+    embedding_tables`; None: float; ``auto``: int8 for encoders, whose tables are half the file, float for causal
+    LMs, whose word table is often the LM head);
     ``attention_matmuls``: Q/DQ on the attention matmuls' inputs, for TensorRT's int8 attention (off: ORT's CPU
     kernels gain little, and softmax outputs are the most fragile tensor); ``lm_head``: a causal LM's head too;
     ``kv_cache``: a causal LM's cached keys and values as int8, one scale per key/value head (min-max)."""
@@ -256,7 +257,7 @@ class QuantConfig:
     learn: LearnConfig = field(default_factory=LearnConfig)
 
     def table_bits(self, task_kind: str) -> int | None:
-        """The word-embedding table's bits for a teacher of ``task_kind`` (``embedding_bits`` with auto resolved)."""
+        """The embedding tables' bits for a teacher of ``task_kind`` (``embedding_bits`` with auto resolved)."""
         if self.embedding_bits == "auto":
             return None if task_kind == "causal-lm" else 8
         return self.embedding_bits

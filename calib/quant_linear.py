@@ -73,8 +73,21 @@ class QuantLinear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
+# The smallest normal float16: a row whose min-max step would be below it (near-zero rows) takes this step
+FP16_MIN_STEP = float(torch.finfo(torch.float16).tiny)
+
+
+def float16_step(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value at or above each step (at least :data:`FP16_MIN_STEP`), as float32: a table's
+    row scales are stored in half the bytes with the very numbers the student uses (rounding up keeps every
+    row inside the grid), which is what brings MiniLM's W8A8 file under quantize_dynamic's."""
+    half = scale.clamp(min=FP16_MIN_STEP).to(torch.float16)
+    up = torch.nextafter(half, torch.full_like(half, float("inf")))
+    return torch.where(half.float() < scale, up, half).float()
+
+
 class QuantEmbedding(nn.Module):
-    """``nn.Embedding`` whose table is fake-quantized one row (token) at a time."""
+    """``nn.Embedding`` whose table is fake-quantized one row (token) at a time, with float16 row scales."""
 
     def __init__(self, embedding: nn.Embedding, bits: int) -> None:
         super().__init__()
@@ -82,6 +95,7 @@ class QuantEmbedding(nn.Module):
         self.padding_idx = embedding.padding_idx
         self.weight_quantizer = TensorQuantizer(bits, "per-channel")
         self.weight_quantizer.init_from_tensor(self.weight, "minmax")
+        self.weight_quantizer.set_scale(float16_step(self.weight_quantizer.scale))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight_quantizer(self.weight), self.padding_idx)

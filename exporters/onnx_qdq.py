@@ -245,7 +245,8 @@ def _rewrite_embedding(model: onnx.ModelProto, contract: Contract, name: str) ->
     are dequantized (a DequantizeLinear of the whole table would run at every inference: 5.8 ms for MiniLM's).
 
     Both flavours: a Gather of the int8 rows, a per-tensor DequantizeLinear of scale 1 (an int8 activation as
-    TensorRT's rules take it), times the gathered rows' scales: the student's products. ORT's
+    TensorRT's rules take it), times the gathered rows' scales (stored as float16: the student's steps are
+    float16 values, :func:`calib.quant_linear.float16_step`): the student's products. ORT's
     GatherBlockQuantized would do it in one kernel, but its scales come per block of at most 128 columns and
     with zero points, which makes MiniLM's file 0.4 MB larger than per-row scales; the gather is no hot path.
     """
@@ -263,7 +264,7 @@ def _rewrite_embedding(model: onnx.ModelProto, contract: Contract, name: str) ->
     graph.initializer.extend(
         [
             numpy_helper.from_array(q, data),
-            numpy_helper.from_array(scale[:, None], scale_name),  # [rows, 1]: gathers to [..., 1]
+            numpy_helper.from_array(scale[:, None].astype(np.float16), scale_name),  # exact: float16 steps
             numpy_helper.from_array(np.array(1.0, np.float32), f"{name}.unit_scale"),
             numpy_helper.from_array(np.array(0, np.int8), zero_name),
         ]
@@ -277,7 +278,10 @@ def _rewrite_embedding(model: onnx.ModelProto, contract: Contract, name: str) ->
             [f"{name}.rows_integers"],
             name=f"{name}.rows_DequantizeLinear",
         ),
-        helper.make_node("Gather", [scale_name, ids], [f"{name}.rows_scale"], name=f"{name}.GatherScales"),
+        helper.make_node("Gather", [scale_name, ids], [f"{name}.rows_scale16"], name=f"{name}.GatherScales"),
+        helper.make_node(
+            "Cast", [f"{name}.rows_scale16"], [f"{name}.rows_scale"], name=f"{name}.ScalesCast", to=TensorProto.FLOAT
+        ),
         helper.make_node("Mul", [f"{name}.rows_integers", f"{name}.rows_scale"], [out], name=f"{name}.RowsMul"),
     ]
     index = list(graph.node).index(gather)

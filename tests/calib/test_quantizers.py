@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from calib.quant_linear import FP16_MIN_STEP, QuantEmbedding, float16_step
 from calib.quantizers import DynamicBlockQuantizer, TensorQuantizer
 
 
@@ -107,3 +108,15 @@ def test_dynamic_blocks_pass_the_gradient_straight_through():
     x = torch.randn(3, 32, requires_grad=True)
     DynamicBlockQuantizer(16)(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_table_steps_are_the_float16_values_at_or_above_min_max():
+    scale = torch.tensor([1e-3, 3.3e-2, 0.12345, 1e-9, 2.0**-10])
+    step = float16_step(scale)
+    assert torch.equal(step.to(torch.float16).float(), step)  # stored as float16 without loss
+    assert (step >= scale).all() and step[3] == FP16_MIN_STEP  # nothing clips; a near-zero row keeps a normal step
+    assert step[4] == scale[4]  # already a float16 value: unchanged
+    assert ((step - scale) / scale)[:3].max() < 2**-10  # at most one float16 ulp above
+    table = QuantEmbedding(torch.nn.Embedding(50, 16), 8)
+    q = table.weight_quantizer.to_int(table.weight)
+    assert q.abs().max() <= 127 and q.abs().amax(1).min() >= 126  # every row still spans its grid
