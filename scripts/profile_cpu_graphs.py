@@ -109,7 +109,9 @@ def main(
     missing = [str(g) for g in graphs if not g.is_file()]
     if missing:
         raise click.ClickException(f"no such graph: {', '.join(missing)} (run the export stage first)")
-    names = {g: g.stem for g in graphs}
+    names = {g: f"{g.parents[1].name}:{g.stem}" for g in graphs}  # run:graph, so two runs' students stay apart
+    if len(set(names.values())) < len(names):
+        raise click.ClickException("two graphs share a run folder and a name; profile them one at a time")
     runs: dict[str, dict[int, list[dict]]] = {names[g]: {b: [] for b in sizes} for g in graphs}
     scratch = (out or run) / ".profile"
     scratch.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,11 @@ def test_profiles_the_student_beside_the_dynamic_graph_and_writes_the_tables(tex
     result = CliRunner().invoke(profile_cpu_graphs.main, args)
     assert result.exit_code == 0, result.output
     figures = json.loads((out / "profile.json").read_text())
-    assert set(figures) == {"student_qdq_cpu", "teacher_ort_dynamic_int8"}
-    student = figures["student_qdq_cpu"]["1"]
+    run = text_run.name
+    assert set(figures) == {f"{run}:student_qdq_cpu", f"{run}:teacher_ort_dynamic_int8"}
+    student = figures[f"{run}:student_qdq_cpu"]["1"]
     assert student["p50_ms"] > 0 and student["ops_ms"].get("MatMulIntegerToFloat", 0) > 0  # the int8 kernels ran
-    assert "DynamicQuantizeMatMul" in figures["teacher_ort_dynamic_int8"]["2"]["ops_ms"]
+    assert "DynamicQuantizeMatMul" in figures[f"{run}:teacher_ort_dynamic_int8"]["2"]["ops_ms"]
     text = (out / "profile.md").read_text()
     assert "### batch 1" in text and "### batch 2" in text and "| median ms |" in text
     assert not list(out.glob(".*")) and not (text_run / ".profile").exists()  # no profiler files left behind
