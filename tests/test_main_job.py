@@ -41,7 +41,10 @@ def test_readme_main_job_on_the_embedded_default(tmp_path):
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("QuantizeLinear") == 6 * 4 and ops.count("MatMulIntegerToFloat") == 6 * 6  # QKV share one
     trt_ops = [n.op_type for n in onnx.load(str(out / "export" / "student_qdq_trt.onnx")).graph.node]
-    assert trt_ops.count("QuantizeLinear") == 6 * 4 and trt_ops.count("DequantizeLinear") == 6 * (4 + 6)
+    # 6 blocks x (4 activation + 6 weight DQs), and the three int8 embedding tables' gathered rows
+    assert trt_ops.count("QuantizeLinear") == 6 * 4 and trt_ops.count("DequantizeLinear") == 6 * (4 + 6) + 3
+    export = out / "export"  # the int8 tables bring the CPU file under ONNX Runtime's dynamic int8 one
+    assert (export / "student_qdq_cpu.onnx").stat().st_size <= (export / "teacher_ort_dynamic_int8.onnx").stat().st_size
     session = ort.InferenceSession(str(out / "export" / "student_qdq_cpu.onnx"), providers=["CPUExecutionProvider"])
     ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
     embedding = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
