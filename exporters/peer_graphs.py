@@ -16,6 +16,8 @@ from typing import Literal
 
 import numpy as np
 
+from calib.inputs import CalibrationSet
+
 StaticMethod = Literal["minmax", "entropy"]
 # ModelOpt pulls onnxruntime-gpu, cupy and numpy 2 (PLATFORM-NOTES): it lives in its own environment, called
 # as a subprocess. ZSAQ_MODELOPT_PYTHON names its interpreter; else .modelopt-venv beside the project.
@@ -33,6 +35,13 @@ class PeerUnavailable(RuntimeError):
 
 
 Feeds = dict[str, np.ndarray]
+
+
+def sample_feeds(samples: CalibrationSet) -> list[Feeds]:
+    """One ONNX feed per calibration sample (token ids and mask), as the peers' calibration readers take them."""
+    if samples.input_ids is None:
+        raise ValueError("an ONNX peer calibrates on token ids; these samples are embeddings")
+    return [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()} for b in samples.batches(1)]
 
 
 class _FeedReader:

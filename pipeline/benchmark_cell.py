@@ -33,6 +33,7 @@ from exporters.peer_graphs import (
     modelopt_graph,
     ort_static_graph,
     peer_format_graphs,
+    sample_feeds,
 )
 from exporters.runners import OrtRunner, speedups
 from exporters.validation import EvalInputs, build_eval_inputs, evaluate_torch, task_metric
@@ -94,10 +95,10 @@ GraphMaker = Callable[[Path, Path, PipelineConfig, TaskModel, Any], None]  # (fp
 def _calibration_feeds(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> list[Feeds]:
     """The row's calibration inputs (``calib.method``: the row's ``inputs``) as one ONNX feed per sample."""
     calibration = calibrate(CalibrationRequest(teacher, tokenizer, config.calib, config.quant, config.task))
-    samples = calibration.samples
-    if samples.input_ids is None:
-        raise click.ClickException(f"calib.method {config.calib.method} makes embeddings; an ONNX peer needs token ids")
-    return [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()} for b in samples.batches(1)]
+    try:
+        return sample_feeds(calibration.samples)
+    except ValueError as exc:
+        raise click.ClickException(f"calib.method {config.calib.method}: {exc}") from None
 
 
 def _onnx_peer(make: GraphMaker) -> Procedure:
@@ -186,10 +187,7 @@ def measure_formats(base: PipelineConfig, repeats: int) -> dict[str, Any]:
         seq_len = max(s for _, s in base.validate.shapes)
         paths = cpu_format_graphs(teacher, formats, Path(tmp), base.export.opset, seq_len)
         vocab = teacher.backbone.config.vocab_size
-        feeds = [
-            {"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()}
-            for b in random_tokens(16, seq_len, vocab, seed=0).batches(1)
-        ]
+        feeds = sample_feeds(random_tokens(16, seq_len, vocab, seed=0))
         peers, unavailable = peer_format_graphs(paths["fp32"], Path(tmp), feeds)
         paths |= peers
         result = speedups(paths, base.validate.shapes, repeats, vocab, dict.fromkeys(paths, threads))

@@ -29,7 +29,7 @@ from calib.student import activation_quantizers, quant_layers
 from exporters.cpu_kernels import machine_description
 from exporters.metrics import fidelity
 from exporters.onnx_export import export_onnx, teacher_export_model
-from exporters.peer_graphs import MODELOPT_PYTHON_ENV, ort_static_graph
+from exporters.peer_graphs import MODELOPT_PYTHON_ENV, ort_static_graph, sample_feeds
 from exporters.validation import build_eval_inputs
 from pipeline import benchmark
 from pipeline.benchmark import Cell, load_spec, planned_cells, task_config
@@ -418,8 +418,7 @@ def test_ort_static_graphs_are_per_channel_qdq_with_uint8_activations(tmp_path):
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(teacher_export_model(teacher), fp32, 17)
     tokens = random_tokens(4, 16, teacher.backbone.config.vocab_size, seed=0)
-    feeds = [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy()} for b in tokens.batches(1)]
-    ort_static_graph(fp32, tmp_path / "static.onnx", feeds, "minmax")
+    ort_static_graph(fp32, tmp_path / "static.onnx", sample_feeds(tokens), "minmax")
     graph = onnx.load(tmp_path / "static.onnx")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
     constant_dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
