@@ -207,7 +207,7 @@ class ActivationQuant:
 
 
 QuadapterPositions = Literal["foldable", "all"]
-QuadapterInit = Literal["ones", "smoothquant"]
+QuadapterInit = Literal["ones", "smoothquant", "smoothquant-search"]
 Learnable = Literal["step-sizes", "quadapter", "weights"]
 LearnMode = Literal["end-to-end", "block-wise"]
 
@@ -215,12 +215,27 @@ LearnMode = Literal["end-to-end", "block-wise"]
 @dataclass(frozen=True)
 class QuadapterConfig:
     """Learned per-channel activation scales folded into neighbouring weights (``positions: all`` adds
-    a Mul where no fold is exact, e.g. BERT's post-LN inputs)."""
+    a Mul where no fold is exact, e.g. BERT's post-LN inputs). ``init``: ``smoothquant`` at ``alpha``;
+    ``smoothquant-search``: each group's alpha from a grid (:mod:`calib.smoothing`), the one whose quantized
+    outputs on the calibration inputs come closest to the float outputs (``alpha`` unused); ``ones``."""
 
     enabled: bool = False
     positions: QuadapterPositions = "foldable"
     init: QuadapterInit = "smoothquant"
     alpha: Fraction = 0.5
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """QuaRot / SpinQuant-style rotations of a pre-norm decoder (:mod:`calib.rotation`), exact in float: a
+    randomised Hadamard of the residual stream folded into the embedding tables, the norms' readers and the
+    stream's writers (a tied LM head is untied), one per attention head folded into the value and output
+    projections, and with ``online`` a Hadamard computed before each MLP down projection (a few small MatMuls
+    in both graph flavours). They spread outlier channels over all channels, so one static int8 scale fits."""
+
+    enabled: bool = False
+    online: bool = True
+    seed: Seed = 0
 
 
 @dataclass(frozen=True)
@@ -245,7 +260,8 @@ class QuantConfig:
     LMs, whose word table is often the LM head);
     ``attention_matmuls``: Q/DQ on the attention matmuls' inputs, for TensorRT's int8 attention (off: ORT's CPU
     kernels gain little, and softmax outputs are the most fragile tensor); ``lm_head``: a causal LM's head too;
-    ``kv_cache``: a causal LM's cached keys and values as int8, one scale per key/value head (min-max)."""
+    ``kv_cache``: a causal LM's cached keys and values as int8, one scale per key/value head (min-max);
+    ``rotation``: Hadamard rotations folded into a decoder before it is quantized."""
 
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActivationQuant = field(default_factory=ActivationQuant)
@@ -254,6 +270,7 @@ class QuantConfig:
     lm_head: bool = False
     kv_cache: bool = False
     quadapter: QuadapterConfig = field(default_factory=QuadapterConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
 
     def table_bits(self, task_kind: str) -> int | None:

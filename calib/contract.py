@@ -51,6 +51,8 @@ class Contract:
     embeddings: list[str] = dataclasses.field(default_factory=list)  # quantized embedding tables' module names
     attention: list[str] = dataclasses.field(default_factory=list)  # attention modules with quantized matmuls
     kv_cache: list[str] = dataclasses.field(default_factory=list)  # attention modules with an int8 cache, in order
+    rotation: dict | None = None  # calib.rotation.RotationLayout as JSON: the structure a rotation changed
+    smoothing: dict = dataclasses.field(default_factory=dict)  # searched SmoothQuant alpha per group (first layer)
 
 
 @torch.no_grad()
@@ -107,7 +109,10 @@ def build_contract(student: TaskModel) -> Contract:
     for pname, value in student.backbone.state_dict().items():
         if not any(pname.startswith(prefix) for prefix in quantized):
             tensors[f"float.{pname}"] = value.detach().clone().contiguous()
-    return Contract(tensors, specs, embeddings, list(attention), list(cache))
+    layout = getattr(student, "rotation_layout", None)
+    rotation = None if layout is None else layout.to_json()
+    smoothing = dict(getattr(student, "smoothing", {}))
+    return Contract(tensors, specs, embeddings, list(attention), list(cache), rotation, smoothing)
 
 
 def save_contract(contract: Contract, folder: Path) -> list[Path]:
@@ -121,6 +126,8 @@ def save_contract(contract: Contract, folder: Path) -> list[Path]:
         "embeddings": contract.embeddings,
         "attention": contract.attention,
         "kv_cache": contract.kv_cache,
+        "rotation": contract.rotation,
+        "smoothing": contract.smoothing,
     }
     meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return [tensors_path, meta_path]
@@ -132,7 +139,8 @@ def load_contract(folder: Path) -> Contract:
     tensors = load_file(str(folder / CONTRACT_TENSORS))
     layers = [LayerSpec(**spec) for spec in meta["layers"]]
     embeddings = meta.get("embeddings", [meta["embedding"]] if meta.get("embedding") else [])  # older: one table
-    return Contract(tensors, layers, embeddings, meta.get("attention", []), meta.get("kv_cache", []))
+    attention, cache = meta.get("attention", []), meta.get("kv_cache", [])
+    return Contract(tensors, layers, embeddings, attention, cache, meta.get("rotation"), meta.get("smoothing", {}))
 
 
 def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:

@@ -4,6 +4,7 @@ its fake quantization in float32 everywhere (its gradients need it)."""
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,5 +30,9 @@ def teacher_dtype(device: torch.device) -> torch.dtype:
 
 
 def frozen_on(teacher: TaskModel, device: torch.device) -> TaskModel:
-    """The frozen teacher on ``device`` in its precision there (itself on the CPU)."""
-    return teacher.to(device=device, dtype=teacher_dtype(device))
+    """The frozen teacher on ``device`` in its precision there: itself on the CPU, else a copy. ``Module.to``
+    works in place: moving the caller's teacher would hand the next stage of the same process (quantize after
+    calibrate) a bfloat16 GPU teacher, and a student built from it in bfloat16."""
+    if device.type == "cpu":
+        return teacher
+    return copy.deepcopy(teacher).to(device=device, dtype=teacher_dtype(device))

@@ -260,11 +260,13 @@ def _learn_block_by_block(
         student_block = student.backbone.get_submodule(block)
         with torch.no_grad():
             targets = {key: teacher_calls[key].run(teacher_block, teacher_inputs[key]) for key in teacher_calls}
+            # a rotated student's blocks work in the rotated residual stream: its targets are rotated too
+            rotated = {key: student.to_residual_stream(target) for key, target in targets.items()}
         positive, free = learnable_parameters(student, config.params, names)
 
         def block_loss(
             part: Batch, block_module: torch.nn.Module = student_block, inputs: dict = student_inputs,
-            block_targets: dict = targets,
+            block_targets: dict = rotated,
         ) -> torch.Tensor:  # fmt: skip
             key = id(part)
             out = student_calls[key].run(block_module, inputs[key])

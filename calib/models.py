@@ -210,6 +210,12 @@ class TaskModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.kind = kind
+        # calib.rotation's residual-stream rotation Q of a student (None: none): word embeddings given to it
+        # are rotated by Q on the way in and hidden states rotated back on the way out (the teacher's space;
+        # the last one, after the final norm, also takes back the norm's scale and shift folded into the head)
+        self.register_buffer("residual_rotation", None, persistent=False)
+        self.register_buffer("final_norm_scale", None, persistent=False)
+        self.register_buffer("final_norm_shift", None, persistent=False)
 
     @property
     def output_name(self) -> str:
@@ -226,6 +232,9 @@ class TaskModel(nn.Module):
         """Forward from token ids or from word embeddings; float32 outputs whatever the model's precision (a
         teacher frozen in bfloat16 on a GPU takes float32 embeddings and answers in float32)."""
         dtype = self.backbone.dtype
+        rotation = self.residual_rotation
+        if inputs_embeds is not None and rotation is not None:
+            inputs_embeds = inputs_embeds @ rotation.to(inputs_embeds.dtype)
         if inputs_embeds is not None and inputs_embeds.dtype != dtype:
             inputs_embeds = inputs_embeds.to(dtype)
         positions = {"position_ids": causal_positions(attention_mask)} if self.kind == "causal-lm" else {}
@@ -243,10 +252,26 @@ class TaskModel(nn.Module):
         else:
             result = out.logits
         hidden = out.hidden_states if output_hidden_states else None
+        if hidden is not None and rotation is not None:
+            hidden = self._unrotated(hidden)
         if dtype != torch.float32:
             result = result.float()
             hidden = None if hidden is None else tuple(h.float() for h in hidden)
         return TaskOutput(result, hidden)
+
+    def to_residual_stream(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A teacher's block output (the residual stream between blocks) in this model's space: rotated by
+        ``residual_rotation`` when it has one."""
+        rotation = self.residual_rotation
+        return hidden if rotation is None else hidden @ rotation.to(hidden.dtype)
+
+    def _unrotated(self, hidden: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A rotated student's hidden states in the teacher's space (see ``residual_rotation``)."""
+        back = [h @ self.residual_rotation.t().to(h.dtype) for h in hidden]
+        back[-1] = back[-1] * self.final_norm_scale.to(back[-1].dtype)
+        if self.final_norm_shift is not None:
+            back[-1] = back[-1] + self.final_norm_shift.to(back[-1].dtype)
+        return tuple(back)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The serving signature: token ids and mask in, the task output out (what ONNX export traces)."""

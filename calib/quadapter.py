@@ -87,15 +87,6 @@ def attach_quadapters(backbone: nn.Module, groups: list[QuadapterGroup]) -> None
 
 
 @torch.no_grad()
-def smoothquant_init(layers: list[QuantLinear], act_absmax: torch.Tensor, alpha: float) -> None:
-    """SmoothQuant's closed form (arXiv 2211.10438): a_j = max|X_j|^alpha / max|W_j|^(1-alpha)."""
-    weight_absmax = torch.stack([layer.weight.abs().amax(dim=0) for layer in layers]).amax(dim=0)
-    scale = act_absmax.clamp(min=1e-5).pow(alpha) / weight_absmax.clamp(min=1e-5).pow(1 - alpha)
-    scale = scale / scale.mean()  # overall size is irrelevant to the function; keep it near 1
-    layers[0].quadapter.scale.copy_(scale.clamp(min=1e-3))
-
-
-@torch.no_grad()
 def fold_quadapters(backbone: nn.Module, groups: list[QuadapterGroup]) -> None:
     """Fold each group's division into its source and its multiplication into the weights, in place.
 
@@ -109,7 +100,7 @@ def fold_quadapters(backbone: nn.Module, groups: list[QuadapterGroup]) -> None:
         layers: list[QuantLinear] = [backbone.get_submodule(name) for name in group.layers]
         scale = layers[0].quadapter.scale.detach().clone()
         for layer in layers:
-            layer.weight.mul_(scale)
+            layer.weight.copy_(layer.effective_weight())
             layer.quadapter = None
         producer = backbone.get_submodule(source)
         if kind == "norm":

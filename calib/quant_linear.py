@@ -39,6 +39,8 @@ class QuantLinear(nn.Module):
         # A calib.quadapter.ChannelScale shared by the layer's group (or FixedMultiplier from a contract).
         self.quadapter: nn.Module | None = None
         self.frozen_weight: torch.Tensor | None = None  # set by freeze_weight (inference only), not saved
+        # calib.rotation's online Hadamard of the input (the weight already carries its transpose), or None
+        self.input_rotation: nn.Module | None = getattr(layer, "input_rotation", None)
 
     @torch.no_grad()
     def freeze_weight(self) -> None:
@@ -47,19 +49,32 @@ class QuantLinear(nn.Module):
         self.frozen_weight = self.weight_quantizer(self.effective_weight()).detach()
 
     def effective_weight(self) -> torch.Tensor:
-        """The float weight the weight quantizer sees: ``W * a`` along the input axis under a Quadapter."""
+        """The float weight the weight quantizer sees: ``W * a`` along the input axis under a Quadapter. Under an
+        online rotation ``H`` (``W`` holds ``W_0 H``) the Quadapter acts before it: ``(W H^T * a) H``, so its
+        division can still fold into the producer's rows."""
         factor = None if self.quadapter is None else self.quadapter.weight_factor()
-        return self.weight if factor is None else self.weight * factor
+        if factor is None:
+            return self.weight
+        if self.input_rotation is None:
+            return self.weight * factor
+        return self.input_rotation(self.unrotated_weight() * factor)
+
+    def unrotated_weight(self) -> torch.Tensor:
+        """The weight on the layer's own input, before an online rotation (``W H^T``; ``W`` without one)."""
+        return self.weight if self.input_rotation is None else self.input_rotation.inverse(self.weight)
 
     def input_multiplier(self) -> torch.Tensor | None:
         """``1 / a``, the Quadapter's factor on the input (exported as a Mul where it cannot be folded)."""
         return None if self.quadapter is None else self.quadapter.input_multiplier()
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the quantized weight multiplies: ``x`` after the Quadapter's multiplier and the input quantizer."""
+        """What the quantized weight multiplies: ``x`` after the Quadapter's multiplier, the online rotation and
+        the input quantizer."""
         multiplier = self.input_multiplier()
         if multiplier is not None:
             x = x * multiplier
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         for quantizer in (self.input_quantizer, self.dynamic_input_quantizer):
             if quantizer is not None:
                 x = quantizer(x)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from calib.families import block_of
 from calib.inputs import Batch
 from calib.models import TaskModel
 from calib.placement import insert_quantizers
-from calib.quadapter import attach_quadapters, quadapter_groups, smoothquant_init
+from calib.quadapter import attach_quadapters, quadapter_groups
 from calib.quant_attention import (
     KV_ROLES,
     ROLES,
@@ -23,15 +24,19 @@ from calib.quant_attention import (
     attach_attention_quantizers,
 )
 from calib.quant_linear import QuantEmbedding, QuantLinear
-from calib.quantizers import TensorQuantizer
+from calib.quantizers import DynamicBlockQuantizer, TensorQuantizer
 from calib.range_init import RangeObserver
+from calib.rotation import rotate
+from calib.smoothing import SEARCH_ROWS, search_smoothing, smoothquant_scale
 
 Batches = Iterable[Batch]
 
 
 def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
-    """A deep copy of the teacher with every block Linear swapped for a QuantLinear (plus Quadapters)."""
+    """A deep copy of the teacher, rotated if ``quant.rotation`` says so (:mod:`calib.rotation`), with every
+    block Linear swapped for a QuantLinear (plus Quadapters)."""
     student = copy.deepcopy(teacher)
+    student.rotation_layout = rotate(student, quant.rotation) if quant.rotation.enabled else None
     names = insert_quantizers(student.backbone, quant)
     if quant.attention_matmuls or quant.kv_cache:
         attach_attention_quantizers(student.backbone, quant.attention_matmuls, quant.kv_cache)
@@ -42,6 +47,7 @@ def build_student(teacher: TaskModel, quant: QuantConfig) -> TaskModel:
             owner = student.backbone.get_submodule(parent)
             setattr(owner, child, QuantEmbedding(getattr(owner, child), table_bits))
     student.quadapter_groups = []
+    student.smoothing = {}
     if quant.quadapter.enabled:
         student.quadapter_groups = quadapter_groups(student.backbone, names, quant.quadapter.positions)
         attach_quadapters(student.backbone, student.quadapter_groups)
@@ -118,26 +124,66 @@ def quadapter_owners(model: TaskModel) -> dict[int, list[QuantLinear]]:
     return owners
 
 
+@contextmanager
+def quantizers_off(model: TaskModel) -> Iterator[None]:
+    """Every quantizer passes its tensor through in float inside the block: the student's float function."""
+    quantizers = [m for m in model.modules() if isinstance(m, (TensorQuantizer, DynamicBlockQuantizer))]
+    states = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, state in zip(quantizers, states):
+            q.enabled = state
+
+
 @torch.no_grad()
-def _input_channel_absmax(student: TaskModel, layers: list[QuantLinear], batches: Batches) -> list[torch.Tensor]:
-    """Per-input-channel max |x| of each layer's (undivided) input over the batches."""
+def _float_inputs(
+    student: TaskModel, layers: list[QuantLinear], batches: list[Batch], rows: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, over the batches of the student run in float: the per-input-channel max |x| of its (undivided)
+    input, and about ``rows`` of its input rows drawn at the same seeded positions for every layer."""
+    total = sum(batch.attention_mask.numel() for batch in batches)
+    generator = torch.Generator().manual_seed(0)
     maxima = [torch.zeros(layer.in_features, device=layer.weight.device) for layer in layers]
+    kept: list[list[torch.Tensor]] = [[] for _ in layers]
+    picked = torch.empty(0, dtype=torch.long)
 
     def hook(index: int):
         def record(_module, args) -> None:
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1])
-            maxima[index] = torch.maximum(maxima[index], x.amax(dim=0))
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            maxima[index] = torch.maximum(maxima[index], x.abs().amax(dim=0))
+            kept[index].append(x[picked.to(x.device)])
 
         return record
 
     handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        for batch in batches:
-            batch.run(student)
+        with quantizers_off(student):
+            for batch in batches:
+                size = batch.attention_mask.numel()
+                picked = torch.randperm(size, generator=generator)[: round(rows * size / total)]
+                batch.run(student)
     finally:
         for handle in handles:
             handle.remove()
-    return maxima
+    return [(m, torch.cat(k)) for m, k in zip(maxima, kept)]
+
+
+def _init_quadapters(student: TaskModel, quant: QuantConfig, batches: list[Batch]) -> None:
+    """SmoothQuant scales at ``quadapter.alpha``, or (``smoothquant-search``) each group's best alpha, recorded
+    in ``student.smoothing`` (first layer -> alpha, None: no smoothing was best)."""
+    owners = quadapter_owners(student)
+    search = quant.quadapter.init == "smoothquant-search"
+    groups = list(owners.values())
+    inputs = _float_inputs(student, [g[0] for g in groups], batches, SEARCH_ROWS if search else 0)
+    names = {id(layer): name for name, layer in quant_layers(student).items()}
+    for group, (absmax, rows) in zip(groups, inputs):
+        if search:
+            student.smoothing[names[id(group[0])]] = search_smoothing(group, rows, quant)
+        else:
+            group[0].quadapter.scale.copy_(smoothquant_scale(group, absmax, quant.quadapter.alpha))
 
 
 @torch.no_grad()
@@ -145,11 +191,8 @@ def init_ranges(student: TaskModel, quant: QuantConfig, batches: Batches) -> Non
     """Quadapter scales (SmoothQuant) first, then weights from themselves, then activations from the batches."""
     batches = list(batches)
     layers = quant_layers(student)
-    owners = quadapter_owners(student)
-    if owners and quant.quadapter.init == "smoothquant":
-        firsts = [group[0] for group in owners.values()]
-        for group, absmax in zip(owners.values(), _input_channel_absmax(student, firsts, batches)):
-            smoothquant_init(group, absmax, quant.quadapter.alpha)
+    if quadapter_owners(student) and quant.quadapter.init != "ones":
+        _init_quadapters(student, quant, batches)
     for layer in layers.values():
         layer.weight_quantizer.init_from_tensor(layer.effective_weight(), quant.weights.init)
     activations = activation_quantizers(student)

@@ -3,7 +3,7 @@ PyTorch model's, and how fast it fills a prompt and decodes one token on a cache
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,7 +113,7 @@ def cache_consistency(stepper: OrtStepper, windows: np.ndarray) -> CacheConsiste
 
 
 def decoder_report(
-    graphs: dict[str, OrtStepper],
+    graphs: dict[str, Callable[[], OrtStepper]],
     references: dict[str, CacheStepper],
     reference_of: dict[str, str],
     prompts: list[list[int]],
@@ -121,18 +121,21 @@ def decoder_report(
     settings: Any,
 ) -> dict[str, Any]:
     """Per graph: cache consistency, greedy agreement with its reference PyTorch model (``reference_of``), and
-    prefill / decode latency (side by side, :func:`exporters.decoding.decode_latencies`). ``settings``:
-    :class:`exporters.config.DecoderCheckConfig`."""
+    prefill / decode latency (:func:`exporters.decoding.decode_latencies`). ``graphs`` open their stepper when
+    called: each is opened when its turn comes and dropped after, so one graph is in memory at a time and its
+    latency is timed alone. ``settings``: :class:`exporters.config.DecoderCheckConfig`."""
     wanted = {name: continuations(model, prompts, settings.new_tokens) for name, model in references.items()}
-    latencies = decode_latencies(graphs, settings.batches, settings.past, settings.repeats)
     rows = {}
-    for name, graph in graphs.items():
+    for name, open_graph in graphs.items():
+        graph = open_graph()
+        latency = decode_latencies({name: graph}, settings.batches, settings.past, settings.repeats)[name]
         agreement = greedy_agreement(continuations(graph, prompts, settings.new_tokens), wanted[reference_of[name]])
         consistency = cache_consistency(graph, windows)
+        del graph
         rows[name] = {
             "reference": reference_of[name],
             "greedy": {**asdict(agreement), "exact_share": round(agreement.exact_share, 4)},
             "cache": {**asdict(consistency), "relative_difference": consistency.relative_difference},
-            "latency": [{**asdict(lat), "tokens_per_second": lat.tokens_per_second} for lat in latencies[name]],
+            "latency": [{**asdict(lat), "tokens_per_second": lat.tokens_per_second} for lat in latency],
         }
     return {"prompts": len(prompts), "new_tokens": settings.new_tokens, "past": settings.past, "models": rows}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,16 +51,32 @@ def matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float((tp * tn - fp * fn) / den) if den else 0.0
 
 
+# Rows (token positions) of logits turned to float64 at a time: a decoder's vocabulary makes one row 0.4 MB
+# in float64, and a whole batch at once (8 windows x 256 tokens) took gigabytes of temporaries
+CHUNK_ROWS = 256
+
+
+def _row_chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """``array`` as ``[rows, last]`` views, ``CHUNK_ROWS`` rows at a time (a memory-mapped file stays on disk)."""
+    rows = array.reshape(-1, array.shape[-1])
+    for start in range(0, len(rows), CHUNK_ROWS):
+        yield rows[start : start + CHUNK_ROWS]
+
+
 def token_nll(logits: np.ndarray, input_ids: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
-    shifted = logits[:, :-1].astype(np.float64)
-    targets = input_ids[:, 1:]
+    """Summed next-token negative log-likelihood and the number of predicted tokens (in float64, a chunk of
+    positions at a time)."""
     valid = (mask[:, 1:] * mask[:, :-1]).astype(bool)
-    top = shifted.max(-1, keepdims=True)
-    log_norm = np.log(np.exp(shifted - top).sum(-1)) + top[..., 0]
-    picked = np.take_along_axis(shifted, targets[..., None], -1)[..., 0]
-    nll = (log_norm - picked)[valid]
-    return float(nll.sum()), int(valid.sum())
+    total = 0.0
+    for row in range(logits.shape[0]):
+        for start in range(0, logits.shape[1] - 1, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, logits.shape[1] - 1)
+            shifted = np.asarray(logits[row, start:stop], dtype=np.float64)
+            top = shifted.max(-1, keepdims=True)
+            log_norm = np.log(np.exp(shifted - top).sum(-1)) + top[..., 0]
+            picked = np.take_along_axis(shifted, input_ids[row, start + 1 : stop + 1, None], -1)[..., 0]
+            total += float((log_norm - picked)[valid[row, start:stop]].sum())
+    return total, int(valid.sum())
 
 
 @dataclass
@@ -74,12 +91,12 @@ class AgreementStream:
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> AgreementStream:
         """One batch of outputs (any shape with the same last axis)."""
-        ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
-        cand = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
-        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(ref - cand).max()))
-        self.cosine_sum += float(cosine_rows(ref, cand).sum())
-        self.argmax_matches += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        self.rows += len(ref)
+        for ref, cand in zip(_row_chunks(reference), _row_chunks(candidate)):
+            ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+            self.max_abs_diff = max(self.max_abs_diff, float(np.abs(ref - cand).max()))
+            self.cosine_sum += float(cosine_rows(ref, cand).sum())
+            self.argmax_matches += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            self.rows += len(ref)
         return self
 
     def result(self, kind: str) -> dict[str, float]:

@@ -15,9 +15,11 @@ from onnx import version_converter
 from torch import nn
 
 from calib.contract import Contract, dequantized_embedding, dequantized_weight, float_state_dict
+from calib.hadamard import OnlineHadamard
 from calib.models import TaskModel
 from calib.placement import quantizable_layers
 from calib.quant_linear import linear_weight
+from calib.rotation import online_rotations, untie_head
 from exporters.decoding import CACHED_INPUTS, LOGITS
 from exporters.kv_cache import CachedCausalLM, cache_layout
 
@@ -32,12 +34,17 @@ def weight_initializer_name(layer: str) -> str:
 class ExportLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W^T`` stored as a named buffer (``[in, out]``, MatMul's layout)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, input_rotation: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.register_buffer("weight_t", weight.detach().t().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.input_rotation = input_rotation  # calib.rotation's online Hadamard, exported as float MatMuls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         y = torch.matmul(x, self.weight_t)
         return y if self.bias is None else y + self.bias
 
@@ -61,13 +68,18 @@ def contract_export_model(teacher: TaskModel, contract: Contract) -> TaskModel:
     model = copy.deepcopy(teacher)
     if contract.attention:  # the attention matmuls must appear as plain MatMuls for their Q/DQ
         model.backbone.set_attn_implementation("eager")
+    rotation = contract.rotation or {}
+    if rotation.get("untied_head"):  # the rotated head differs from the rotated table (calib.rotation)
+        untie_head(model.backbone, rotation["head_bias"])
     model.backbone.load_state_dict(float_state_dict(contract), strict=False)
     with torch.no_grad():
         for name in contract.embeddings:
             model.backbone.get_submodule(name).weight.copy_(dequantized_embedding(contract, name))
+    online = online_rotations(rotation)
     for spec in contract.layers:
         bias = contract.tensors.get(f"{spec.name}.bias")
-        _swap(model.backbone, spec.name, ExportLinear(dequantized_weight(contract, spec), bias))
+        rotate = OnlineHadamard(spec.in_features) if spec.name in online else None
+        _swap(model.backbone, spec.name, ExportLinear(dequantized_weight(contract, spec), bias, rotate))
     return model
 
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from calib.capabilities import Scheme, unsupported
 from calib.contract import Contract, LayerSpec
+from calib.rotation import online_rotations
 from exporters.cpu_kernels import Int8WeightType, cpu_int8_weight_type
 from exporters.decoding import past_name, present_name
 from exporters.onnx_export import weight_initializer_name
@@ -52,7 +53,11 @@ def check_exportable(contract: Contract) -> None:
 
     Both flavours are graphs ONNX Runtime runs (the CPU flavour on its kernels, the TensorRT flavour by the
     ONNX definition of Q/DQ); whether TensorRT builds the latter is its lint's and the config check's business."""
+    online = online_rotations(contract.rotation)
     for spec in contract.layers:
+        if spec.name in online and f"{spec.name}.input_multiplier" in contract.tensors:
+            # the graph's Mul would land after the online Hadamard, the student's goes before it
+            raise ExportUnsupported(f"{spec.name}: an unfolded Quadapter before an online rotation is not exported")
         scheme = Scheme(spec.weight_bits, spec.granularity, spec.group_size, spec.act_bits, spec.act_granularity)
         problem = unsupported("onnxruntime", scheme)
         if problem is not None:

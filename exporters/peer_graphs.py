@@ -133,3 +133,28 @@ def peer_format_graphs(fp32: Path, folder: Path, feeds: list[Feeds]) -> tuple[di
         else:
             paths[name] = path
     return paths, unavailable
+
+
+Int4Method = Literal["rtn", "hqq"]
+
+
+def ort_int4_graph(fp32: Path, out: Path, method: Int4Method, block_size: int) -> None:
+    """ONNX Runtime's own data-free int4 (``MatMulNBitsQuantizer``) of every MatMul on a constant weight but the LM
+    head (the students keep theirs float too): ``rtn``, its default affine round-to-nearest (asymmetric, a zero
+    point per block), or ``hqq`` (half-quadratic optimisation of scale and zero point), blocks of ``block_size``."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if method == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4)
+    model = onnx.load(str(fp32))
+    head = [node.name for node in model.graph.node if node.op_type == "MatMul" and "lm_head" in node.name]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=head, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)

@@ -33,26 +33,46 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """An ONNX model on ONNX Runtime's CPU provider (the provider actually used is recorded).
+    """An ONNX model on ONNX Runtime's CPU provider (the provider actually used is recorded). The session opens
+    on first use and :meth:`close` lets it go, so a caller can keep one large graph in memory at a time.
 
     ``reference_qdq`` runs Q/DQ by the ONNX definition instead of ORT's fused int8 kernels: how a graph
     meant for TensorRT is checked here (:func:`exporters.cpu_kernels.ort_session`)."""
 
     def __init__(self, name: str, path: Path, threads: int, reference_qdq: bool = False) -> None:
-        self.session = ort_session(path, threads, reference_qdq)
-        self.name, self.size_bytes, self.threads = name, path.stat().st_size, threads
-        self.runtime = f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
-        if reference_qdq:
-            self.runtime += ", Q/DQ as separate float ops (reference semantics, not int8 kernels)"
+        self.name, self.path, self.size_bytes, self.threads = name, path, path.stat().st_size, threads
+        self.reference_qdq = reference_qdq
+        self.runtime = f"onnxruntime {ort.__version__}"
+        self._session: ort.InferenceSession | None = None
+        self._decoder: OrtStepper | None = None
+        self._output = ""
 
-        layout = graph_cache_layout(self.session)  # read once: every call below is timed
-        self.decoder = None if layout is None else OrtStepper(self.session, layout=layout)  # a causal LM's
-        self._output = self.session.get_outputs()[0].name
+    def _open(self) -> ort.InferenceSession:
+        if self._session is None:
+            self._session = ort_session(self.path, self.threads, self.reference_qdq)
+            self.runtime = f"onnxruntime {ort.__version__} ({self._session.get_providers()[0]})"
+            if self.reference_qdq:
+                self.runtime += ", Q/DQ as separate float ops (reference semantics, not int8 kernels)"
+            layout = graph_cache_layout(self._session)  # read once: every call below is timed
+            self._decoder = None if layout is None else OrtStepper(self._session, layout=layout)  # a causal LM's
+            self._output = self._session.get_outputs()[0].name
+        return self._session
+
+    @property
+    def decoder(self) -> OrtStepper | None:
+        """The cached-graph stepper of a causal LM's graph (None for other graphs); opens the session."""
+        self._open()
+        return self._decoder
+
+    def close(self) -> None:
+        """Let the session go (the next call opens it again)."""
+        self._session, self._decoder = None, None
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if self.decoder is not None:
-            return self.decoder.full_sequence(input_ids, attention_mask)
-        return self.session.run([self._output], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        session = self._open()
+        if self._decoder is not None:
+            return self._decoder.full_sequence(input_ids, attention_mask)
+        return session.run([self._output], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
 class TorchStepper:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,12 @@ from calib.models import TaskModel
 from calib.task_data import EvalSet, load_eval_set
 from exporters.config import ValidateConfig
 from exporters.metrics import AgreementStream, accuracy, cosine_rows, matthews, spearman, token_nll
-from exporters.runners import Runner, TorchRunner, measure_latencies
+from exporters.runners import Latency, OrtRunner, Runner, TorchRunner, measure_latencies
 
 EVAL_BATCH = 32
+# Evaluation windows per call of a causal LM: its logits are windows x tokens x vocabulary floats (SmolLM2:
+# 2 x 256 x 49,152 = 100 MB); more per call buys no speed on a CPU and held the validate stage over 6 GiB
+WINDOW_BATCH = 2
 GENERATED_SEED_OFFSET = 1000  # generated validation inputs never coincide with calibration inputs
 
 
@@ -53,7 +57,8 @@ def _corpus_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, seq_len: in
     windows = len(ids) // seq_len
     windows = min(windows, limit) if limit else windows
     rows = ids[: windows * seq_len].reshape(windows, seq_len)
-    return [(rows[i : i + 8], np.ones_like(rows[i : i + 8])) for i in range(0, windows, 8)]
+    step = WINDOW_BATCH
+    return [(rows[i : i + step], np.ones_like(rows[i : i + step])) for i in range(0, windows, step)]
 
 
 def build_eval_inputs(
@@ -141,28 +146,49 @@ class ModelReport:
     reference: str  # what the agreement figures compare with
 
 
+class SpilledArrays:
+    """Arrays written to a temporary folder as they come and read back memory-mapped: a reference model's outputs
+    stay on disk, not in memory (a decoder's logits: 8 windows x 256 tokens x 49,152 floats are 400 MB)."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="zsaq-validate-")  # removed with this object
+        self._count = 0
+
+    def append(self, array: np.ndarray) -> None:
+        np.save(Path(self._folder.name) / f"{self._count}.npy", array)
+        self._count += 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return np.load(Path(self._folder.name) / f"{index}.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return self._count
+
+
 @dataclass
 class _Outputs:
-    """What validation keeps of one model's run: its task metric, its agreement, and its outputs only when
-    other models are compared with it."""
+    """What validation keeps of one model's run: its task metric, its agreement, and its outputs (on disk) only
+    when other models are compared with it."""
 
     metric: float | None
     agreement: dict[str, float] | None
-    kept: list[np.ndarray] | None
+    kept: SpilledArrays | None
 
 
-def _run_streaming(runner: Runner, inputs: EvalInputs, reference: list[np.ndarray] | None, kind: str, keep: bool):
+def _run_streaming(runner: Runner, inputs: EvalInputs, reference: SpilledArrays | None, kind: str, keep: bool):
     """Run one model batch by batch: perplexity and agreement accumulate as it goes, so a decoder's logits are
-    never all in memory; only a reference model's outputs are kept."""
+    never all in memory; only a reference model's outputs are kept, on disk."""
     stream = AgreementStream() if reference is not None else None
-    kept: list[np.ndarray] = []
+    kept = SpilledArrays() if keep else None
     outs_a: list[np.ndarray] = []  # for metrics over all rows (accuracy, correlation): small outputs
     total = _NllSum()
     for i, (ids, mask) in enumerate(inputs.batches_a):
         output = runner(ids, mask)
         if stream is not None:
             stream.add(reference[i], output)
-        if keep:
+        if kept is not None:
             kept.append(output)
         if inputs.metric == "perplexity":
             total.add(output, ids, mask)
@@ -172,7 +198,7 @@ def _run_streaming(runner: Runner, inputs: EvalInputs, reference: list[np.ndarra
         metric = total.perplexity()
     else:
         metric = task_metric(inputs, outs_a, _run_all(runner, inputs.batches_b))
-    return _Outputs(metric, stream.result(kind) if stream else None, kept if keep else None)
+    return _Outputs(metric, stream.result(kind) if stream else None, kept)
 
 
 def validate_models(
@@ -183,22 +209,32 @@ def validate_models(
     vocab_size: int,
     kind: str,
     references: dict[str, str] | None = None,
+    one_at_a_time: bool = False,
 ) -> list[ModelReport]:
     """Run each runner on the inputs; agreement is measured against the runner named ``reference_name``,
     or the one ``references`` names for it (models that are not the student's exports). Reference models
-    run first, so every other model streams its agreement against them."""
+    run first, so every other model streams its agreement against them. Latency: the models take turns
+    (:func:`exporters.runners.measure_latencies`), or with ``one_at_a_time`` each ONNX graph is timed right
+    after its own run and closed, so one graph is in memory at a time (a decoder's six graphs)."""
     references = references or {}
     reference_of = {r.name: references.get(r.name, reference_name) for r in runners}
     needed = {reference_name, *references.values()}
     order = sorted(runners, key=lambda r: (r.name != reference_name, r.name not in needed))
     results: dict[str, _Outputs] = {}
+    latencies: dict[str, list[Latency]] = {}
     for runner in order:
         reference = reference_of[runner.name]
         if runner.name != reference and reference not in results:
             raise ValueError(f"validation: {runner.name}'s reference {reference} runs after it")
         kept = None if runner.name == reference else results[reference].kept
         results[runner.name] = _run_streaming(runner, inputs, kept, kind, keep=runner.name in needed)
-    latencies = measure_latencies(runners, validate.shapes, validate.warmup, validate.repeats, vocab_size)
+        if one_at_a_time:
+            timed = measure_latencies([runner], validate.shapes, validate.warmup, validate.repeats, vocab_size)
+            latencies[runner.name] = timed[runner.name]
+            if isinstance(runner, OrtRunner):
+                runner.close()
+    if not one_at_a_time:
+        latencies = measure_latencies(runners, validate.shapes, validate.warmup, validate.repeats, vocab_size)
     return [
         ModelReport(
             name=runner.name,

@@ -28,9 +28,11 @@ from exporters.metrics import fidelity
 from exporters.onnx_export import export_onnx, teacher_export_model
 from exporters.peer_graphs import (
     Feeds,
+    Int4Method,
     PeerUnavailable,
     StaticMethod,
     modelopt_graph,
+    ort_int4_graph,
     ort_static_graph,
     peer_format_graphs,
     sample_feeds,
@@ -81,11 +83,11 @@ def _calibrated(change: Callable[[PipelineConfig], PipelineConfig]) -> StudentPr
 
 
 def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:
-    """Weight-only, no calibration: int4 rows are exactly the W4A16 model the export stage ships."""
+    """Weight-only, no calibration: int4 rows are exactly the W4A16 model the export stage ships (in the row's
+    groups when it sets ``quant.weights.group_size``)."""
     w, a = config.quant.weights, config.quant.activations
-    quant = (
-        int4_weight_only_quant(teacher, WEIGHT_ONLY_GROUP) if (w.bits, a.bits) == (4, 16) else _learned(0)(config).quant
-    )
+    group = w.group_size or WEIGHT_ONLY_GROUP
+    quant = int4_weight_only_quant(teacher, group) if (w.bits, a.bits) == (4, 16) else _learned(0)(config).quant
     return quantize_student(teacher, quant, [], show_progress=False)[0]
 
 
@@ -128,6 +130,15 @@ def _ort_static(method: StaticMethod) -> GraphMaker:
     return make
 
 
+def _ort_int4(method: Int4Method) -> GraphMaker:
+    """ONNX Runtime's MatMulNBitsQuantizer at the row's group size (``quant.weights.group_size``)."""
+
+    def make(fp32: Path, out: Path, config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> None:
+        ort_int4_graph(fp32, out, method, config.quant.weights.group_size or WEIGHT_ONLY_GROUP)
+
+    return make
+
+
 def _modelopt_int8(fp32: Path, out: Path, config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> None:
     """Without a row ``inputs`` ModelOpt draws its own random sample (unseeded); with them, it calibrates on
     those."""
@@ -155,6 +166,8 @@ PROCEDURES: dict[str, Procedure] = {
     "ort-static-minmax": _onnx_peer(_ort_static("minmax")),
     "ort-static-entropy": _onnx_peer(_ort_static("entropy")),
     "modelopt-int8": _onnx_peer(_modelopt_int8),
+    "ort-int4-rtn": _onnx_peer(_ort_int4("rtn")),
+    "ort-int4-hqq": _onnx_peer(_ort_int4("hqq")),
     **{name: _evaluated(student) for name, student in STUDENTS.items()},
 }
 

@@ -324,27 +324,34 @@ def render_plot(data: TableData, path: Path) -> None:
     tmp.replace(path)
 
 
-README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+MAIN_TABLE = "table"  # the spec bench/table.yaml fills the README's plain bench-table block
 
 
-def check_readme(readme: Path) -> str:
-    """The README's text; a one-line error when it lacks the block the table goes into."""
+def readme_markers(spec_path: Path) -> tuple[str, str]:
+    """The README block a spec's table goes into: ``bench-table`` for bench/table.yaml, ``bench-table:<stem>``
+    for any other spec (bench/decoders.yaml: ``bench-table:decoders``), so several tables live in one README."""
+    name = "bench-table" if spec_path.stem == MAIN_TABLE else f"bench-table:{spec_path.stem}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def check_readme(readme: Path, spec_path: Path) -> str:
+    """The README's text; a one-line error when it lacks the block the spec's table goes into."""
+    start, end = readme_markers(spec_path)
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    if README_START not in text or README_END not in text:
-        raise ConfigError(f"bench --readme: {readme} has no '{README_START}' ... '{README_END}' block to fill")
+    if start not in text or end not in text:
+        raise ConfigError(f"bench --readme: {readme} has no '{start}' ... '{end}' block to fill")
     return text
 
 
-def update_readme(readme: Path, table_markdown: str, out: Path) -> None:
-    """Replace the README's block between the bench-table markers with the table (links made relative)."""
-    text = check_readme(readme)
+def update_readme(readme: Path, spec_path: Path, table_markdown: str, out: Path) -> None:
+    """Replace the README's block of this spec (:func:`readme_markers`) with the table (links made relative)."""
+    text = check_readme(readme, spec_path)
+    start, end = readme_markers(spec_path)
     relative = Path(os.path.relpath(out.resolve(), readme.resolve().parent)).as_posix()
     body = table_markdown.replace("](table.png)", f"]({relative}/table.png)").replace("# Benchmark", "### Benchmark", 1)
     body = body.replace(f"under `{CELLS_DIR}/`", f"under `{relative}/{CELLS_DIR}/`")
-    head, rest = text.split(README_START, 1)
-    atomic_write_text(
-        readme, head + README_START + "\n" + body.strip() + "\n" + README_END + rest.split(README_END, 1)[1]
-    )
+    head, rest = text.split(start, 1)
+    atomic_write_text(readme, head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
 
 
 def write_reports(spec: BenchSpec, out: Path, command: str, readme: Path | None = None) -> Path:
@@ -356,5 +363,5 @@ def write_reports(spec: BenchSpec, out: Path, command: str, readme: Path | None 
     markdown = render_markdown(data, command)
     atomic_write_text(out / "table.md", markdown)
     if readme is not None:
-        update_readme(readme, markdown, out)
+        update_readme(readme, spec.path, markdown, out)
     return out / "table.md"

@@ -14,7 +14,17 @@ from pipeline.config import PipelineConfig, build, merge, read_yaml
 
 TaskFamily = Literal["encoder", "decoder"]
 Procedure = Literal[
-    "fp32", "rtn", "ort-dynamic", "ort-static-minmax", "ort-static-entropy", "modelopt-int8", "ptq", "qat", "zsaq"
+    "fp32",
+    "rtn",
+    "ort-dynamic",
+    "ort-static-minmax",
+    "ort-static-entropy",
+    "modelopt-int8",
+    "ort-int4-rtn",
+    "ort-int4-hqq",
+    "ptq",
+    "qat",
+    "zsaq",
 ]  # pipeline.benchmark_cell's
 # Peers' own tools on the FP32 ONNX graph (exporters.peer_graphs): timed as their own CPU graph
 PEER_PROCEDURES = ("ort-dynamic", "ort-static-minmax", "ort-static-entropy", "modelopt-int8")
@@ -58,6 +68,8 @@ class Row:
         """The exported CPU model whose speed and size this row has (None: no runtime executes the scheme)."""
         if self.method.startswith("ort-static"):
             return "ort-static"  # both calibration methods make the same graph structure: one is timed
+        if self.method.startswith("ort-int4"):
+            return None  # decoder rows: the decoder table times no CPU formats
         if self.method == "fp32" or self.method in PEER_PROCEDURES:
             return self.method
         if unsupported("onnxruntime", Scheme(self.weight_bits, act_bits=min(self.act_bits, 16))):

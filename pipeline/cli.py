@@ -462,7 +462,7 @@ def _bench_table(
         raise ConfigError("bench --table: give --out FOLDER for the table and its cells")
     spec = benchmark.load_spec(spec_path)
     if readme is not None:
-        benchmark_report.check_readme(readme)  # before hours of cells, not after
+        benchmark_report.check_readme(readme, spec.path)  # before hours of cells, not after
     cells = [c for c in benchmark.planned_cells(spec, rows, tasks) if not seeds or c.seed in seeds]
     latency = not rows or "fp32" in rows
     if list_cells:

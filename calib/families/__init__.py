@@ -39,10 +39,29 @@ class FoldRule:
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """Where a pre-norm decoder's residual stream is read and written, for :mod:`calib.rotation` (names under
+    the backbone; ``norm_readers`` and the rest under each block): the tables that add into the stream, each
+    norm with the linears that read its output, the linears that write into the stream, the value projection
+    (``value_rows``: its rows in a fused QKV) with the output projection that reads the heads, and the MLP's
+    down projection."""
+
+    embeddings: tuple[str, ...]
+    final_norm: str
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[str, ...]
+    value: str
+    output: str
+    down: str
+    value_rows: Callable[[PretrainedConfig], tuple[int, int]] | None = None
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """One architecture: its numbered blocks (``<block>.N.``), their linear layers' input groups and fold
     rules, the attention module, which task kinds it serves, and how a tiny random model of it is configured
-    (transformers' ``config_class``, which of its attributes the RandomModel sizes set, fixed extras)."""
+    (transformers' ``config_class``, which of its attributes the RandomModel sizes set, fixed extras), and
+    where its residual stream can be rotated."""
 
     name: str
     block: str
@@ -52,6 +71,7 @@ class FamilySpec:
     sizes: dict[str, str] = field(default_factory=lambda: dict(STANDARD_SIZES))
     config_extra: dict[str, Any] = field(default_factory=dict)
     task_kinds: tuple[str, ...] = ("embedding", "classification", "causal-lm")
+    rotation: RotationSpec | None = None  # None: the residual stream cannot be rotated (BERT's post-LN)
 
     def random_config(self, spec: RandomModel, task: TaskConfig) -> PretrainedConfig:
         """A tiny transformers config of this family with the sizes of ``spec``."""

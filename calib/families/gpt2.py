@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from calib.families import FamilySpec, FoldRule
+from calib.families import FamilySpec, FoldRule, RotationSpec
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -33,4 +33,14 @@ SPEC = FamilySpec(
         "n_positions": "max_positions",
     },  # fmt: skip
     config_extra={"bos_token_id": 1, "eos_token_id": 2},
+    rotation=RotationSpec(
+        embeddings=("transformer.wte", "transformer.wpe"),
+        final_norm="transformer.ln_f",
+        norm_readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        writers=("attn.c_proj", "mlp.c_proj"),
+        value="attn.c_attn",
+        output="attn.c_proj",
+        down="mlp.c_proj",
+        value_rows=value_rows,
+    ),
 )

@@ -11,4 +11,5 @@ SPEC = FamilySpec(
     config_class="Qwen2Config",
     sizes={**STANDARD_SIZES, "num_key_value_heads": "kv_heads"},
     config_extra={"bos_token_id": 1, "eos_token_id": 2},
+    rotation=LLAMA.rotation,
 )

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calib.config import CalibConfig, GeneratorConfig, QuantConfig, SamSgaConfig, TaskConfig
+from calib.config import (
+    CalibConfig,
+    GeneratorConfig,
+    QuadapterConfig,
+    QuantConfig,
+    RotationConfig,
+    SamSgaConfig,
+    TaskConfig,
+)
 from calib.devices import frozen_on, resolve_device, teacher_dtype
 from calib.errors import ConfigError
 from calib.methods import CalibrationRequest, calibrate, quantize_student
@@ -52,17 +60,26 @@ def test_a_bfloat16_teacher_plays_against_a_float32_student():
     assert any(not torch.equal(a, p) for a, p in zip(before, game.student_params))
 
 
+# the rotated decoder's student carries its rotation (a buffer) and online Hadamards (buffers) onto the GPU
+ROTATED_SMOOTHED = QuantConfig(
+    rotation=RotationConfig(enabled=True), quadapter=QuadapterConfig(enabled=True, init="smoothquant-search")
+)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; scripts/gpu_check.py)")
-def test_on_cuda_calibration_and_learning_run_on_the_gpu_and_track_the_cpu():
+@pytest.mark.parametrize("quant", [QuantConfig(), ROTATED_SMOOTHED], ids=["W8A8", "W8A8-rotated-smoothed"])
+def test_on_cuda_calibration_and_learning_run_on_the_gpu_and_track_the_cpu(quant):
     teacher = tiny_teacher("llama")
-    request = CalibrationRequest(teacher, None, CALIB, QuantConfig(), TaskConfig(kind="causal-lm"),
+    request = CalibrationRequest(teacher, None, CALIB, quant, TaskConfig(kind="causal-lm"),
                                  show_progress=False, device="cuda")  # fmt: skip
     calibration = calibrate(request)
     assert calibration.samples.attention_mask.device.type == "cpu"  # artifacts come back on the CPU
+    kept = next(teacher.parameters())  # the caller's teacher is untouched: the next stage builds from it
+    assert (kept.device.type, kept.dtype) == ("cpu", torch.float32)
     assert next(calibration.game.student.parameters()).device.type == "cuda"
-    student, _ = quantize_student(tiny_teacher("llama"), QuantConfig(), calibration.samples.batches(4),
+    student, _ = quantize_student(tiny_teacher("llama"), quant, calibration.samples.batches(4),
                                   show_progress=False, device="cuda")  # fmt: skip
-    cpu_student, _ = quantize_student(tiny_teacher("llama"), QuantConfig(), calibration.samples.batches(4),
+    cpu_student, _ = quantize_student(tiny_teacher("llama"), quant, calibration.samples.batches(4),
                                       show_progress=False)  # fmt: skip
     batch = calibration.samples.batches(4)[0]
     on_gpu = batch.to(torch.device("cuda")).run(student).output.cpu()

@@ -42,10 +42,32 @@ def test_correlated_inputs_get_a_smaller_output_error_than_round_to_nearest(gran
     assert gptq_error < 0.7 * rtn_error
 
 
+def test_columns_are_visited_by_decreasing_hessian_diagonal_not_by_position():
+    """Act-order: permuting the input channels (weight columns and Hessian alike) permutes the result, because
+    the visiting order follows the Hessian's diagonal; static groups keep each column's own step."""
+    rng = torch.Generator().manual_seed(2)
+    weight = torch.randn(16, 64, generator=rng)
+    inputs = (torch.randn(1024, 64, generator=rng) @ torch.randn(64, 64, generator=rng)) * torch.linspace(0.1, 3, 64)
+    hessian = inputs.T @ inputs
+    quantizer = _quantizer(weight, "per-channel")  # one step per row: the same grid in any column order
+    perm = torch.randperm(64, generator=rng)
+    direct = gptq_weight(weight, hessian, quantizer)
+    permuted = gptq_weight(weight[:, perm], hessian[perm][:, perm], quantizer)
+    assert torch.allclose(permuted, direct[:, perm], atol=1e-5)
+    grouped = _quantizer(weight, "per-group")  # static groups: every column rounds onto its own group's grid
+    rounded = gptq_weight(weight, hessian, grouped)
+    assert torch.allclose(grouped(rounded), rounded, atol=1e-5)
+
+
 @torch.no_grad()
-def test_gptq_on_a_student_keeps_weights_on_grid_and_lowers_the_discrepancy():
-    teacher = tiny_teacher("bert", hidden=64)
-    quant = QuantConfig(weights=WeightQuant(bits=4))
+@pytest.mark.parametrize(
+    ("family", "quant"),
+    [("bert", QuantConfig(weights=WeightQuant(bits=4))),
+     ("llama", QuantConfig(weights=WeightQuant(bits=4), lm_head=True))],  # the head: outside the blocks
+    ids=["bert", "llama-with-head"],
+)  # fmt: skip
+def test_gptq_on_a_student_keeps_weights_on_grid_and_lowers_the_discrepancy(family, quant):
+    teacher = tiny_teacher(family, hidden=64)
     batches = random_tokens(32, 16, 512, seed=0).batches(8)
 
     def discrepancy(student) -> float:

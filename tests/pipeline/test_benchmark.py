@@ -26,10 +26,11 @@ from calib.learn import distillation_loss
 from calib.methods import CalibrationRequest, calibrate
 from calib.models import frozen_teacher, load_backbone, load_source_tokenizer
 from calib.student import activation_quantizers, quant_layers
-from exporters.cpu_kernels import machine_description
+from exporters.cpu_kernels import machine_description, ort_session
+from exporters.decoding import run_full_sequence
 from exporters.metrics import fidelity
 from exporters.onnx_export import export_onnx, teacher_export_model
-from exporters.peer_graphs import MODELOPT_PYTHON_ENV, ort_static_graph, sample_feeds
+from exporters.peer_graphs import MODELOPT_PYTHON_ENV, ort_int4_graph, ort_static_graph, sample_feeds
 from exporters.validation import build_eval_inputs
 from pipeline import benchmark
 from pipeline.benchmark import Cell, load_spec, planned_cells, task_config
@@ -270,10 +271,15 @@ def test_bench_table_runs_cells_in_their_own_processes_and_writes_md_csv_png(ben
     assert (out / "table.png").stat().st_size > 0 and "no (uses data)" in table
     assert f"side by side in one run on {machine_description()} (" in table
     readme = bench_files / "README.md"
-    readme.write_text("# Title\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
+    # two tables in one README: each spec fills its own block (this spec, spec.yaml: bench-table:spec)
+    readme.write_text(
+        "# Title\n<!-- bench-table:start -->\nmain\n<!-- bench-table:end -->\n"
+        "<!-- bench-table:spec:start -->\nold\n<!-- bench-table:spec:end -->\nafter\n"
+    )
     shown = subprocess.run([*command, "--render-only", "--readme", str(readme)], capture_output=True, text=True)
     text = readme.read_text()
-    assert shown.returncode == 0 and "old" not in text and text.endswith("<!-- bench-table:end -->\nafter\n")
+    assert shown.returncode == 0 and "old" not in text and text.endswith("<!-- bench-table:spec:end -->\nafter\n")
+    assert "<!-- bench-table:start -->\nmain\n<!-- bench-table:end -->" in text  # the other table's block stays
     assert "](out/table.png)" in text and "| static PTQ on real task data (uses data) | W4A8 | no (uses data) |" in text
     again = subprocess.run([*command, "--rows", "fp32"], capture_output=True, text=True)  # every cell is there
     assert again.returncode == 0 and json.loads((out / "cells" / "latency.json").read_text()) == latency
@@ -286,7 +292,7 @@ def test_bench_table_refuses_a_missing_out_and_a_bad_spec_in_one_line(bench_file
         (["--table", str(bench_files / "spec.yaml"), "--check", "b.json"], "exactly one of"),
         (
             ["--table", str(bench_files / "spec.yaml"), "--out", "x", "--readme", str(bench_files / "task.yaml")],
-            "has no '<!-- bench-table:start -->'",
+            "has no '<!-- bench-table:spec:start -->'",
         ),
     ):
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", *args], capture_output=True, text=True)
@@ -426,3 +432,22 @@ def test_ort_static_graphs_are_per_channel_qdq_with_uint8_activations(tmp_path):
     assert len(per_channel) >= 6  # every MatMul weight of the tiny BERT block, one scale per output channel
     activation_q = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert activation_q and all(inits[n.input[2]].dtype == np.uint8 for n in activation_q)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_ort_int4_peers_are_matmul_nbits_in_the_rows_blocks_with_the_head_left_float(method, tmp_path):
+    teacher = tiny_teacher("llama")
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(teacher_export_model(teacher), fp32, 17)
+    ort_int4_graph(fp32, tmp_path / "int4.onnx", method, 32)
+    graph = onnx.load(tmp_path / "int4.onnx")
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert len(nbits) == 2 * 7  # q, k, v, o, gate, up, down of both blocks; the LM head stays a float MatMul
+    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in attributes)
+    assert any(n.op_type == "MatMul" and "lm_head" in n.name for n in graph.graph.node)
+    ids = random_tokens(2, 12, teacher.backbone.config.vocab_size, seed=0)
+    got = run_full_sequence(ort_session(tmp_path / "int4.onnx"), ids.input_ids.numpy(), ids.attention_mask.numpy())
+    with torch.no_grad():
+        want = teacher(ids.input_ids, ids.attention_mask).numpy()
+    assert fidelity(want, got, "causal-lm") > 80  # 4-bit weights: most next-token predictions kept
