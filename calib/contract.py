@@ -110,7 +110,7 @@ def build_contract(student: TaskModel) -> Contract:
         if not any(pname.startswith(prefix) for prefix in quantized):
             tensors[f"float.{pname}"] = value.detach().clone().contiguous()
     layout = getattr(student, "rotation_layout", None)
-    rotation = None if layout is None else layout.to_json()
+    rotation = None if layout is None else asdict(layout)
     smoothing = dict(getattr(student, "smoothing", {}))
     return Contract(tensors, specs, embeddings, list(attention), list(cache), rotation, smoothing)
 

@@ -67,14 +67,16 @@ class QuantLinear(nn.Module):
         """``1 / a``, the Quadapter's factor on the input (exported as a Mul where it cannot be folded)."""
         return None if self.quadapter is None else self.quadapter.input_multiplier()
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the quantized weight multiplies: ``x`` after the Quadapter's multiplier, the online rotation and
-        the input quantizer."""
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after the Quadapter's multiplier and the online rotation: what the input quantizer sees."""
         multiplier = self.input_multiplier()
         if multiplier is not None:
             x = x * multiplier
-        if self.input_rotation is not None:
-            x = self.input_rotation(x)
+        return x if self.input_rotation is None else self.input_rotation(x)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the quantized weight multiplies: :meth:`transformed_input` through the input quantizer."""
+        x = self.transformed_input(x)
         for quantizer in (self.input_quantizer, self.dynamic_input_quantizer):
             if quantizer is not None:
                 x = quantizer(x)

@@ -30,6 +30,7 @@ from calib.errors import ConfigError
 from calib.families import FamilySpec, family_of
 from calib.hadamard import OnlineHadamard, random_orthogonal
 from calib.models import TaskModel
+from calib.quant_linear import linear_weight
 
 
 @dataclass
@@ -41,14 +42,10 @@ class RotationLayout:
     head_bias: bool = False
     online: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return {"untied_head": self.untied_head, "head_bias": self.head_bias, "online": self.online}
-
 
 def _weight(layer: nn.Module) -> torch.Tensor:
-    """``[out, in]`` float64 copy of a Linear or Conv1D weight."""
-    w = layer.weight.detach().double()
-    return w.t() if isinstance(layer, Conv1D) else w
+    """``[out, in]`` float64 copy of a Linear or Conv1D weight (:func:`calib.quant_linear.linear_weight`)."""
+    return linear_weight(layer).double()
 
 
 def _set_weight(layer: nn.Module, w: torch.Tensor) -> None:
@@ -202,8 +199,6 @@ def _rotate_heads(block: nn.Module, spec, config, h: torch.Tensor, heads: int) -
     _set_weight(output, (cols @ h).reshape(wo.shape[0], -1))
 
 
-def online_rotations(layout: dict | RotationLayout | None) -> set[str]:
-    """Names of the layers with an online Hadamard in a layout (or its JSON)."""
-    if layout is None:
-        return set()
-    return set(layout.online if isinstance(layout, RotationLayout) else layout.get("online", []))
+def online_rotations(layout: dict | None) -> set[str]:
+    """Names of the layers with an online Hadamard in a contract's rotation layout (its JSON)."""
+    return set((layout or {}).get("online", []))

@@ -32,9 +32,7 @@ def _quantized_output(layer: QuantLinear, x: torch.Tensor, quant: QuantConfig) -
                               layer.weight_quantizer.group_size)  # fmt: skip
     weight = layer.effective_weight()
     weights.init_from_tensor(weight, quant.weights.init)
-    multiplier = layer.input_multiplier()
-    x = x if multiplier is None else x * multiplier
-    x = x if layer.input_rotation is None else layer.input_rotation(x)
+    x = layer.transformed_input(x)
     if layer.input_quantizer is not None:
         observer = RangeObserver(quant.activations.init, quant.activations.percentile)
         observer.observe(x)
