@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -44,16 +45,18 @@ class Measurement:
     p50_ms: dict[str, dict[str, float]]
 
 
-def measure(threads: int, repeats: int, int8_threads: int | None = None) -> Measurement:
+def measure(threads: int, repeats: int, rewrite_int8: Callable[[Path], None] | None = None) -> Measurement:
     """Build the models in a temporary folder and measure every scheme's speed-up over FP32 side by side.
 
-    ``int8_threads`` (default: ``threads``) exists so a test can slow the int8 path down on purpose."""
+    ``rewrite_int8`` (edits the int8 graph file in place before timing) exists so a test can slow the int8 path
+    down on purpose by a known factor on any CPU."""
     task = TaskConfig(kind="embedding")
     teacher = frozen_teacher(load_backbone(ModelSource(random=CHECK_MODEL), task), task.kind)
     with tempfile.TemporaryDirectory(prefix="zsaq-latency-") as tmp:
         paths = cpu_format_graphs(teacher, tuple(SCHEMES.values()), Path(tmp), 17, max(s for _, s in SHAPES))
-        counts = {**dict.fromkeys(paths, threads), SCHEMES["int8"]: int8_threads or threads}
-        result = speedups(paths, SHAPES, repeats, CHECK_MODEL.vocab_size, counts)
+        if rewrite_int8 is not None:
+            rewrite_int8(paths[SCHEMES["int8"]])
+        result = speedups(paths, SHAPES, repeats, CHECK_MODEL.vocab_size, dict.fromkeys(paths, threads))
     names = {"fp32": "fp32", **{fmt: scheme for scheme, fmt in SCHEMES.items()}}
     speedup = {names[f]: {s: round(r, 3) for s, r in by_shape.items()} for f, by_shape in result["speedup"].items()}
     del speedup["fp32"]
