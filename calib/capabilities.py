@@ -15,13 +15,14 @@ class Scheme:
     group_size: int | None = None
     act_bits: int = 16
     act_granularity: str = "per-tensor"  # of 8-bit activations: static per-tensor or dynamic per-block
+    zero_point: bool = False  # asymmetric weights: an integer zero point per group
 
 
 @dataclass(frozen=True)
 class Support:
     """Schemes a runtime runs with one kernel family: any of ``weight_bits`` at ``granularity`` with one of
     ``group_sizes`` (None: no groups), with activations of any of ``act_bits``, 8-bit ones at any of
-    ``act_granularities``."""
+    ``act_granularities``; ``zero_points``: whether the kernel takes asymmetric weights."""
 
     weight_bits: tuple[int, ...]
     granularity: str
@@ -29,6 +30,7 @@ class Support:
     kernel: str
     act_bits: tuple[int, ...] = (8, 16)
     act_granularities: tuple[str, ...] = ("per-tensor",)
+    zero_points: bool = False
 
 
 # per-block activations: dynamic int8, one scale per row and block of input channels, computed at run time, as
@@ -37,7 +39,14 @@ STATIC_AND_DYNAMIC = ("per-tensor", "per-block")
 RUNTIMES: dict[str, tuple[Support, ...]] = {
     "pytorch": (
         Support((2, 4, 8), "per-channel", (None,), "fake quantization", act_granularities=STATIC_AND_DYNAMIC),
-        Support((2, 4), "per-group", (32, 64, 128), "fake quantization", act_granularities=STATIC_AND_DYNAMIC),
+        Support(
+            (2, 4),
+            "per-group",
+            (32, 64, 128),
+            "fake quantization",
+            act_granularities=STATIC_AND_DYNAMIC,
+            zero_points=True,
+        ),
     ),
     "onnxruntime": (
         Support(
@@ -47,7 +56,9 @@ RUNTIMES: dict[str, tuple[Support, ...]] = {
             "MatMulIntegerToFloat (A8), DequantizeLinear (A16), MatMulNBits int8 compute (per-block A8)",
             act_granularities=STATIC_AND_DYNAMIC,
         ),
-        Support((4,), "per-group", (32, 64, 128), "MatMulNBits", act_granularities=STATIC_AND_DYNAMIC),
+        Support(
+            (4,), "per-group", (32, 64, 128), "MatMulNBits", act_granularities=STATIC_AND_DYNAMIC, zero_points=True
+        ),
     ),
     "tensorrt": (
         Support((8,), "per-channel", (None,), "int8 GEMM from Q/DQ"),
@@ -77,6 +88,9 @@ def unsupported(runtime: str, scheme: Scheme) -> tuple[str, str, object] | None:
     if not any(scheme.group_size in s.group_sizes for s in matching):
         sizes = _options([g for s in matching for g in s.group_sizes])
         return "weights.group_size", f"{sizes} ({name}'s {scheme.weight_bits}-bit group sizes)", scheme.group_size
+    if scheme.zero_point and not any(s.zero_points for s in matching):
+        where = f"{scheme.granularity} {scheme.weight_bits}-bit weights on {name}"
+        return "weights.zero_point", f"false for {where} (symmetric only: zero point 0)", True
     if not any(scheme.act_bits in s.act_bits for s in matching):
         return "activations.bits", f"{_options([a for s in matching for a in s.act_bits])} for {name}", scheme.act_bits
     if scheme.act_bits == 8 and not any(scheme.act_granularity in s.act_granularities for s in matching):

@@ -139,7 +139,10 @@ class SharpnessConfig:
 class SamSgaConfig:
     """The minimax game: generator ascent steps (SGA) against student SAM descent steps, per round; the student
     learns what ``quant.learn`` says, at its rates. ``sam: false``: AdamW instead (ablation); ``adversarial:
-    false``: the generator stays frozen; ``adaptive``: ASAM, the perturbation scaled by each parameter's size."""
+    false``: the generator stays frozen; ``adaptive``: ASAM, the perturbation scaled by each parameter's size.
+    ``select_every``: every this many rounds (and at round 0) the student is scored on ``select_samples``
+    held-out generated samples and the game ends on the best-scoring state (:mod:`calib.selection`); 0: the
+    last state."""
 
     rounds: Positive = 150
     generator_steps: Positive = 1
@@ -149,6 +152,8 @@ class SamSgaConfig:
     sam: bool = True
     adversarial: bool = True
     checkpoint_every: Positive = 25
+    select_every: Count = 0
+    select_samples: Positive = 16
 
 
 @dataclass(frozen=True)
@@ -177,14 +182,18 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """Signed symmetric weights: per output channel, or in groups along the input dimension. ``rounding:
-    gptq`` rounds each layer onto its grid with GPTQ on the calibration inputs instead of to nearest."""
+    """Signed weights: per output channel, or in groups along the input dimension. ``rounding: gptq`` rounds
+    each layer onto its grid with GPTQ on the calibration inputs instead of to nearest. ``zero_point``:
+    asymmetric groups (an integer zero point per group, the range [min, max] of the group with 0 in it,
+    shrunk by the MSE search under ``init: mse``); ONNX Runtime's MatMulNBits takes them, TensorRT's int4 is
+    symmetric, so the TensorRT flavour is not written for such a student."""
 
     bits: int = 8
     granularity: WeightGranularity = "per-channel"
     group_size: int | None = None
     init: RangeInit = "minmax"
     rounding: Rounding = "nearest"
+    zero_point: bool = False
 
 
 ActivationGranularity = Literal["per-tensor", "per-block"]

@@ -35,6 +35,7 @@ class LayerSpec:
     group_size: int | None
     act_bits: int
     act_block: int | None = None  # 8-bit activations quantized dynamically per block of this many (None: static)
+    zero_point: bool = False  # asymmetric weights: ``weight_zero_point`` holds an integer per group
 
     @property
     def act_granularity(self) -> str:
@@ -69,6 +70,9 @@ def build_contract(student: TaskModel) -> Contract:
         scale = wq.scale.detach().float()
         scale = scale.reshape(scale.shape[0], -1)  # [out, groups] (one group per row included)
         tensors[f"{name}.weight_scale"] = (scale if wq.group_size else scale.squeeze(-1)).contiguous()
+        if wq.zero_point is not None:
+            zero = wq.zero_point.reshape(scale.shape)
+            tensors[f"{name}.weight_zero_point"] = (zero if wq.group_size else zero.squeeze(-1)).to(torch.int8)
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().float().clone()
         multiplier = layer.input_multiplier()
@@ -87,6 +91,7 @@ def build_contract(student: TaskModel) -> Contract:
                 group_size=wq.group_size,
                 act_bits=8 if layer.input_quantizer is not None or dynamic is not None else 16,
                 act_block=None if dynamic is None else dynamic.block_size,
+                zero_point=wq.zero_point is not None,
             )
         )
     quantized = {f"{n}." for n in layers}
@@ -144,13 +149,14 @@ def load_contract(folder: Path) -> Contract:
 
 
 def dequantized_weight(contract: Contract, spec: LayerSpec) -> torch.Tensor:
-    """``weight_int * weight_scale`` in ``[out, in]``: the weight the student actually uses."""
+    """``(weight_int - weight_zero_point) * weight_scale`` in ``[out, in]``: the weight the student actually uses."""
     q = contract.tensors[f"{spec.name}.weight_int"].float()
     scale = contract.tensors[f"{spec.name}.weight_scale"]
+    zero = contract.tensors.get(f"{spec.name}.weight_zero_point", torch.zeros(scale.shape)).float()
     if spec.group_size:
-        groups = q.reshape(spec.out_features, -1, spec.group_size) * scale.unsqueeze(-1)
-        return groups.reshape(spec.out_features, spec.in_features)
-    return q * scale.unsqueeze(-1)
+        groups = q.reshape(spec.out_features, -1, spec.group_size) - zero.unsqueeze(-1)
+        return (groups * scale.unsqueeze(-1)).reshape(spec.out_features, spec.in_features)
+    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
 
 
 def dequantized_embedding(contract: Contract, name: str) -> torch.Tensor:
@@ -178,6 +184,8 @@ def load_student(teacher: TaskModel, quant: QuantConfig, contract: Contract) -> 
         scale = contract.tensors[f"{spec.name}.weight_scale"]
         shape = (spec.out_features, -1, 1) if spec.group_size else (spec.out_features, 1)
         layer.weight_quantizer.set_scale(scale.reshape(shape))
+        if spec.zero_point:
+            layer.weight_quantizer.set_zero_point(contract.tensors[f"{spec.name}.weight_zero_point"].reshape(shape))
         if layer.bias is not None:
             layer.bias.copy_(contract.tensors[f"{spec.name}.bias"])
         if layer.input_quantizer is not None:

@@ -19,12 +19,21 @@ class _BlockDone(Exception):
     """Raised from a hook once every layer of the current block has seen its input."""
 
 
+def _per_column(values: torch.Tensor, quantizer: TensorQuantizer, in_features: int) -> torch.Tensor:
+    if quantizer.granularity == "per-group":
+        return values.squeeze(-1).repeat_interleave(quantizer.group_size, dim=1)
+    return values.reshape(-1, 1).expand(-1, in_features)
+
+
 def column_scales(quantizer: TensorQuantizer, in_features: int) -> torch.Tensor:
     """``[out, in]`` step size of every weight entry (per channel, or the entry's group)."""
-    scale = quantizer.scale.detach()
-    if quantizer.granularity == "per-group":
-        return scale.squeeze(-1).repeat_interleave(quantizer.group_size, dim=1)
-    return scale.reshape(-1, 1).expand(-1, in_features)
+    return _per_column(quantizer.scale.detach(), quantizer, in_features)
+
+
+def column_zero_points(quantizer: TensorQuantizer, in_features: int) -> torch.Tensor:
+    """``[out, in]`` zero point of every weight entry (zeros for a symmetric quantizer)."""
+    zero = quantizer.zero_point
+    return _per_column(torch.zeros_like(quantizer.scale) if zero is None else zero, quantizer, in_features)
 
 
 @torch.no_grad()
@@ -34,15 +43,17 @@ def gptq_weight(
     """The GPTQ-rounded ``[out, in]`` weight (dequantized, on ``quantizer``'s grid) for input Hessian ``hessian``,
     as the reference implementation runs it with ``--act-order --static-groups``: columns visited by decreasing
     Hessian diagonal (the inputs that carry most energy first, while the most error can still be compensated),
-    each rounded with the step of the group it belongs to in the original order, fixed before GPTQ starts."""
+    each rounded with the step (and zero point) of the group it belongs to in the original order, fixed before
+    GPTQ starts."""
     w = weight.detach().clone().double()
     h = hessian.detach().clone().double()
     scales = column_scales(quantizer, w.shape[1]).double()
+    zeros = column_zero_points(quantizer, w.shape[1]).double()
     dead = torch.diag(h) == 0  # inputs that never fire: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)
-    w, h, scales = w[:, order], h[order][:, order], scales[:, order]
+    w, h, scales, zeros = w[:, order], h[order][:, order], scales[:, order], zeros[:, order]
     h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     result = torch.zeros_like(w)
@@ -50,8 +61,8 @@ def gptq_weight(
         end = min(start + block, w.shape[1])
         chunk, errors, inverse = w[:, start:end].clone(), torch.zeros_like(w[:, start:end]), upper[start:end, start:end]
         for i in range(end - start):
-            column, step = chunk[:, i], scales[:, start + i]
-            rounded = torch.clamp(torch.round(column / step), quantizer.qmin, quantizer.qmax) * step
+            column, step, zero = chunk[:, i], scales[:, start + i], zeros[:, start + i]
+            rounded = (torch.clamp(torch.round(column / step + zero), quantizer.qmin, quantizer.qmax) - zero) * step
             result[:, start + i] = rounded
             error = (column - rounded) / inverse[i, i]
             chunk[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)

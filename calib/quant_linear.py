@@ -31,7 +31,7 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         wq = quant.weights
-        self.weight_quantizer = TensorQuantizer(wq.bits, wq.granularity, wq.group_size)
+        self.weight_quantizer = TensorQuantizer(wq.bits, wq.granularity, wq.group_size, wq.zero_point)
         block = quant.activation_block()
         static = quant.activations.bits == 8 and block is None
         self.input_quantizer = TensorQuantizer(8) if static else None  # static: a calibrated, learned scale

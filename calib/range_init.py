@@ -24,6 +24,34 @@ def _mse_absmax(values: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int
     return best
 
 
+def asymmetric_grid(low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and integer zero point (within [qmin, qmax]) of the grid mapping [low, high] onto [qmin, qmax]."""
+    scale = ((high - low) / (qmax - qmin)).clamp(min=1e-8)
+    return scale, torch.clamp(torch.round(qmin - low / scale), qmin, qmax)
+
+
+def asymmetric_range(rows: torch.Tensor, method: str, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the range [low, high] of an asymmetric grid, 0 inside it (as ONNX Runtime's and GPTQ's
+    asymmetric rounding take it): min-max, or with ``mse`` both ends shrunk by the fraction whose
+    quantize-dequantize error is smallest."""
+    if method not in ("minmax", "mse"):
+        raise ValueError(f"asymmetric ranges are minmax or mse, got {method!r}")
+    low, high = rows.amin(dim=-1).clamp(max=0), rows.amax(dim=-1).clamp(min=0)
+    if method == "minmax":
+        return low, high
+    best_err = torch.full_like(low, float("inf"))
+    best_low, best_high = low.clone(), high.clone()
+    for ratio in MSE_GRID.tolist():
+        scale, zero = asymmetric_grid(low * ratio, high * ratio, qmin, qmax)
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        deq = (torch.clamp(torch.round(rows / scale + zero), qmin, qmax) - zero) * scale
+        err = (deq - rows).pow(2).mean(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_low, best_high = torch.where(better, low * ratio, best_low), torch.where(better, high * ratio, best_high)
+    return best_low, best_high
+
+
 class RangeObserver:
     """Finds |x| bounds, either streaming over activation batches or row-wise over a weight."""
 

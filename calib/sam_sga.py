@@ -19,6 +19,9 @@ from calib.learn import clamp_positive, distillation_loss, learnable_parameters,
 from calib.models import TaskModel, TaskOutput
 from calib.parallel import SINGLE, Parallel, check_divides, stream_seed
 from calib.sam import SAM
+from calib.selection import BestStudent
+
+HELD_OUT_STREAM = 1_000_003  # the held-out samples' random stream, apart from every training stream
 
 
 @dataclass
@@ -32,6 +35,8 @@ class GameHistory:
     sharpness_seconds: float = 0.0
     generator_seconds: float = 0.0
     student_seconds: float = 0.0
+    held_out: list[list[float]] = field(default_factory=list)  # [round, discrepancy] of each selection check
+    selected_round: int = -1  # the round whose student the game ended on (-1: the last, no selection)
 
 
 def prior_loss(
@@ -91,6 +96,18 @@ class SamSga:
         self.want_hidden = learn.hidden_mse_weight > 0
         self.history = GameHistory()
         self.round = 0
+        self.selection = self._held_out_selection() if sga.select_every else None
+
+    @torch.no_grad()
+    def _held_out_selection(self) -> BestStudent:
+        """Held-out samples from the generator's starting distribution (their own random stream, the same on
+        every rank) and their teacher outputs, for :class:`calib.selection.BestStudent`."""
+        device = next(self.student.parameters()).device
+        rng = torch.Generator(device).manual_seed(stream_seed(self.calib.seed, HELD_OUT_STREAM))
+        count, size = self.calib.sam_sga.select_samples, self.calib.generator.batch_size
+        samples = [self.generator.sample(min(size, count - i), rng) for i in range(0, count, size)]
+        outputs = [batch.run(self.teacher, output_hidden_states=self.want_hidden) for batch in samples]
+        return BestStudent(samples, outputs, self._discrepancy, self.student_params)
 
     def _discrepancy(self, batch: Batch, teacher_out: TaskOutput) -> torch.Tensor:
         student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
@@ -189,10 +206,13 @@ class SamSga:
 
     def play(self, rounds: int, checkpoint: Callable[[], None] | None = None, show_progress: bool = True) -> None:
         """Run rounds from the current one up to ``rounds``; ``checkpoint`` is called every N rounds (on every
-        rank: saving gathers the ranks' random states)."""
+        rank: saving gathers the ranks' random states). With selection the student ends on its best state."""
         sga = self.calib.sam_sga
         progress = tqdm(range(self.round, rounds), desc="calibrate: SAM-SGA", initial=self.round, total=rounds,
                         disable=not show_progress)  # fmt: skip
+        selection = self.selection
+        if selection is not None and not selection.scores:
+            selection.check(self.round)  # the starting point: the game never ends worse than it on these samples
         for _ in progress:
             self.generator.set_progress(self.round / max(rounds - 1, 1))
             steps = sga.generator_steps if sga.adversarial else 0
@@ -200,12 +220,18 @@ class SamSga:
             student_losses = [self.student_step() for _ in range(sga.student_steps)]
             self._record(generator_totals, student_losses)
             self.round += 1
+            if selection is not None and (self.round % sga.select_every == 0 or self.round == rounds):
+                selection.check(self.round)
             postfix = {"student": f"{self.history.student_discrepancy[-1]:.4f}"}
             if self.history.generator_discrepancy:
                 postfix["generator"] = f"{self.history.generator_discrepancy[-1]:.4f}"
             progress.set_postfix(postfix)
             if checkpoint is not None and self.round % sga.checkpoint_every == 0 and self.round < rounds:
                 checkpoint()
+        if selection is not None:
+            selection.restore()
+            self.history.held_out = [list(score) for score in selection.scores]
+            self.history.selected_round = selection.best_round
         for param in self.student_params:
             param.requires_grad_(False)
 
@@ -223,6 +249,7 @@ class SamSga:
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "rngs": None if gathered is None else {k: v for states in gathered for k, v in states.items()},
             "history": history,
+            "selection": None if self.selection is None else self.selection.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,3 +265,5 @@ class SamSga:
         for stream, rng in self.rngs.items():
             rng.set_state(state["rngs"][str(stream)])
         self.history = GameHistory(**state["history"])
+        if self.selection is not None and state.get("selection") is not None:
+            self.selection.load_state_dict(state["selection"])

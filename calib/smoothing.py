@@ -28,8 +28,8 @@ def smoothquant_scale(layers: list[QuantLinear], act_absmax: torch.Tensor, alpha
 def _quantized_output(layer: QuantLinear, x: torch.Tensor, quant: QuantConfig) -> torch.Tensor:
     """The layer on ``x`` with its current Quadapter and fresh quantizers initialised as :func:`calib.student.
     init_ranges` would (weights from themselves, a static input scale from these very rows)."""
-    weights = TensorQuantizer(layer.weight_quantizer.bits, layer.weight_quantizer.granularity,
-                              layer.weight_quantizer.group_size)  # fmt: skip
+    own = layer.weight_quantizer
+    weights = TensorQuantizer(own.bits, own.granularity, own.group_size, own.zero_point is not None)
     weight = layer.effective_weight()
     weights.init_from_tensor(weight, quant.weights.init)
     x = layer.transformed_input(x)

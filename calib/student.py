@@ -219,13 +219,16 @@ def _attention_groups(student: TaskModel) -> dict[str, dict[str, RoleQuantizers]
 
 
 def student_state(student: TaskModel, include_weights: bool) -> dict[str, torch.Tensor]:
-    """The learned part of the student: step sizes, Quadapter scales and (after QAT) the weights."""
+    """The learned part of the student: step sizes (and zero points), Quadapter scales and (after QAT) the
+    weights."""
     state = {}
     for name, layer in quant_layers(student).items():
         for part in ("weight_quantizer", "input_quantizer"):
             quantizer = getattr(layer, part)
             if quantizer is not None:
                 state[f"{name}.{part}.scale"] = quantizer.scale.detach().clone()
+                if quantizer.zero_point is not None:
+                    state[f"{name}.{part}.zero_point"] = quantizer.zero_point.clone()
         if layer.quadapter is not None:
             state[f"{name}.quadapter.scale"] = layer.quadapter.scale.detach().clone()
         if include_weights:
@@ -251,7 +254,11 @@ def load_student_state(student: TaskModel, state: dict[str, torch.Tensor]) -> No
         name, _, part = key.rpartition(".")
         layer_name, _, owner = name.rpartition(".")
         if owner in ("weight_quantizer", "input_quantizer"):
-            getattr(layers[layer_name], owner).set_scale(value)
+            quantizer = getattr(layers[layer_name], owner)
+            if part == "zero_point":
+                quantizer.set_zero_point(value)
+            else:
+                quantizer.set_scale(value)
         elif owner == "quadapter":
             layers[layer_name].quadapter.scale.copy_(value)
         else:

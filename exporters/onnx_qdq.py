@@ -58,7 +58,9 @@ def check_exportable(contract: Contract) -> None:
         if spec.name in online and f"{spec.name}.input_multiplier" in contract.tensors:
             # the graph's Mul would land after the online Hadamard, the student's goes before it
             raise ExportUnsupported(f"{spec.name}: an unfolded Quadapter before an online rotation is not exported")
-        scheme = Scheme(spec.weight_bits, spec.granularity, spec.group_size, spec.act_bits, spec.act_granularity)
+        scheme = Scheme(
+            spec.weight_bits, spec.granularity, spec.group_size, spec.act_bits, spec.act_granularity, spec.zero_point
+        )
         problem = unsupported("onnxruntime", scheme)
         if problem is not None:
             key, expected, got = problem
@@ -70,12 +72,21 @@ def check_exportable(contract: Contract) -> None:
 
 def flavour_unsupported(contract: Contract, flavour: Flavour) -> str | None:
     """Why ``flavour`` cannot lay out the contract, or None: per-block (dynamic) activations exist only as ONNX
-    Runtime's MatMulNBits int8 compute, which the TensorRT flavour (static per-tensor Q/DQ) cannot express."""
+    Runtime's MatMulNBits int8 compute, which the TensorRT flavour (static per-tensor Q/DQ) cannot express, and
+    asymmetric weights only as MatMulNBits' zero points (TensorRT's quantization is symmetric)."""
+    if flavour.fused_kernels:
+        return None
     dynamic = next((spec for spec in contract.layers if spec.act_block), None)
-    if dynamic is not None and not flavour.fused_kernels:
+    if dynamic is not None:
         return (
             f"per-block dynamic activations ({dynamic.name}) are ONNX Runtime's MatMulNBits int8 compute; "
             f"the {flavour.name} flavour's int8 activations are static per tensor"
+        )
+    asymmetric = next((spec for spec in contract.layers if spec.zero_point), None)
+    if asymmetric is not None:
+        return (
+            f"asymmetric weights ({asymmetric.name}: quant.weights.zero_point) are ONNX Runtime's MatMulNBits zero "
+            f"points; the {flavour.name} flavour is symmetric (zero point 0)"
         )
     return None
 
@@ -305,9 +316,10 @@ def _matmul_nbits(
     spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, accuracy_level: int
 ) -> tuple[list[TensorProto], onnx.NodeProto]:
     """ORT's MatMulNBits for a layer (CPU flavour): the contract's integers as unsigned (q + 2^(bits-1), the
-    default zero point when none is given; 4-bit ones two per byte) in blocks of the weights' group or, for
-    per-channel weights under per-block activations, of the activations' block, each channel's scale repeated
-    per block (the same numbers). With accuracy_level 4 the kernel quantizes its input in those blocks."""
+    default zero point when none is given, or the contract's zero points shifted alike; 4-bit ones two per
+    byte) in blocks of the weights' group or, for per-channel weights under per-block activations, of the
+    activations' block, each channel's scale repeated per block (the same numbers). With accuracy_level 4 the
+    kernel quantizes its input in those blocks."""
     bits = spec.weight_bits
     q = contract.tensors[f"{spec.name}.weight_int"].numpy().astype(np.int16) + (1 << (bits - 1))  # [N, K]
     n, k = spec.out_features, spec.in_features
@@ -318,9 +330,18 @@ def _matmul_nbits(
     scale = (scale if spec.group_size else np.repeat(scale[:, None], k // block, axis=1)).reshape(-1)
     base = f"{spec.name}.weight"
     inits = [numpy_helper.from_array(packed, f"{base}_packed"), numpy_helper.from_array(scale, f"{base}_scale")]
+    inputs = [matmul.input[0], f"{base}_packed", f"{base}_scale"]
+    if spec.zero_point:  # per block, unsigned like the integers; 4-bit ones two per byte, each row padded
+        zero = contract.tensors[f"{spec.name}.weight_zero_point"].numpy().astype(np.int16) + (1 << (bits - 1))
+        zero = zero.astype(np.uint8)
+        if bits == 4:
+            zero = np.pad(zero, ((0, 0), (0, zero.shape[1] % 2)))
+            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+        inits.append(numpy_helper.from_array(zero.astype(np.uint8).reshape(-1), f"{base}_zero_points"))
+        inputs.append(f"{base}_zero_points")
     node = helper.make_node(
         "MatMulNBits",
-        [matmul.input[0], f"{base}_packed", f"{base}_scale"],
+        inputs,
         list(matmul.output),
         name=f"{spec.name}.MatMulNBits",
         domain="com.microsoft",

@@ -249,9 +249,17 @@ def validate_models(
     ]
 
 
-def evaluate_torch(model: TaskModel, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:
-    """Task metric of one PyTorch task model on prepared inputs, and its flattened outputs (for agreement)."""
-    runner = TorchRunner("model", model, 0, torch.get_num_threads())
+def _evaluate(runner: Runner, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:
     outs_a, outs_b = _run_all(runner, inputs.batches_a), _run_all(runner, inputs.batches_b)
     flat = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
     return task_metric(inputs, outs_a, outs_b), flat
+
+
+def evaluate_torch(model: TaskModel, inputs: EvalInputs) -> tuple[float | None, np.ndarray]:
+    """Task metric of one PyTorch task model on prepared inputs, and its flattened outputs (for agreement)."""
+    return _evaluate(TorchRunner("model", model, 0, torch.get_num_threads()), inputs)
+
+
+def evaluate_onnx(path: Path, inputs: EvalInputs, threads: int) -> tuple[float | None, np.ndarray]:
+    """Task metric of one ONNX graph on ONNX Runtime's CPU provider, and its flattened outputs."""
+    return _evaluate(OrtRunner("model", path, threads), inputs)

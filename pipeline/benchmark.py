@@ -44,7 +44,8 @@ class LatencyEntry:
 @dataclass(frozen=True)
 class SpecFile:
     """The spec file as written: ``rows`` are catalogue keys (default: all), ``config`` a patch of every task's
-    config, ``claims`` pairs of rows to compare, ``fidelity`` also records agreement with the FP model."""
+    config, ``claims`` pairs of rows to compare, ``fidelity`` also records agreement with the FP model,
+    ``exported`` also scores each row's CPU ONNX (a student's CPU flavour, the FP32 graph; a peer's row is ONNX)."""
 
     tasks: dict[str, TaskEntry]
     catalogue: FilePath | None = None  # default: rows.yaml beside the spec
@@ -52,6 +53,7 @@ class SpecFile:
     seeds: tuple[int, ...] = (0, 1, 2)
     config: dict[str, Any] = field(default_factory=dict)
     fidelity: bool = False
+    exported: bool = False
     claims: tuple[tuple[str, str], ...] = ()
     latency: LatencyEntry | None = None
 
@@ -77,6 +79,7 @@ class BenchSpec:
     rows: tuple[Row, ...]
     config: dict[str, Any] = field(default_factory=dict)
     fidelity: bool = False
+    exported: bool = False
     claims: tuple[tuple[str, str], ...] = ()
     latency_config: Path | None = None
     latency_repeats: int = 20
@@ -109,8 +112,8 @@ def load_spec(path: Path) -> BenchSpec:
     latency = raw.latency or LatencyEntry("")
     timed = existing(latency.config, "latency.config") if raw.latency else None
     return BenchSpec(
-        path, tasks, catalogue, tuple(rows[k] for k in keys), raw.config, raw.fidelity, raw.claims, timed,
-        latency.repeats,
+        path, tasks, catalogue, tuple(rows[k] for k in keys), raw.config, raw.fidelity, raw.exported, raw.claims,
+        timed, latency.repeats,
     )  # fmt: skip
 
 

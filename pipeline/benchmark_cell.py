@@ -16,8 +16,10 @@ from typing import Any
 
 import click
 import numpy as np
+import onnx
 import torch
 
+from calib.contract import build_contract
 from calib.inputs import random_tokens
 from calib.methods import CalibrationRequest, calibrate, int4_weight_only_quant, quantize_student
 from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
@@ -25,7 +27,8 @@ from calib.student import student_state
 from exporters.cpu_kernels import machine_description
 from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph
 from exporters.metrics import fidelity
-from exporters.onnx_export import export_onnx, teacher_export_model
+from exporters.onnx_export import contract_float_graph, export_onnx, teacher_export_model
+from exporters.onnx_qdq import ExportUnsupported, quantize_graph
 from exporters.peer_graphs import (
     Feeds,
     Int4Method,
@@ -37,8 +40,8 @@ from exporters.peer_graphs import (
     peer_format_graphs,
     sample_feeds,
 )
-from exporters.runners import OrtRunner, speedups
-from exporters.validation import EvalInputs, build_eval_inputs, evaluate_torch, task_metric
+from exporters.runners import speedups
+from exporters.validation import EvalInputs, build_eval_inputs, evaluate_onnx, evaluate_torch
 from pipeline.benchmark import BenchSpec, BenchTask, load_spec, task_config
 from pipeline.benchmark_rows import Row, row_patch
 from pipeline.config import PipelineConfig, load_config
@@ -83,11 +86,14 @@ def _calibrated(change: Callable[[PipelineConfig], PipelineConfig]) -> StudentPr
 
 
 def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:
-    """Weight-only, no calibration: int4 rows are exactly the W4A16 model the export stage ships (in the row's
-    groups when it sets ``quant.weights.group_size``)."""
+    """Weight-only, no calibration: int4 rows are the W4A16 model the export stage ships (in the row's groups,
+    range init and zero points when it sets ``quant.weights``)."""
     w, a = config.quant.weights, config.quant.activations
-    group = w.group_size or WEIGHT_ONLY_GROUP
-    quant = int4_weight_only_quant(teacher, group) if (w.bits, a.bits) == (4, 16) else _learned(0)(config).quant
+    quant = _learned(0)(config).quant
+    if (w.bits, a.bits) == (4, 16):
+        shipped = int4_weight_only_quant(teacher, w.group_size or WEIGHT_ONLY_GROUP)
+        weights = dataclasses.replace(shipped.weights, init=w.init, zero_point=w.zero_point)
+        quant = dataclasses.replace(shipped, weights=weights)
     return quantize_student(teacher, quant, [], show_progress=False)[0]
 
 
@@ -115,10 +121,7 @@ def _onnx_peer(make: GraphMaker) -> Procedure:
                 make(fp32, quantized, config, teacher, tokenizer)
             except PeerUnavailable as exc:
                 raise click.ClickException(str(exc)) from None
-            runner = OrtRunner("model", quantized, os.cpu_count() or 1)
-            outs_a = [runner(i, m) for i, m in inputs.batches_a]
-            outs_b = [runner(i, m) for i, m in inputs.batches_b]
-        return task_metric(inputs, outs_a, outs_b), np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs_a])
+            return evaluate_onnx(quantized, inputs, os.cpu_count() or 1)
 
     return run
 
@@ -146,20 +149,14 @@ def _modelopt_int8(fp32: Path, out: Path, config: PipelineConfig, teacher: TaskM
     modelopt_graph(fp32, out, "int8", feeds)
 
 
-def _evaluated(student: StudentProcedure) -> Procedure:
-    def run(config: PipelineConfig, teacher: TaskModel, tokenizer: Any, inputs: EvalInputs) -> Evaluation:
-        return evaluate_torch(student(config, teacher, tokenizer), inputs)
-
-    return run
-
-
-# How each row method makes its quantized student (benchmark_rows.PROCEDURE_NAMES names them all).
+# How each learning or rounding row method makes its quantized student (scored in PyTorch, then exported).
 STUDENTS: dict[str, StudentProcedure] = {
     "rtn": _round_to_nearest,
     "ptq": _calibrated(_learned(0)),
     "qat": _calibrated(_learned(None)),
     "zsaq": _calibrated(_learned(0)),
 }
+# The other row methods: the FP32 teacher, and peers' tools on its FP32 ONNX graph.
 PROCEDURES: dict[str, Procedure] = {
     "fp32": lambda config, teacher, tokenizer, inputs: evaluate_torch(teacher, inputs),
     "ort-dynamic": _onnx_peer(lambda fp32, out, *_: ort_dynamic_graph(fp32, out)),
@@ -168,8 +165,30 @@ PROCEDURES: dict[str, Procedure] = {
     "modelopt-int8": _onnx_peer(_modelopt_int8),
     "ort-int4-rtn": _onnx_peer(_ort_int4("rtn")),
     "ort-int4-hqq": _onnx_peer(_ort_int4("hqq")),
-    **{name: _evaluated(student) for name, student in STUDENTS.items()},
 }
+
+
+def _student_cpu_graph(config: PipelineConfig, teacher: TaskModel, student: TaskModel) -> onnx.ModelProto:
+    """The student's CPU-flavour graph as the export stage writes it (from its contract)."""
+    export = config.export
+    contract = build_contract(student.cpu())
+    float_graph = contract_float_graph(teacher, contract, export.opset)
+    return quantize_graph(float_graph, contract, "cpu", export.int4_accuracy_level, export.cpu_int8_weights)
+
+
+def _exported_metric(config: PipelineConfig, teacher: TaskModel, model: TaskModel, inputs: EvalInputs) -> dict:
+    """The task metric of ``model``'s CPU ONNX (the teacher: its FP32 graph; a student: its CPU flavour), or
+    why it has none (``exported_error``)."""
+    with tempfile.TemporaryDirectory(prefix="zsaq-bench-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        if model is teacher:
+            export_onnx(teacher_export_model(teacher), path, config.export.opset)
+        else:
+            try:
+                onnx.save(_student_cpu_graph(config, teacher, model), str(path))
+            except ExportUnsupported as exc:
+                return {"exported_metric": None, "exported_error": str(exc)}
+        return {"exported_metric": evaluate_onnx(path, inputs, os.cpu_count() or 1)[0]}
 
 
 def run_cell(spec: BenchSpec, task: BenchTask, row: Row, seed: int) -> dict[str, Any]:
@@ -183,11 +202,19 @@ def run_cell(spec: BenchSpec, task: BenchTask, row: Row, seed: int) -> dict[str,
     if fallback:
         raise click.ClickException(f"the benchmark needs task data: {fallback}")
     started = time.perf_counter()
-    metric, outputs = PROCEDURES[row.method](config, teacher, tokenizer, inputs)
+    if row.method in STUDENTS:
+        model: TaskModel | None = STUDENTS[row.method](config, teacher, tokenizer)
+        metric, outputs = evaluate_torch(model, inputs)
+    else:
+        model = teacher if row.method == "fp32" else None  # a peer's row already scored its ONNX graph
+        metric, outputs = PROCEDURES[row.method](config, teacher, tokenizer, inputs)
     minutes = 0.0 if row.method == "fp32" else (time.perf_counter() - started) / 60
     result = {"metric": metric, "minutes": round(minutes, 3), "peak_gib": round(_peak_gib(), 3), "seed": seed}
     if spec.fidelity:
         result["fidelity"] = fidelity(evaluate_torch(teacher, inputs)[1], outputs, config.task.kind)
+    if spec.exported:
+        exported = {"exported_metric": metric} if model is None else _exported_metric(config, teacher, model, inputs)
+        result |= exported
     return {**result, "machine": machine_description()}
 
 

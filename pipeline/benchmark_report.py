@@ -68,7 +68,8 @@ class TableData:
         self.kinds = {name: config.task.kind for name, config in configs.items()}
 
     def metric_cell(self, row: Row, task_name: str, field: str = "metric") -> str:
-        """The figure (``metric`` or ``fidelity``) for one row and task, or why there is none."""
+        """The figure (``metric``, ``fidelity`` or ``exported_metric``) for one row and task, or why there is
+        none."""
         task = next(t for t in self.spec.tasks if t.name == task_name)
         reason = row.reason_not_run(self.families[task_name])
         if reason is not None:
@@ -80,7 +81,10 @@ class TableData:
         if not results:
             return f"failed: {failure.read_text().strip()}" if failure.is_file() else "pending"
         values = [r[field] for r in results if r.get(field) is not None]
-        return _metric_text(values, len(task.seeds) if row.seeded else 1) if values else "not recorded"
+        if values:
+            return _metric_text(values, len(task.seeds) if row.seeded else 1)
+        errors = [r["exported_error"] for r in results if field == "exported_metric" and "exported_error" in r]
+        return f"not exported: {errors[0]}" if errors else "not recorded"
 
     def values(self, row: Row, task_name: str) -> dict[int, float]:
         """Every seed's metric of one row on one task, by seed."""
@@ -127,13 +131,16 @@ def _header(data: TableData) -> list[str]:
     columns = [t.column for t in data.spec.tasks]
     if data.spec.fidelity:
         columns += [f"{t.name}: {FIDELITY_NAMES[data.kinds[t.name]]}" for t in data.spec.tasks]
+    if data.spec.exported:
+        columns += [f"{t.column}, exported CPU ONNX" for t in data.spec.tasks]
     speedups = [f"speed-up {shape}" for shape in data.shapes] + (["size MB (% FP32)"] if data.shapes else [])
     return ["method", "scheme", "data-free", *columns, *speedups, f"minutes ({tasks})", f"peak GiB ({tasks})"]
 
 
 def table_rows(data: TableData) -> list[list[str]]:
     """One list of strings per row of the table, in the spec's row order."""
-    fields = ["metric", "fidelity"] if data.spec.fidelity else ["metric"]
+    fields = ["metric", *(["fidelity"] if data.spec.fidelity else [])]
+    fields += ["exported_metric"] if data.spec.exported else []
     rows = []
     for row in data.spec.rows:
         figures = [data.metric_cell(row, t.name, f) for f in fields for t in data.spec.tasks]
@@ -214,19 +221,24 @@ def render_markdown(data: TableData, command: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(data)]
     threads = (data.latency or {}).get("threads", "?")
+    timed = f", {threads} threads for latency" if data.spec.latency_config is not None else ""
     proto = [f"- **{task.name}**: {_protocol(data.spec, task)}" for task in data.spec.tasks]
     fidelity = (
         ["- Fidelity: on the same evaluation inputs, the share of predictions equal to the FP model's (cosine to "
          "its outputs for embedding models): a task metric moves both ways as predictions flip; fidelity counts "
          "every flip."] if data.spec.fidelity else []
     )  # fmt: skip
+    exported = (
+        ["- Exported CPU ONNX: the same metric on the same inputs from the graph the export stage writes for the "
+         "row's model (a student's CPU flavour from its contract, run by ONNX Runtime's CPU kernels; the FP32 "
+         "graph for FP32; a peer's row is its ONNX graph already)."] if data.spec.exported else []
+    )  # fmt: skip
     return "\n".join(
         [
             f"# Benchmark: data-free quantization against the field ({date.today().isoformat()})",
             "",
             f"Made by `{command}`. Rendered on {machine_description()}, ONNX Runtime {ort.__version__}, "
-            f"torch {torch.__version__}, "
-            f"{threads} threads for latency. Metrics: mean ± std over seeds; every figure comes from "
+            f"torch {torch.__version__}{timed}. Metrics: mean ± std over seeds; every figure comes from "
             f"a cell file under `{CELLS_DIR}/`. Cells ran on: {_machines(data)}.",
             "",
             *lines,
@@ -238,6 +250,7 @@ def render_markdown(data: TableData, command: str) -> str:
             *proto,
             *_latency_protocol(data),
             *fidelity,
+            *exported,
             "- 'n/a' in a task's column: the row is not benchmarked on that task's model family (encoder or decoder; "
             f"each row names its families in `{os.path.relpath(data.spec.catalogue)}`).",
             "- Rows marked 'uses data' calibrate on the task's training split: an upper bound, not a data-free result. "
@@ -255,7 +268,8 @@ def render_csv(data: TableData) -> str:
     writer = csv.writer(buffer)
     speed_columns = [f"speedup_{shape}" for shape in data.shapes]
     writer.writerow(["row", "label", "scheme", "uses_data", "task", "metric", "mean", "std", "seeds", "values",
-                     "fidelity_mean", "minutes_mean", "peak_gib", *speed_columns, "size_mb"])  # fmt: skip
+                     "fidelity_mean", "exported_mean", "minutes_mean", "peak_gib", *speed_columns,
+                     "size_mb"])  # fmt: skip
     for row in data.spec.rows:
         fmt = row.latency_format
         speed = (data.latency or {}).get("speedup", {}).get(fmt, {})
@@ -266,10 +280,12 @@ def render_csv(data: TableData) -> str:
                 continue
             mean, std = mean_std([r["metric"] for r in results])
             fidelity = [r["fidelity"] for r in results if r.get("fidelity") is not None]
+            exported = [r["exported_metric"] for r in results if r.get("exported_metric") is not None]
             writer.writerow([
                 row.key, row.label, row.scheme, row.uses_data, task.name, data.metrics[task.name],
                 f"{mean:.4f}", f"{std:.4f}", len(results), " ".join(f"{r['metric']:.4f}" for r in results),
                 f"{statistics.mean(fidelity):.4f}" if fidelity else "",
+                f"{statistics.mean(exported):.4f}" if exported else "",
                 f"{statistics.mean(r['minutes'] for r in results):.3f}", f"{max(r['peak_gib'] for r in results):.3f}",
                 *(f"{speed[shape]:.3f}" if shape in speed else "" for shape in data.shapes),
                 "" if size is None else f"{size:.2f}",

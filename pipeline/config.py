@@ -237,9 +237,11 @@ def _check_quant(quant: QuantConfig, task: TaskConfig, fail: typing.Callable[[st
     w, a = quant.weights, quant.activations
     if w.granularity == "per-channel" and w.group_size is not None:
         fail("quant.weights.group_size", "no value unless granularity is per-group", w.group_size)
-    problem = unsupported("pytorch", Scheme(w.bits, w.granularity, w.group_size, a.bits, a.granularity))
+    problem = unsupported("pytorch", Scheme(w.bits, w.granularity, w.group_size, a.bits, a.granularity, w.zero_point))
     if problem is not None:
         fail(f"quant.{problem[0]}", problem[1], problem[2])
+    if w.zero_point and w.init not in ("minmax", "mse"):
+        fail("quant.weights.init", "minmax or mse with quant.weights.zero_point (an asymmetric range)", w.init)
     if a.block_size is not None and (a.bits != 8 or a.granularity != "per-block"):
         fail("quant.activations.block_size", "no value unless activations are 8-bit per-block", a.block_size)
     if a.bits == 8 and a.granularity == "per-block":
@@ -289,7 +291,7 @@ def check_runtimes(config: PipelineConfig, source: str) -> None:
     """Each requested format's runtime must execute the student's scheme (``--export trt`` with int4 groups of
     32, say, fails here, not at export)."""
     w, a = config.quant.weights, config.quant.activations
-    scheme = Scheme(w.bits, w.granularity, w.group_size, a.bits, a.granularity)
+    scheme = Scheme(w.bits, w.granularity, w.group_size, a.bits, a.granularity, w.zero_point)
     for fmt in config.export.formats:
         runtime = FORMAT_RUNTIMES.get(fmt)
         problem = None if runtime is None else unsupported(runtime, scheme)

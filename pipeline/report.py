@@ -137,6 +137,14 @@ def plot_losses(history: dict[str, Any], path: Path, title: str) -> None:
         values = history.get(key) or []
         if values:
             ax.plot(range(1, len(values) + 1), values, label=label, linewidth=1)
+    held_out = history.get("held_out") or []
+    if held_out:  # selection checks are per round: placed at the round's last student step
+        per_round = len(history.get("student_discrepancy") or []) / max(held_out[-1][0], 1)
+        ax.plot([r * per_round for r, _ in held_out], [v for _, v in held_out], "o-", markersize=3,
+                label="held-out samples (selection)")  # fmt: skip
+        best = next((v for r, v in held_out if r == history.get("selected_round")), None)
+        if best is not None:
+            ax.plot([history["selected_round"] * per_round], [best], "k*", markersize=10, label="selected")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("symlog", linthresh=1e-4)

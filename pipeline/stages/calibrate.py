@@ -101,6 +101,7 @@ class CalibrateStage(Stage):
                 sam=calib.sam_sga.sam,
                 adversarial=calib.sam_sga.adversarial,
                 final_student_discrepancy=round(history["student_discrepancy"][-1], 6),
+                selected_round=history["selected_round"],
                 seconds_generator=round(history["generator_seconds"], 2),
                 seconds_student=round(history["student_seconds"], 2),
             )

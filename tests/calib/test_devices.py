@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from calib.config import (
+    ActivationQuant,
     CalibConfig,
     GeneratorConfig,
     QuadapterConfig,
@@ -14,6 +15,7 @@ from calib.config import (
     RotationConfig,
     SamSgaConfig,
     TaskConfig,
+    WeightQuant,
 )
 from calib.devices import frozen_on, resolve_device, teacher_dtype
 from calib.errors import ConfigError
@@ -66,8 +68,17 @@ ROTATED_SMOOTHED = QuantConfig(
 )
 
 
+# asymmetric int4: the zero points (a buffer) travel with the step sizes
+ASYMMETRIC = QuantConfig(
+    weights=WeightQuant(bits=4, granularity="per-group", group_size=32, zero_point=True, init="mse"),
+    activations=ActivationQuant(bits=16),
+)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; scripts/gpu_check.py)")
-@pytest.mark.parametrize("quant", [QuantConfig(), ROTATED_SMOOTHED], ids=["W8A8", "W8A8-rotated-smoothed"])
+@pytest.mark.parametrize(
+    "quant", [QuantConfig(), ROTATED_SMOOTHED, ASYMMETRIC], ids=["W8A8", "W8A8-rotated-smoothed", "W4A16-g32-zp"]
+)
 def test_on_cuda_calibration_and_learning_run_on_the_gpu_and_track_the_cpu(quant):
     teacher = tiny_teacher("llama")
     request = CalibrationRequest(teacher, None, CALIB, quant, TaskConfig(kind="causal-lm"),

@@ -16,19 +16,25 @@ from tests.models import tiny_teacher
 
 
 def _quantizer(weight: torch.Tensor, granularity: str) -> TensorQuantizer:
-    quantizer = TensorQuantizer(4, granularity, 16 if granularity == "per-group" else None)
+    """``per-group-asymmetric``: groups with zero points."""
+    grouped = granularity.startswith("per-group")
+    quantizer = TensorQuantizer(4, granularity.removesuffix("-asymmetric"), 16 if grouped else None,
+                                zero_point=granularity.endswith("asymmetric"))  # fmt: skip
     quantizer.init_from_tensor(weight, "minmax")
     return quantizer
 
 
-@pytest.mark.parametrize("granularity", ["per-channel", "per-group"])
+GRANULARITIES = ["per-channel", "per-group", "per-group-asymmetric"]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_an_identity_hessian_gives_round_to_nearest(granularity):
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
     quantizer = _quantizer(weight, granularity)
     assert torch.allclose(gptq_weight(weight, torch.eye(64), quantizer, damp=0.0), quantizer(weight), atol=1e-6)
 
 
-@pytest.mark.parametrize("granularity", ["per-channel", "per-group"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_correlated_inputs_get_a_smaller_output_error_than_round_to_nearest(granularity):
     rng = torch.Generator().manual_seed(1)
     weight = torch.randn(32, 64, generator=rng)

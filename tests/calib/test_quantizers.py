@@ -127,3 +127,54 @@ def test_table_steps_are_float16_values_and_clip_no_worse_than_min_max():
         "minmax": (torch.round(source.weight / minmax) * minmax - source.weight).pow(2).sum(1),
     }
     assert error["mse"].sum() < error["minmax"].sum()  # the clip search beats min-max over the table
+
+
+def test_zero_points_fit_a_one_sided_group_a_symmetric_grid_spends_half_its_levels_on():
+    x = torch.rand(8, 64, generator=torch.Generator().manual_seed(0)) + 0.5  # every value positive
+    symmetric = TensorQuantizer(4, "per-group", 32)
+    asymmetric = TensorQuantizer(4, "per-group", 32, zero_point=True)
+    for quantizer in (symmetric, asymmetric):
+        quantizer.init_from_tensor(x, "minmax")
+    assert (asymmetric(x) - x).pow(2).mean() < 0.5 * (symmetric(x) - x).pow(2).mean()
+    q, zero, scale = asymmetric.to_int(x), asymmetric.zero_point, asymmetric.scale
+    assert q.min() >= -8 and q.max() <= 7 and torch.equal(zero, zero.round()) and (zero == -8).all()  # 0 = qmin
+    assert (q.reshape(8, 2, 32).amax(-1) == 7).all()  # each group's max on the grid's top
+    assert torch.allclose(((q.reshape(8, 2, 32) - zero) * scale).reshape(8, 64), asymmetric(x))
+
+
+def test_an_mse_asymmetric_range_is_no_worse_than_min_max_on_heavy_tails():
+    x = torch.distributions.StudentT(2.0).sample((16, 128)) + 0.3
+    errors = {}
+    for method in ("minmax", "mse"):
+        quantizer = TensorQuantizer(4, "per-group", 64, zero_point=True)
+        quantizer.init_from_tensor(x, method)
+        errors[method] = (quantizer(x) - x).pow(2).mean()
+    assert errors["mse"] < errors["minmax"]
+
+
+def test_a_symmetric_quantizer_has_no_zero_point_to_set():
+    quantizer = TensorQuantizer(4, "per-group", 32)
+    assert quantizer.zero_point is None and "zero_point" not in quantizer.state_dict()
+    with pytest.raises(ValueError, match="symmetric quantizer has no zero point"):
+        quantizer.set_zero_point(torch.zeros(()))
+
+
+def test_zero_points_are_part_of_the_saved_student_state():
+    from calib.config import ActivationQuant, QuantConfig, WeightQuant
+    from calib.inputs import random_tokens
+    from calib.student import build_student, init_ranges, load_student_state, student_state
+    from tests.models import tiny_teacher
+
+    weights = WeightQuant(bits=4, granularity="per-group", group_size=32, zero_point=True, init="mse")
+    quant = QuantConfig(weights=weights, activations=ActivationQuant(bits=16))
+    teacher = tiny_teacher("llama")
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, [])
+    state = student_state(student, include_weights=False)
+    assert any(key.endswith("weight_quantizer.zero_point") for key in state)
+    fresh = build_student(teacher, quant)
+    load_student_state(fresh, state)
+    tokens = random_tokens(4, 12, teacher.backbone.config.vocab_size, seed=0)
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    with torch.no_grad():
+        assert torch.equal(fresh(ids, mask), student(ids, mask))

@@ -18,8 +18,10 @@ from calib.config import (
     WeightQuant,
 )
 from calib.generators.soft_tokens import SoftTokenGenerator
+from calib.inputs import Batch
 from calib.models import embedding_table
 from calib.sam_sga import SamSga
+from calib.selection import BestStudent
 from calib.student import build_student, init_ranges
 from calib.zsaq import build_generator, generated_set
 from tests.models import tiny_teacher
@@ -27,12 +29,13 @@ from tests.models import tiny_teacher
 W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
 
 
-def _game(family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4):
+def _game(family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4, select_every=0):
     teacher = tiny_teacher(family)
     calib = CalibConfig(
         samples=16, seq_len=16, batch_size=8, seed=seed,
         generator=GeneratorConfig(kind=kind, batch_size=4, min_len=4, lr=1e-2),
-        sam_sga=SamSgaConfig(rounds=rounds, adversarial=adversarial, checkpoint_every=2),
+        sam_sga=SamSgaConfig(rounds=rounds, adversarial=adversarial, checkpoint_every=2, select_every=select_every,
+                             select_samples=6),
         sharpness=SharpnessConfig(enabled=sharpness),
         priors=PriorConfig(embedding_stats=0.0),  # the pure game: no plausibility terms
     )  # fmt: skip
@@ -100,6 +103,39 @@ def test_the_game_is_deterministic_and_resumes_from_its_state():
     assert resumed.history.student_discrepancy == full.history.student_discrepancy
     for a, b in zip(resumed.student_params, full.student_params):
         assert torch.equal(a, b)
+
+
+def test_selection_ends_the_game_on_the_best_held_out_state_and_survives_a_resume():
+    """Scores at round 0, every 2 rounds and the last; the student ends on the lowest-scoring state (scored again,
+    it gives that score), and a resumed game selects what the whole one does."""
+    full, _ = _game(seed=4, rounds=5, select_every=2)
+    checkpoints = []
+    full.play(5, checkpoint=lambda: checkpoints.append(copy.deepcopy(full.state_dict())), show_progress=False)
+    rounds = [int(r) for r, _ in full.history.held_out]
+    assert rounds == [0, 2, 4, 5]
+    best_round, best = min(full.history.held_out, key=lambda score: score[1])
+    assert full.history.selected_round == best_round
+    assert full.selection.check(99) == pytest.approx(best, rel=1e-5)
+    resumed, _ = _game(seed=4, rounds=5, select_every=2)
+    resumed.load_state_dict(checkpoints[-1])
+    resumed.play(5, show_progress=False)
+    assert resumed.history.held_out == full.history.held_out[:4]
+    assert resumed.history.selected_round == full.history.selected_round
+    for a, b in zip(resumed.student_params, full.student_params):
+        assert torch.equal(a, b)
+
+
+def test_selection_restores_the_starting_state_when_every_later_one_scores_worse():
+    param = torch.nn.Parameter(torch.tensor([1.0]))
+    samples = [Batch(torch.ones(1, 2, dtype=torch.long), input_ids=torch.zeros(1, 2, dtype=torch.long))] * 2
+    selection = BestStudent(samples, [None, None], lambda batch, _: param.pow(2).sum(), [param])
+    for round_, value in ((0, 1.0), (1, 3.0), (2, 2.0)):
+        with torch.no_grad():
+            param.fill_(value)
+        selection.check(round_)
+    selection.restore()
+    assert param.item() == 1.0 and selection.best_round == 0
+    assert selection.scores == [(0, 1.0), (1, 9.0), (2, 4.0)]
 
 
 def test_sharpness_aware_generation_adds_a_term_and_reports_its_cost():

@@ -38,6 +38,9 @@ W8A8_DYNAMIC = QuantConfig(activations=ActivationQuant(granularity="per-block", 
 W4A8_DYNAMIC = QuantConfig(
     weights=WeightQuant(bits=4), activations=ActivationQuant(granularity="per-block", block_size=16)
 )
+ASYMMETRIC_G32 = WeightQuant(bits=4, granularity="per-group", group_size=32, zero_point=True, init="mse")
+W4A16_G32_ZP = QuantConfig(weights=ASYMMETRIC_G32, activations=ActivationQuant(bits=16))
+W4A8_G32_ZP_DYNAMIC = QuantConfig(weights=ASYMMETRIC_G32, activations=PER_BLOCK)
 # Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
 # and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
 MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
@@ -52,9 +55,9 @@ def _run(graph, ids, mask, reference_qdq=False):
 @pytest.mark.parametrize(
     "quant",
     [W8A8, W4A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD,
-     W4A8_G32_DYNAMIC, W8A8_DYNAMIC, W4A8_DYNAMIC],
+     W4A8_G32_DYNAMIC, W8A8_DYNAMIC, W4A8_DYNAMIC, W4A16_G32_ZP, W4A8_G32_ZP_DYNAMIC],
     ids=["W8A8", "W4A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead",
-         "W4A8g32dynamic", "W8A8dynamic", "W4A8dynamic"],
+         "W4A8g32dynamic", "W8A8dynamic", "W4A8dynamic", "W4A16g32zp", "W4A8g32zpdynamic"],
 )  # fmt: skip
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = student_and_graphs(family, quant, tmp_path)
@@ -262,3 +265,34 @@ def test_matmul_nbits_int8_compute_is_what_the_student_simulates(bits, block):
     with torch.no_grad():
         expected = layer(x).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("activations", [ActivationQuant(bits=16), ActivationQuant(init="minmax")], ids=["A16", "A8"])
+def test_zero_points_are_matmul_nbits_zero_points_and_the_trt_flavour_is_refused(activations, tmp_path):
+    """Asymmetric int4 in the CPU flavour: MatMulNBits with the contract's zero points, packed two per byte
+    with each row padded (hidden 96 in groups of 32: three blocks a row), computing the student; the TensorRT
+    flavour (symmetric) is refused with the reason."""
+    teacher = tiny_teacher("llama", hidden=96)
+    quant = QuantConfig(weights=ASYMMETRIC_G32, activations=activations)
+    tokens = random_tokens(16, 20, teacher.backbone.config.vocab_size, seed=0)
+    student = build_student(teacher, quant)
+    init_ranges(student, quant, tokens.batches(8))
+    contract = build_contract(student)
+    assert all(spec.zero_point for spec in contract.layers)
+    assert (contract.tensors["model.layers.0.self_attn.q_proj.weight_zero_point"] != 0).any()
+    float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "f.onnx", 17)
+    with pytest.raises(ExportUnsupported, match="asymmetric weights .* the trt flavour is symmetric"):
+        quantize_graph(float_graph, contract, "trt")
+    graph = quantize_graph(float_graph, contract, "cpu")
+    inits = {init.name: init for init in graph.graph.initializer}
+    kernels = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert len(kernels) == len(contract.layers) and all(len(n.input) == 4 for n in kernels)
+    q_zero = numpy_helper.to_array(inits["model.layers.0.self_attn.q_proj.weight_zero_points"])
+    assert q_zero.shape == (96 * 2,)  # 96 rows x ceil(3 blocks / 2) bytes
+    ids, mask = tokens.input_ids.numpy()[:4], tokens.attention_mask.numpy()[:4]
+    with torch.no_grad():
+        expected = student(tokens.input_ids[:4], tokens.attention_mask[:4]).numpy()
+    got = _run(graph, ids, mask).reshape(-1, expected.shape[-1])
+    ref = expected.reshape(-1, expected.shape[-1])
+    cosine = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cosine.min() > MIN_COSINE

@@ -34,7 +34,7 @@ from exporters.peer_graphs import MODELOPT_PYTHON_ENV, ort_int4_graph, ort_stati
 from exporters.validation import build_eval_inputs
 from pipeline import benchmark
 from pipeline.benchmark import Cell, load_spec, planned_cells, task_config
-from pipeline.benchmark_cell import PROCEDURES, STUDENTS
+from pipeline.benchmark_cell import PROCEDURES, STUDENTS, run_cell
 from pipeline.benchmark_report import TableData, render_markdown
 from pipeline.benchmark_rows import load_rows, row_patch
 from pipeline.cli import main
@@ -107,7 +107,7 @@ def test_a_bad_row_catalogue_is_a_one_line_error(tmp_path):
 
 
 def test_every_catalogue_method_has_a_procedure():
-    assert {row.method for row in ROWS.values()} <= set(PROCEDURES)
+    assert {row.method for row in ROWS.values()} <= set(PROCEDURES) | set(STUDENTS)
     assert {r.key for r in ROWS.values() if r.uses_data} == {"ptq-real-w4a8", "qat-real-w4a8", "qat-real-w2a8"}
     assert ROWS["zsaq-w2a8"].latency_format is None  # no runtime executes 2-bit weights
 
@@ -234,6 +234,28 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     Cell(task, ROWS["fp32"], 0).path(out).write_text("{truncated")
     with pytest.raises(ConfigError, match="tiny__fp32__s0.json: not a benchmark cell"):
         TableData(spec, out)
+
+
+def test_an_exported_spec_scores_each_rows_cpu_onnx_and_says_why_a_row_has_none(bench_files):
+    """``exported: true``: the FP32 graph scores as the teacher, a student's CPU flavour as the student (W8A8:
+    within one flip of 20 rows), a 2-bit student has no CPU graph and its cell says why; the table shows both."""
+    spec_path = bench_files / "spec.yaml"
+    spec_path.write_text(spec_path.read_text() + "exported: true\n", encoding="utf-8")
+    spec = load_spec(spec_path)
+    task, out = spec.tasks[0], bench_files / "out"
+    for key in ("fp32", "ptq-random-w8a8", "zsaq-w2a8"):
+        cell = run_cell(spec, task, ROWS[key], 0)
+        if key == "zsaq-w2a8":
+            assert cell["exported_metric"] is None and "2-bit" in cell["exported_error"]
+        else:
+            assert abs(cell["exported_metric"] - cell["metric"]) <= (0.0 if key == "fp32" else 5.0)
+        path = Cell(task, ROWS[key], 0).path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+    text = render_markdown(TableData(spec, out), "cmd")
+    assert "| tiny acc, exported CPU ONNX |" in text
+    w2 = next(line for line in text.splitlines() if line.startswith("| ZSAQ (SAM-SGA) | W2A8"))
+    assert "not exported: " in w2
 
 
 @pytest.mark.slow

@@ -54,6 +54,22 @@ BAD_CONFIGS = [
     ({"quant": {"kv_cache": True}}, "quant.kv_cache", "false unless task.kind is causal-lm"),
     ({"quant": {"activations": {"granularity": "per-row"}}}, "quant.activations.granularity", "per-tensor, per-block"),
     ({"quant": {"activations": {"block_size": 32}}}, "quant.activations.block_size", "no value unless"),
+    ({"quant": {"weights": {"zero_point": True}}}, "quant.weights.zero_point", "false for per-channel 8-bit"),
+    (
+        {
+            "quant": {
+                "weights": {
+                    "bits": 4,
+                    "granularity": "per-group",
+                    "group_size": 32,
+                    "zero_point": True,
+                    "init": "percentile",
+                }
+            }
+        },
+        "quant.weights.init",
+        "minmax or mse with quant.weights.zero_point",
+    ),
     ({"quant": {"activations": {"granularity": "per-block"}}}, "quant.activations.block_size", "16, 32, 64 or 128"),
     (
         {"quant": {"activations": {"granularity": "per-block", "block_size": 48}}},
@@ -220,6 +236,12 @@ def test_a_scheme_tensorrt_cannot_run_is_refused_before_any_work_with_export_trt
     refused = cli("run", dynamic, "--out", out, "--export", "trt")
     assert refused.exit_code == 2
     assert "quant.activations.granularity: expected per-tensor for TensorRT" in refused.stderr
+    assert not out.exists()
+    asymmetric = {"bits": 4, "granularity": "per-group", "group_size": 64, "zero_point": True}
+    zero_points = write_config({"quant": {"weights": asymmetric}}, name="zp.yaml")
+    refused = cli("run", zero_points, "--out", out, "--export", "trt")
+    assert refused.exit_code == 2
+    assert "quant.weights.zero_point: expected false for per-group 4-bit weights on TensorRT" in refused.stderr
     assert not out.exists()
 
 
