@@ -57,7 +57,11 @@ RUNTIMES: dict[str, tuple[Support, ...]] = {
             act_granularities=STATIC_AND_DYNAMIC,
         ),
         Support(
-            (4,), "per-group", (32, 64, 128), "MatMulNBits", act_granularities=STATIC_AND_DYNAMIC, zero_points=True
+            (2, 4), "per-group", (32, 64, 128), "MatMulNBits", act_granularities=STATIC_AND_DYNAMIC, zero_points=True
+        ),
+        # 2-bit per channel: MatMulNBits, each channel's scale repeated per block of the dynamic activations
+        Support(
+            (2,), "per-channel", (None,), "MatMulNBits int8 compute", act_bits=(8,), act_granularities=("per-block",)
         ),
     ),
     "tensorrt": (

@@ -76,6 +76,9 @@ def flavour_unsupported(contract: Contract, flavour: Flavour) -> str | None:
     asymmetric weights only as MatMulNBits' zero points (TensorRT's quantization is symmetric)."""
     if flavour.fused_kernels:
         return None
+    two_bit = next((spec for spec in contract.layers if spec.weight_bits == 2), None)
+    if two_bit is not None:
+        return f"2-bit weights ({two_bit.name}) run only as ONNX Runtime's MatMulNBits; TensorRT has no 2-bit weights"
     dynamic = next((spec for spec in contract.layers if spec.act_block), None)
     if dynamic is not None:
         return (
@@ -312,32 +315,39 @@ def _use_ms_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+def _pack_low_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-wide integers packed along the last axis, the first in the lowest bits of each byte
+    (MatMulNBits' layout); 8-bit ones unchanged."""
+    per_byte = 8 // bits
+    packed = np.zeros((*values.shape[:-1], values.shape[-1] // per_byte), np.uint8)
+    for slot in range(per_byte):
+        packed |= (values[..., slot::per_byte] << (bits * slot)).astype(np.uint8)
+    return packed
+
+
 def _matmul_nbits(
     spec: LayerSpec, contract: Contract, matmul: onnx.NodeProto, accuracy_level: int
 ) -> tuple[list[TensorProto], onnx.NodeProto]:
     """ORT's MatMulNBits for a layer (CPU flavour): the contract's integers as unsigned (q + 2^(bits-1), the
     default zero point when none is given, or the contract's zero points shifted alike; 4-bit ones two per
-    byte) in blocks of the weights' group or, for per-channel weights under per-block activations, of the
-    activations' block, each channel's scale repeated per block (the same numbers). With accuracy_level 4 the
-    kernel quantizes its input in those blocks."""
+    byte, 2-bit ones four) in blocks of the weights' group or, for per-channel weights under per-block
+    activations, of the activations' block, each channel's scale repeated per block (the same numbers). With
+    accuracy_level 4 the kernel quantizes its input in those blocks."""
     bits = spec.weight_bits
     q = contract.tensors[f"{spec.name}.weight_int"].numpy().astype(np.int16) + (1 << (bits - 1))  # [N, K]
     n, k = spec.out_features, spec.in_features
     block = spec.group_size or spec.act_block
-    u = q.reshape(n, k // block, block).astype(np.uint8)
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u  # [N, K/block, bytes]
+    packed = _pack_low_bits(q.reshape(n, k // block, block).astype(np.uint8), bits)  # [N, K/block, bytes]
     scale = contract.tensors[f"{spec.name}.weight_scale"].numpy().astype(np.float32)
     scale = (scale if spec.group_size else np.repeat(scale[:, None], k // block, axis=1)).reshape(-1)
     base = f"{spec.name}.weight"
     inits = [numpy_helper.from_array(packed, f"{base}_packed"), numpy_helper.from_array(scale, f"{base}_scale")]
     inputs = [matmul.input[0], f"{base}_packed", f"{base}_scale"]
-    if spec.zero_point:  # per block, unsigned like the integers; 4-bit ones two per byte, each row padded
+    if spec.zero_point:  # per block, unsigned like the integers, packed alike along each (padded) row
         zero = contract.tensors[f"{spec.name}.weight_zero_point"].numpy().astype(np.int16) + (1 << (bits - 1))
-        zero = zero.astype(np.uint8)
-        if bits == 4:
-            zero = np.pad(zero, ((0, 0), (0, zero.shape[1] % 2)))
-            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
-        inits.append(numpy_helper.from_array(zero.astype(np.uint8).reshape(-1), f"{base}_zero_points"))
+        per_byte = 8 // bits
+        zero = np.pad(zero.astype(np.uint8), ((0, 0), (0, -zero.shape[1] % per_byte)))
+        inits.append(numpy_helper.from_array(_pack_low_bits(zero, bits).reshape(-1), f"{base}_zero_points"))
         inputs.append(f"{base}_zero_points")
     node = helper.make_node(
         "MatMulNBits",
@@ -416,7 +426,7 @@ def quantize_graph(
 ) -> onnx.ModelProto:
     """A copy of ``float_model`` with Q/DQ for every contract layer (weights, and inputs when A8).
 
-    With fused kernels (the CPU flavour) grouped int4 weights become MatMulNBits (``int4_accuracy_level``
+    With fused kernels (the CPU flavour) grouped int4 / int2 weights become MatMulNBits (``int4_accuracy_level``
     sets its compute mode) and 8-bit weights are stored as ``cpu_int8_weights`` (``auto``: what is exact on
     this machine, :func:`cpu_int8_weight_type`). Quantized embedding tables are gathered as int8 rows."""
     flavour = FLAVOURS[flavour] if isinstance(flavour, str) else flavour

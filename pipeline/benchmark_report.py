@@ -211,7 +211,8 @@ def _latency_protocol(data: TableData) -> list[str]:
         f"(`{data.spec.latency_config.name}`), timed against its FP32 ONNX side by side in one run on {machine} "
         "(alternating blocks, medians): speed and size belong to that encoder, for every task's row. W4A8 (int4 "
         "per channel) runs on the int8 kernel, its integers stored as int8; W4A16 is MatMulNBits with groups of 32 "
-        "and an int8 embedding table; W2A8 has no runtime that executes it (PyTorch student only)."
+        "and an int8 embedding table; W2A8 (per channel, static int8 inputs) has no runtime that executes it "
+        "(PyTorch student only; ONNX Runtime runs 2-bit weights only as MatMulNBits)."
     ]
 
 

@@ -41,6 +41,16 @@ W4A8_DYNAMIC = QuantConfig(
 ASYMMETRIC_G32 = WeightQuant(bits=4, granularity="per-group", group_size=32, zero_point=True, init="mse")
 W4A16_G32_ZP = QuantConfig(weights=ASYMMETRIC_G32, activations=ActivationQuant(bits=16))
 W4A8_G32_ZP_DYNAMIC = QuantConfig(weights=ASYMMETRIC_G32, activations=PER_BLOCK)
+W2A16_G32 = QuantConfig(
+    weights=WeightQuant(bits=2, granularity="per-group", group_size=32), activations=ActivationQuant(bits=16)
+)
+W2A16_G32_ZP = QuantConfig(
+    weights=WeightQuant(bits=2, granularity="per-group", group_size=32, zero_point=True),
+    activations=ActivationQuant(bits=16),
+)
+W2A8_DYNAMIC = QuantConfig(
+    weights=WeightQuant(bits=2), activations=ActivationQuant(granularity="per-block", block_size=32)
+)
 # Stated bound: outputs of the exported graphs and of the PyTorch student agree to a cosine of 0.9999
 # and a max |diff| of 2% of the output's range (float op order can move a value across a rounding edge).
 MIN_COSINE, MAX_REL_DIFF = 0.9999, 0.02
@@ -55,9 +65,11 @@ def _run(graph, ids, mask, reference_qdq=False):
 @pytest.mark.parametrize(
     "quant",
     [W8A8, W4A8, W4A8_G32, W4A16_G32, W8A8_QUADAPTER, W4A8_G32_EMB8, W8A8_ATTENTION, W8A8_LM_HEAD,
-     W4A8_G32_DYNAMIC, W8A8_DYNAMIC, W4A8_DYNAMIC, W4A16_G32_ZP, W4A8_G32_ZP_DYNAMIC],
+     W4A8_G32_DYNAMIC, W8A8_DYNAMIC, W4A8_DYNAMIC, W4A16_G32_ZP, W4A8_G32_ZP_DYNAMIC, W2A16_G32, W2A16_G32_ZP,
+     W2A8_DYNAMIC],
     ids=["W8A8", "W4A8", "W4A8g32", "W4A16g32", "W8A8quadapter", "W4A8g32emb8", "W8A8attention", "W8A8lmhead",
-         "W4A8g32dynamic", "W8A8dynamic", "W4A8dynamic", "W4A16g32zp", "W4A8g32zpdynamic"],
+         "W4A8g32dynamic", "W8A8dynamic", "W4A8dynamic", "W4A16g32zp", "W4A8g32zpdynamic", "W2A16g32", "W2A16g32zp",
+         "W2A8dynamic"],
 )  # fmt: skip
 def test_both_flavours_match_the_pytorch_student(family, quant, tmp_path):
     teacher, student, contract, graphs = student_and_graphs(family, quant, tmp_path)
@@ -150,15 +162,16 @@ def test_cpu_flavour_runs_int8_inputs_as_one_integer_kernel_with_the_bias(quant,
     assert len(shared) == sum(n.op_type == "QuantizeLinear" for n in nodes) == len(contract.layers) - 2 * 2
 
 
-def test_two_bit_weights_are_refused_with_a_reason(tmp_path):
+def test_two_bit_weights_with_static_per_channel_activations_are_refused_with_a_reason(tmp_path):
+    """ONNX Runtime runs 2-bit weights only as MatMulNBits: per group, or per channel under per-block inputs."""
     teacher = tiny_teacher("bert")
     quant = QuantConfig(weights=WeightQuant(bits=2))
     student = build_student(teacher, quant)
     init_ranges(student, quant, random_tokens(8, 16, 512, seed=0).batches(8))
     contract = build_contract(student)
     float_graph = export_onnx(contract_export_model(teacher, contract), tmp_path / "f.onnx", 17)
-    with pytest.raises(ExportUnsupported, match="2-bit weights .* PyTorch-only"):
-        quantize_graph(float_graph, contract, "trt")
+    with pytest.raises(ExportUnsupported, match="2-bit weights .* must be per-block .* PyTorch-only"):
+        quantize_graph(float_graph, contract, "cpu")
 
 
 def test_teacher_export_matches_pytorch(tmp_path):
