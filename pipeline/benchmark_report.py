@@ -162,7 +162,10 @@ def _claims(data: TableData) -> list[str]:
             if not (a and b):
                 continue
             delta = statistics.mean(a.values()) - statistics.mean(b.values())
-            paired = [a[seed] - b.get(seed, b[min(b)]) for seed in sorted(a)]  # an unseeded row: its one value
+            if by_key[theirs].seeded:  # paired only where both have the seed
+                paired = [a[seed] - b[seed] for seed in sorted(a) if seed in b]
+            else:  # an unseeded row: its one value against every seed
+                paired = [a[seed] - b[min(b)] for seed in sorted(a)]
             lines.append(
                 f"- {task.name}: {by_key[ours].label} {by_key[ours].scheme} vs {by_key[theirs].label} "
                 f"{by_key[theirs].scheme}: {delta:+.2f}{units} (by seed: {', '.join(f'{d:+.2f}' for d in paired)})"
