@@ -103,8 +103,10 @@ def run(
     parallel = launch.join_process_group(config)
     if not parallel.is_main:
         follow_stages(config, parallel)
+        launch.leave_process_group()
         return
     run_pipeline(config, out, resume=resume, force=force, show_progress=not quiet, parallel=parallel)
+    launch.leave_process_group()
     if not quiet:
         click.echo(f"done: {out}/manifest.json")
         report = REPORT_MD.path(out)

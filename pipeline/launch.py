@@ -50,6 +50,14 @@ def join_process_group(config: PipelineConfig) -> Parallel:
     return _place(config, rank, world, local_rank)
 
 
+def leave_process_group() -> None:
+    """Tear the process group down before the process exits. Left to the interpreter's exit, gloo's threads
+    were sometimes destroyed still running, and a rank that had finished its work died by SIGABRT ("terminate
+    called without an active exception"), which the launcher reports as a failed run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _place(config: PipelineConfig, rank: int, world: int, local_rank: int = 0) -> Parallel:
     """Rank ``rank`` of ``world`` with the configured stream count (None: one per process); a stream count
     that does not split over the processes is a one-line error."""
