@@ -327,8 +327,8 @@ def measure_shape(
         current.extra["generator_seconds"] = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
         current.extra["student_seconds"] = [b[2] - a[2] for a, b in zip(marks, marks[1:])]
         current.extra["round_peak_gib"] = round_peaks
-    if round_peaks := phases["sam_sga"].extra.get("round_peak_gib"):
-        phases["sam_sga"].peak_gib = max(round_peaks)
+    if round_peaks := phases["sam_sga"].extra.get("round_peak_gib"):  # at least its starting RSS, as phase() keeps
+        phases["sam_sga"].peak_gib = max(*round_peaks, phases["sam_sga"].rss_start_gib)
     done("sam_sga")
     for param in student.parameters():
         param.requires_grad_(False)
