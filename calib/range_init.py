@@ -40,7 +40,7 @@ def asymmetric_range(rows: torch.Tensor, method: str, qmin: int, qmax: int) -> t
     if method == "minmax":
         return low, high
     best_err = torch.full_like(low, float("inf"))
-    best_low, best_high = low.clone(), high.clone()
+    best_ratio = torch.ones_like(low)
     for ratio in MSE_GRID.tolist():
         scale, zero = asymmetric_grid(low * ratio, high * ratio, qmin, qmax)
         scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
@@ -48,8 +48,8 @@ def asymmetric_range(rows: torch.Tensor, method: str, qmin: int, qmax: int) -> t
         err = (deq - rows).pow(2).mean(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_low, best_high = torch.where(better, low * ratio, best_low), torch.where(better, high * ratio, best_high)
-    return best_low, best_high
+        best_ratio = torch.where(better, torch.full_like(low, ratio), best_ratio)
+    return low * best_ratio, high * best_ratio
 
 
 class RangeObserver:

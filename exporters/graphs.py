@@ -16,13 +16,26 @@ from exporters.onnx_export import contract_float_graph, export_onnx, teacher_exp
 from exporters.onnx_qdq import Flavour, quantize_graph
 
 
+def student_graph(
+    teacher: TaskModel,
+    student: TaskModel,
+    flavour: Flavour | str,
+    opset: int,
+    int4_accuracy_level: int = 0,
+    cpu_int8_weights: str = "auto",
+) -> onnx.ModelProto:
+    """A student's graph in ``flavour``, from its contract, as the export stage writes it."""
+    contract = build_contract(student)
+    float_graph = contract_float_graph(teacher, contract, opset)
+    return quantize_graph(float_graph, contract, flavour, int4_accuracy_level, cpu_int8_weights)
+
+
 def round_to_nearest_graph(
     teacher: TaskModel, quant: QuantConfig, batches: list[Batch], flavour: Flavour | str, opset: int
 ) -> onnx.ModelProto:
     """A quantized graph with ranges initialised on ``batches`` and weights rounded (``quant.learn`` at its
     default: no learning)."""
-    contract = build_contract(quantize_student(teacher, quant, batches, show_progress=False)[0])
-    return quantize_graph(contract_float_graph(teacher, contract, opset), contract, flavour)
+    return student_graph(teacher, quantize_student(teacher, quant, batches, show_progress=False)[0], flavour, opset)
 
 
 def int4_weight_only_graph(teacher: TaskModel, group: int, opset: int) -> onnx.ModelProto:

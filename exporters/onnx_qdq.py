@@ -317,8 +317,9 @@ def _use_ms_domain(model: onnx.ModelProto) -> None:
 
 def _pack_low_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned ``bits``-wide integers packed along the last axis, the first in the lowest bits of each byte
-    (MatMulNBits' layout); 8-bit ones unchanged."""
+    (MatMulNBits' layout), the axis padded with zeros to whole bytes; 8-bit ones unchanged."""
     per_byte = 8 // bits
+    values = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, -values.shape[-1] % per_byte)])
     packed = np.zeros((*values.shape[:-1], values.shape[-1] // per_byte), np.uint8)
     for slot in range(per_byte):
         packed |= (values[..., slot::per_byte] << (bits * slot)).astype(np.uint8)
@@ -345,9 +346,8 @@ def _matmul_nbits(
     inputs = [matmul.input[0], f"{base}_packed", f"{base}_scale"]
     if spec.zero_point:  # per block, unsigned like the integers, packed alike along each (padded) row
         zero = contract.tensors[f"{spec.name}.weight_zero_point"].numpy().astype(np.int16) + (1 << (bits - 1))
-        per_byte = 8 // bits
-        zero = np.pad(zero.astype(np.uint8), ((0, 0), (0, -zero.shape[1] % per_byte)))
-        inits.append(numpy_helper.from_array(_pack_low_bits(zero, bits).reshape(-1), f"{base}_zero_points"))
+        inits.append(numpy_helper.from_array(_pack_low_bits(zero.astype(np.uint8), bits).reshape(-1),
+                                             f"{base}_zero_points"))  # fmt: skip
         inputs.append(f"{base}_zero_points")
     node = helper.make_node(
         "MatMulNBits",

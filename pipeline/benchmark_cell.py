@@ -19,16 +19,15 @@ import numpy as np
 import onnx
 import torch
 
-from calib.contract import build_contract
 from calib.inputs import random_tokens
 from calib.methods import CalibrationRequest, calibrate, int4_weight_only_quant, quantize_student
 from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
 from calib.student import student_state
 from exporters.cpu_kernels import machine_description
-from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph
+from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph, student_graph
 from exporters.metrics import fidelity
-from exporters.onnx_export import contract_float_graph, export_onnx, teacher_export_model
-from exporters.onnx_qdq import ExportUnsupported, quantize_graph
+from exporters.onnx_export import export_onnx, teacher_export_model
+from exporters.onnx_qdq import ExportUnsupported
 from exporters.peer_graphs import (
     Feeds,
     Int4Method,
@@ -168,14 +167,6 @@ PROCEDURES: dict[str, Procedure] = {
 }
 
 
-def _student_cpu_graph(config: PipelineConfig, teacher: TaskModel, student: TaskModel) -> onnx.ModelProto:
-    """The student's CPU-flavour graph as the export stage writes it (from its contract)."""
-    export = config.export
-    contract = build_contract(student.cpu())
-    float_graph = contract_float_graph(teacher, contract, export.opset)
-    return quantize_graph(float_graph, contract, "cpu", export.int4_accuracy_level, export.cpu_int8_weights)
-
-
 def _exported_metric(config: PipelineConfig, teacher: TaskModel, model: TaskModel, inputs: EvalInputs) -> dict:
     """The task metric of ``model``'s CPU ONNX (the teacher: its FP32 graph; a student: its CPU flavour), or
     why it has none (``exported_error``)."""
@@ -185,7 +176,10 @@ def _exported_metric(config: PipelineConfig, teacher: TaskModel, model: TaskMode
             export_onnx(teacher_export_model(teacher), path, config.export.opset)
         else:
             try:
-                onnx.save(_student_cpu_graph(config, teacher, model), str(path))
+                export = config.export
+                graph = student_graph(teacher, model.cpu(), "cpu", export.opset, export.int4_accuracy_level,
+                                      export.cpu_int8_weights)  # fmt: skip
+                onnx.save(graph, str(path))
             except ExportUnsupported as exc:
                 return {"exported_metric": None, "exported_error": str(exc)}
         return {"exported_metric": evaluate_onnx(path, inputs, os.cpu_count() or 1)[0]}
@@ -213,8 +207,7 @@ def run_cell(spec: BenchSpec, task: BenchTask, row: Row, seed: int) -> dict[str,
     if spec.fidelity:
         result["fidelity"] = fidelity(evaluate_torch(teacher, inputs)[1], outputs, config.task.kind)
     if spec.exported:
-        exported = {"exported_metric": metric} if model is None else _exported_metric(config, teacher, model, inputs)
-        result |= exported
+        result |= {"exported_metric": metric} if model is None else _exported_metric(config, teacher, model, inputs)
     return {**result, "machine": machine_description()}
 
 
