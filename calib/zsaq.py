@@ -3,6 +3,7 @@ SAM-SGA (with checkpoints), and hand back the calibration set the generator ends
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from calib.config import CalibConfig
 from calib.devices import frozen_on
+from calib.generator_choice import resolve_generator
 from calib.inputs import Batch, CalibrationSet, special_token_ids
 from calib.methods import Calibration, CalibrationRequest
 from calib.models import TaskModel
@@ -27,8 +29,10 @@ def build_generator(
 ) -> torch.nn.Module:
     """The configured generator kind, deterministic under ``calib.seed``. ``tokenizer`` is the teacher's (a
     generator reading another model's text needs it)."""
+    generator = resolve_generator(calib.generator, teacher.kind, tokenizer is not None)[0]
+    calib = dataclasses.replace(calib, generator=generator)  # ``auto`` in a config built in code
     torch.manual_seed(calib.seed)
-    return GENERATORS[calib.generator.kind].load()(calib, teacher, special_ids, tokenizer)
+    return GENERATORS[generator.kind].load()(calib, teacher, special_ids, tokenizer)
 
 
 @torch.no_grad()

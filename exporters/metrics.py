@@ -88,6 +88,7 @@ class AgreementStream:
     cosine_sum: float = 0.0
     argmax_matches: int = 0
     rows: int = 0
+    width: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> AgreementStream:
         """One batch of outputs (any shape with the same last axis)."""
@@ -97,12 +98,14 @@ class AgreementStream:
             self.cosine_sum += float(cosine_rows(ref, cand).sum())
             self.argmax_matches += int((ref.argmax(-1) == cand.argmax(-1)).sum())
             self.rows += len(ref)
+            self.width = ref.shape[-1]
         return self
 
     def result(self, kind: str) -> dict[str, float]:
-        """max |diff|, mean cosine and (except for embeddings) the argmax match rate."""
+        """max |diff|, mean cosine and (except for embeddings and one-output regression heads, where no argmax
+        means anything) the argmax match rate."""
         result = {"max_abs_diff": self.max_abs_diff, "mean_cosine": self.cosine_sum / max(self.rows, 1)}
-        if kind != "embedding":
+        if kind != "embedding" and self.width > 1:
             result["argmax_match"] = self.argmax_matches / max(self.rows, 1)
         return result
 
@@ -115,6 +118,9 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, kind: str) -> dict[s
 def fidelity(reference: np.ndarray, candidate: np.ndarray, kind: str) -> float:
     """How faithful ``candidate`` is to ``reference`` (the FP model) on the same inputs: percent of equal
     predictions for classifiers and LMs, 100 x mean cosine for embeddings. A task metric moves both ways as
-    predictions flip; fidelity counts every flip."""
+    predictions flip; fidelity counts every flip. A regression head (one output): 100 x the Pearson correlation
+    of the two models' scores."""
+    if reference.shape[-1] == 1:
+        return 100 * float(np.corrcoef(reference.ravel(), candidate.ravel())[0, 1])
     measures = agreement(reference, candidate, kind)
     return 100 * measures.get("argmax_match", measures["mean_cosine"])

@@ -45,7 +45,8 @@ class LatencyEntry:
 class SpecFile:
     """The spec file as written: ``rows`` are catalogue keys (default: all), ``config`` a patch of every task's
     config, ``claims`` pairs of rows to compare, ``fidelity`` also records agreement with the FP model,
-    ``exported`` also scores each row's CPU ONNX (a student's CPU flavour, the FP32 graph; a peer's row is ONNX)."""
+    ``exported`` also scores each row's CPU ONNX (a student's CPU flavour, the FP32 graph; a peer's row is ONNX),
+    ``average`` names a column of each row's mean over the tasks (seed by seed, as GLUE's average score)."""
 
     tasks: dict[str, TaskEntry]
     catalogue: FilePath | None = None  # default: rows.yaml beside the spec
@@ -54,6 +55,7 @@ class SpecFile:
     config: dict[str, Any] = field(default_factory=dict)
     fidelity: bool = False
     exported: bool = False
+    average: str | None = None
     claims: tuple[tuple[str, str], ...] = ()
     latency: LatencyEntry | None = None
 
@@ -80,6 +82,7 @@ class BenchSpec:
     config: dict[str, Any] = field(default_factory=dict)
     fidelity: bool = False
     exported: bool = False
+    average: str | None = None
     claims: tuple[tuple[str, str], ...] = ()
     latency_config: Path | None = None
     latency_repeats: int = 20
@@ -112,8 +115,8 @@ def load_spec(path: Path) -> BenchSpec:
     latency = raw.latency or LatencyEntry("")
     timed = existing(latency.config, "latency.config") if raw.latency else None
     return BenchSpec(
-        path, tasks, catalogue, tuple(rows[k] for k in keys), raw.config, raw.fidelity, raw.exported, raw.claims,
-        timed, latency.repeats,
+        path, tasks, catalogue, tuple(rows[k] for k in keys), raw.config, raw.fidelity, raw.exported, raw.average,
+        raw.claims, timed, latency.repeats,
     )  # fmt: skip
 
 

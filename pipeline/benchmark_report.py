@@ -66,6 +66,8 @@ class TableData:
         self.families = {name: task_family(config) for name, config in configs.items()}
         self.metrics = {name: config.task.eval.metric for name, config in configs.items()}
         self.kinds = {name: config.task.kind for name, config in configs.items()}
+        if spec.average is not None and LOWER_IS_BETTER & set(self.metrics.values()):
+            raise ConfigError(f"{spec.path}: average: expected tasks whose metrics are all higher-is-better")
 
     def metric_cell(self, row: Row, task_name: str, field: str = "metric") -> str:
         """The figure (``metric``, ``fidelity`` or ``exported_metric``) for one row and task, or why there is
@@ -89,6 +91,27 @@ class TableData:
     def values(self, row: Row, task_name: str) -> dict[int, float]:
         """Every seed's metric of one row on one task, by seed."""
         return {r["seed"]: r["metric"] for r in self.cells.get((task_name, row.key), [])}
+
+    def average_values(self, row: Row) -> dict[int, float]:
+        """The row's mean over every task, by seed, for the seeds it has on all tasks (an unseeded row: its one
+        value per task); empty while any task lacks a figure."""
+        per_task = [self.values(row, task.name) for task in self.spec.tasks]
+        if not all(per_task):
+            return {}
+        if not row.seeded:
+            return {0: statistics.mean(values[min(values)] for values in per_task)}
+        seeds = sorted(set.intersection(*(set(values) for values in per_task)))
+        return {seed: statistics.mean(values[seed] for values in per_task) for seed in seeds}
+
+    def average_cell(self, row: Row) -> str:
+        """The average column's figure for one row, or why there is none."""
+        if any(row.reason_not_run(self.families[t.name]) is not None for t in self.spec.tasks):
+            return "n/a"
+        values = list(self.average_values(row).values())
+        if not values:
+            return "pending"
+        planned = len(set.intersection(*(set(t.seeds) for t in self.spec.tasks))) if row.seeded else 1
+        return _metric_text(values, planned)
 
     @property
     def shapes(self) -> list[str]:
@@ -128,7 +151,7 @@ class TableData:
 
 def _header(data: TableData) -> list[str]:
     tasks = " / ".join(t.name for t in data.spec.tasks)
-    columns = [t.column for t in data.spec.tasks]
+    columns = [t.column for t in data.spec.tasks] + ([data.spec.average] if data.spec.average else [])
     if data.spec.fidelity:
         columns += [f"{t.name}: {FIDELITY_NAMES[data.kinds[t.name]]}" for t in data.spec.tasks]
     if data.spec.exported:
@@ -144,6 +167,8 @@ def table_rows(data: TableData) -> list[list[str]]:
     rows = []
     for row in data.spec.rows:
         figures = [data.metric_cell(row, t.name, f) for f in fields for t in data.spec.tasks]
+        if data.spec.average:
+            figures.insert(len(data.spec.tasks), data.average_cell(row))
         minutes, peak = data.cost(row)
         rows.append([row.label, row.scheme, "no (uses data)" if row.uses_data else "yes", *figures,
                      *data.format_figures(row), minutes, peak])  # fmt: skip
@@ -151,14 +176,17 @@ def table_rows(data: TableData) -> list[list[str]]:
 
 
 def _claims(data: TableData) -> list[str]:
-    """The spec's comparisons on each task, computed from the cells (not typed in), paired by seed."""
+    """The spec's comparisons on each task (and on the average), computed from the cells (not typed in), paired
+    by seed."""
     by_key = {r.key: r for r in data.spec.rows}
+    columns = [(t.name, data.metrics[t.name], lambda row, name=t.name: data.values(row, name)) for t in data.spec.tasks]
+    if data.spec.average:
+        columns.append((data.spec.average, "average", data.average_values))
     lines = []
-    for task in data.spec.tasks:
-        lower = data.metrics[task.name] in LOWER_IS_BETTER
-        units = f" {data.metrics[task.name]} (lower is better)" if lower else " points"
+    for name, metric, values in columns:
+        units = f" {metric} (lower is better)" if metric in LOWER_IS_BETTER else " points"
         for ours, theirs in data.spec.claims:
-            a, b = data.values(by_key[ours], task.name), data.values(by_key[theirs], task.name)
+            a, b = values(by_key[ours]), values(by_key[theirs])
             if not (a and b):
                 continue
             delta = statistics.mean(a.values()) - statistics.mean(b.values())
@@ -167,7 +195,7 @@ def _claims(data: TableData) -> list[str]:
             else:  # an unseeded row: its one value against every seed
                 paired = [a[seed] - b[min(b)] for seed in sorted(a)]
             lines.append(
-                f"- {task.name}: {by_key[ours].label} {by_key[ours].scheme} vs {by_key[theirs].label} "
+                f"- {name}: {by_key[ours].label} {by_key[ours].scheme} vs {by_key[theirs].label} "
                 f"{by_key[theirs].scheme}: {delta:+.2f}{units} (by seed: {', '.join(f'{d:+.2f}' for d in paired)})"
             )
     return lines

