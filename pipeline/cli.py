@@ -86,7 +86,7 @@ def run(
     config, notice = settle_generator(config)
     from pipeline import launch
 
-    world = launch.environment_ranks()[1]
+    rank, world, _ = launch.environment_ranks()
     if nproc > 1 and world > 1:
         raise ConfigError(f"--nproc: this process is already rank of {world} (torchrun?): leave --nproc out")
     launch.check_parallel_config(config, max(nproc, world))
@@ -100,7 +100,7 @@ def run(
     hf_logging.disable_progress_bar()  # our own stage lines and bars are the progress; not every weight load
     hf_logging.set_verbosity_error()
     check_against_model(config, str(config_path))
-    if notice is not None and launch.environment_ranks()[0] == 0:
+    if notice is not None and rank == 0:
         click.echo(f"notice: {notice}", err=True)  # after every input check: a bad input stays one line
     out = out or Path("runs") / config_path.stem
     parallel = launch.join_process_group(config)

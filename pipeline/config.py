@@ -19,7 +19,7 @@ from calib.capabilities import Scheme, group_sizes, unsupported
 from calib.config import CalibConfig, ModelSource, QuantConfig, Range, RelativePath, TaskConfig
 from calib.errors import ConfigError
 from calib.families import FAMILIES
-from calib.generator_choice import DEFAULT_LM_INSTALL, DEFAULT_LM_PACKAGE, resolve_generator
+from calib.generator_choice import AUTO, DEFAULT_LM_INSTALL, DEFAULT_LM_PACKAGE, resolve_generator
 from calib.registry import GENERATORS, METHODS
 from exporters.config import ExportConfig, ServeConfig, ValidateConfig
 
@@ -279,7 +279,7 @@ def _check_calib(
     if method.uses_data and (c.real_data is None or not Path(c.real_data).is_file()):
         fail("calib.real_data", f"an existing task data file when calib.method is {c.method}", c.real_data)
     g = c.generator
-    if c.method == "zsaq" and g.kind != "auto" and GENERATORS[g.kind].needs_lm:
+    if c.method == "zsaq" and g.kind != AUTO and GENERATORS[g.kind].needs_lm:
         settled = resolve_generator(g, task.kind, readable)[0]  # the default generator LM, where it is installed
         if settled.model is None and task.kind != "causal-lm":
             fail("calib.generator.model", f"a causal LM that writes the {g.kind} generator's text for a "

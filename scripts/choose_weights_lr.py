@@ -12,7 +12,6 @@ task's best is chosen. Usage:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -22,12 +21,12 @@ import click
 import torch
 from tqdm import tqdm
 
-from calib.config import CalibConfig, GeneratorConfig
+from calib.config import CalibConfig, TaskConfig
 from calib.generator_choice import DEFAULT_LM, DEFAULT_LM_INSTALL, default_lm_installed
-from calib.inputs import Batch, special_token_ids
+from calib.inputs import Batch
 from calib.learn import output_loss
-from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
-from calib.zsaq import build_generator
+from calib.lm_text import write_text
+from calib.models import TaskModel, embedding_table, frozen_teacher, load_backbone, load_source_tokenizer
 from pipeline.benchmark import load_spec, task_config
 from pipeline.benchmark_cell import STUDENTS
 from pipeline.benchmark_rows import row_patch
@@ -42,18 +41,17 @@ LOSS_FLOOR = 1e-12
 
 @torch.no_grad()
 def held_out_text(teacher: TaskModel, tokenizer, calib: CalibConfig) -> list[Batch]:
-    """Batches of text the default generator LM writes, as the teacher reads it (the adapter's residual is left
-    out: the text itself)."""
-    generator_config = GeneratorConfig(kind="lm-adapter", model=DEFAULT_LM, min_len=calib.generator.min_len)
-    held_out = dataclasses.replace(calib, seed=HELD_OUT_SEED, generator=generator_config)
-    generator = build_generator(held_out, teacher, special_token_ids(tokenizer)[0], tokenizer)
+    """Batches of text the default generator LM writes, as the teacher reads it into its embedding table (the
+    lm-adapter's starting point, without its residual)."""
+    lm = load_backbone(DEFAULT_LM, TaskConfig(kind="causal-lm"))
+    tokenizers = (load_source_tokenizer(DEFAULT_LM), tokenizer)
+    text = write_text(lm, HELD_OUT_SAMPLES, calib.seq_len, calib.generator.min_len, HELD_OUT_SEED, tokenizers)
+    embeds = embedding_table(teacher)[text.teacher_ids] * text.attention_mask.unsqueeze(-1)
     size = calib.generator.batch_size
-    batches = []
-    for start in range(0, HELD_OUT_SAMPLES, size):
-        rows = torch.arange(start, min(start + size, len(generator.base)))
-        mask = generator.mask[rows]
-        batches.append(Batch(mask, inputs_embeds=generator.base[rows] * mask.unsqueeze(-1)))
-    return batches
+    return [
+        Batch(text.attention_mask[i : i + size], inputs_embeds=embeds[i : i + size])
+        for i in range(0, HELD_OUT_SAMPLES, size)
+    ]
 
 
 @torch.no_grad()
