@@ -80,10 +80,11 @@ def run(
     nproc: int,
 ) -> None:
     """Run the pipeline described by CONFIG (a YAML file) into a run folder."""
-    from pipeline.config import load_config, settle_generator, with_export_formats
+    from pipeline.config import load_config, settle_generator, weight_range_notice, with_export_formats
 
     config = with_export_formats(load_config(config_path), exports, str(config_path))  # no torch imported yet
-    config, notice = settle_generator(config)
+    config, generator_notice = settle_generator(config)
+    notices = [n for n in (generator_notice, weight_range_notice(config)) if n is not None]
     from pipeline import launch
 
     rank, world, _ = launch.environment_ranks()
@@ -100,7 +101,7 @@ def run(
     hf_logging.disable_progress_bar()  # our own stage lines and bars are the progress; not every weight load
     hf_logging.set_verbosity_error()
     check_against_model(config, str(config_path))
-    if notice is not None and rank == 0:
+    for notice in notices if rank == 0 else []:
         click.echo(f"notice: {notice}", err=True)  # after every input check: a bad input stays one line
     out = out or Path("runs") / config_path.stem
     parallel = launch.join_process_group(config)

@@ -92,6 +92,19 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: Path | None = Non
     return config
 
 
+def weight_range_notice(config: PipelineConfig) -> str | None:
+    """A one-line notice where the weights' ranges are min-max at 2 bits (None: nothing to say). The signed 2-bit
+    grid's top level is one step, so min-max sets each row's step to its largest weight and rounds nearly every
+    other weight to 0 (MiniLM's W2A8 students sat at chance on GLUE that way); the MSE search keeps them."""
+    weights = config.quant.weights
+    if weights.bits > 2 or weights.init != "minmax":
+        return None
+    return (
+        "quant.weights: min-max ranges at 2 bits round nearly every weight to 0 (the step is each row's largest "
+        "weight); init: mse searches the clip and keeps them"
+    )
+
+
 def settle_generator(config: PipelineConfig) -> tuple[PipelineConfig, str | None]:
     """The config with ``calib.generator.kind: auto`` settled, so that a run's fingerprint names the generator
     that really plays, and the notice to show where ZSAQ falls back to soft tokens (None: nothing to say)."""

@@ -73,6 +73,24 @@ def test_clipping_inits_clip_outliers_harder_than_minmax(method):
     assert err(other) < err(minmax)
 
 
+def test_two_bit_mse_init_keeps_the_weights_min_max_rounds_to_zero():
+    # At 2 bits (levels -2..1 steps) min-max sets the step to the row's absmax, so nearly every weight rounds to
+    # 0; the MSE search must find steps well below a fifth of the absmax when one outlier sets it.
+    torch.manual_seed(0)
+    weight = torch.randn(8, 512)
+    weight[:, 0] = 12.0
+    minmax, mse = TensorQuantizer(2, "per-channel"), TensorQuantizer(2, "per-channel")
+    minmax.init_from_tensor(weight, "minmax")
+    mse.init_from_tensor(weight, "mse")
+    zeros = lambda q: (q.to_int(weight) == 0).float().mean()  # noqa: E731
+    assert zeros(minmax) > 0.95 and zeros(mse) < 0.6
+    assert (mse.scale.flatten() < 0.2 * 12.0).all()
+    fifth = TensorQuantizer(2, "per-channel")
+    fifth.set_scale(torch.full_like(mse.scale, 0.2 * 12.0))
+    err = lambda q: (q(weight) - weight).pow(2).mean()  # noqa: E731
+    assert err(mse) < err(fifth) < err(minmax)
+
+
 def test_frozen_weights_compute_the_same_function_and_save_the_same_state():
     from calib.config import QuadapterConfig, QuantConfig
     from calib.inputs import random_tokens
