@@ -144,7 +144,9 @@ class SamSgaConfig:
     false``: the generator stays frozen; ``adaptive``: ASAM, the perturbation scaled by each parameter's size.
     ``select_every``: every this many rounds (and at round 0) the student is scored on ``select_samples``
     held-out generated samples and the game ends on the best-scoring state (:mod:`calib.selection`); 0: the
-    last state."""
+    last state. ``start``: the student the game starts from, its ranges initialised on the generator's first
+    samples and its weights rounded to nearest, or by GPTQ on those samples (learned weights then move off
+    GPTQ's grid points; ``quant.weights.rounding: gptq`` instead rounds once more after the game)."""
 
     rounds: Positive = 150
     generator_steps: Positive = 1
@@ -156,6 +158,7 @@ class SamSgaConfig:
     checkpoint_every: Positive = 25
     select_every: Count = 0
     select_samples: Positive = 16
+    start: Rounding = "nearest"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from calib.config import CalibConfig
 from calib.devices import frozen_on
 from calib.generator_choice import resolve_generator
+from calib.gptq import apply_gptq
 from calib.inputs import Batch, CalibrationSet, special_token_ids
 from calib.methods import Calibration, CalibrationRequest
 from calib.models import TaskModel
@@ -55,8 +56,9 @@ def calibrate_zsaq(request: CalibrationRequest) -> Calibration:
     """Play SAM-SGA, resuming from ``request.checkpoint`` when it exists (and saving there every N rounds,
     from rank 0); returns the final calibration set and the game (its student, generator and history).
 
-    Every rank builds the same generator and student and initialises ranges on the same samples (drawn with
-    stream 0's generator, which rank 0 then continues), so the ranks start equal and stay equal."""
+    Every rank builds the same generator and student and initialises ranges (and, with ``sam_sga.start:
+    gptq``, rounds the weights by GPTQ) on the same samples (drawn with stream 0's generator, which rank 0 then
+    continues), so the ranks start equal and stay equal."""
     calib, quant, parallel = request.calib, request.quant, request.parallel
     device = torch.device(request.device)
     rng = torch.Generator(device).manual_seed(calib.seed)
@@ -64,9 +66,10 @@ def calibrate_zsaq(request: CalibrationRequest) -> Calibration:
     generator = generator.to(device)
     student = build_student(request.teacher, quant).to(device)  # float32, before the teacher changes precision
     teacher = frozen_on(request.teacher, device)
-    init_ranges(
-        student, quant, generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
-    )
+    first = generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
+    init_ranges(student, quant, first)
+    if calib.sam_sga.start == "gptq":
+        apply_gptq(student, first)  # deterministic: every rank starts from the same rounding
     game = SamSga(teacher, student, generator, calib, quant.learn, rng, parallel)
     path = request.checkpoint
     if path is not None and path.is_file():

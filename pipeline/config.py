@@ -225,6 +225,8 @@ def _check_values(config: PipelineConfig, source: str) -> None:
             fail("task.kind", f"{' or '.join(FAMILIES[r.family].task_kinds)} for a {r.family} model", config.task.kind)
     _check_quant(config.quant, config.task, fail)
     _check_calib(config.calib, config.task, config.model.random is None, fail)
+    if config.calib.sam_sga.start == "gptq" and config.quant.quadapter.enabled:
+        fail("calib.sam_sga.start", "nearest when quant.quadapter is enabled (GPTQ runs without it)", "gptq")
     ev = config.task.eval
     metrics = task_metrics(config.task)
     if ev is not None and ev.metric not in metrics:

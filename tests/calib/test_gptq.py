@@ -6,12 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calib.config import LearnConfig, QuadapterConfig, QuantConfig, WeightQuant
+from calib.config import (
+    CalibConfig,
+    GeneratorConfig,
+    LearnConfig,
+    QuadapterConfig,
+    QuantConfig,
+    SamSgaConfig,
+    TaskConfig,
+    WeightQuant,
+)
 from calib.gptq import apply_gptq, gptq_weight
 from calib.inputs import random_tokens
 from calib.learn import distillation_loss
+from calib.methods import CalibrationRequest, calibrate
 from calib.quantizers import TensorQuantizer
 from calib.student import build_student, init_ranges, quant_layers
+from calib.zsaq import build_generator, generated_set
 from tests.models import tiny_teacher
 
 
@@ -101,3 +112,27 @@ def test_gptq_refuses_a_quadapter_student():
     init_ranges(student, quant, batches)
     with pytest.raises(ValueError, match="Quadapter"):
         apply_gptq(student, batches)
+
+
+@pytest.mark.parametrize("start", ["nearest", "gptq"])
+def test_the_game_starts_from_gptqs_rounding_on_the_generators_first_samples(start):
+    """With ``sam_sga.start: gptq`` the game's student holds the weights GPTQ gives on the samples its ranges were
+    initialised on (weights not learned here, so they are still the starting ones when the game ends)."""
+    teacher = tiny_teacher("bert", hidden=64)
+    calib = CalibConfig(
+        method="zsaq", samples=8, seq_len=16, batch_size=4,
+        generator=GeneratorConfig(kind="soft-tokens", batch_size=4, min_len=4),
+        sam_sga=SamSgaConfig(rounds=2, start=start),
+    )  # fmt: skip
+    quant = QuantConfig(weights=WeightQuant(bits=4), learn=LearnConfig(params=("step-sizes",)))
+    request = CalibrationRequest(teacher, None, calib, quant, TaskConfig(kind=teacher.kind), show_progress=False)
+    played = calibrate(request).game.student
+
+    rng = torch.Generator().manual_seed(calib.seed)
+    first = generated_set(build_generator(calib, teacher, ()), calib.samples, calib.batch_size, rng).batches(4)
+    expected = build_student(teacher, quant)
+    init_ranges(expected, quant, first)
+    apply_gptq(expected, first)
+    rounded = quant_layers(expected)
+    for name, layer in quant_layers(played).items():
+        assert torch.equal(layer.weight, rounded[name].weight) == (start == "gptq")

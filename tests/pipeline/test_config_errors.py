@@ -38,6 +38,11 @@ BAD_CONFIGS = [
         "32, 64 or 128",
     ),
     ({"calib": {"samples": 0}}, "calib.samples", "a positive integer"),
+    (
+        {"calib": {"sam_sga": {"start": "gptq"}}, "quant": {"quadapter": {"enabled": True}}},
+        "calib.sam_sga.start",
+        "nearest when quant.quadapter is enabled",
+    ),
     ({"validate": {"min_agreement": 1.5}}, "validate.min_agreement", "between 0 and 1"),
     ({"export": {"formats": ["tflite"]}}, "export.formats[0]", "onnx, trt, triton"),
     ({"export": {"cpu_int8_weights": "int16"}}, "export.cpu_int8_weights", "auto, int8, uint8"),
