@@ -225,8 +225,11 @@ def _check_values(config: PipelineConfig, source: str) -> None:
             fail("task.kind", f"{' or '.join(FAMILIES[r.family].task_kinds)} for a {r.family} model", config.task.kind)
     _check_quant(config.quant, config.task, fail)
     _check_calib(config.calib, config.task, config.model.random is None, fail)
-    if config.calib.sam_sga.start == "gptq" and config.quant.quadapter.enabled:
-        fail("calib.sam_sga.start", "nearest when quant.quadapter is enabled (GPTQ runs without it)", "gptq")
+    gptq_rounding = (("quant.weights.rounding", config.quant.weights.rounding),
+                     ("calib.sam_sga.start", config.calib.sam_sga.start))  # fmt: skip
+    for key, rounding in gptq_rounding:
+        if rounding == "gptq" and config.quant.quadapter.enabled:
+            fail(key, "nearest when quant.quadapter is enabled (GPTQ runs without it)", rounding)
     ev = config.task.eval
     metrics = task_metrics(config.task)
     if ev is not None and ev.metric not in metrics:
@@ -278,8 +281,6 @@ def _check_quant(quant: QuantConfig, task: TaskConfig, fail: typing.Callable[[st
         fail("quant.lm_head", "false unless task.kind is causal-lm (only causal LMs have an LM head)", True)
     if quant.kv_cache and task.kind != "causal-lm":
         fail("quant.kv_cache", "false unless task.kind is causal-lm (only causal LMs keep a KV cache)", True)
-    if w.rounding == "gptq" and quant.quadapter.enabled:
-        fail("quant.weights.rounding", "nearest when quant.quadapter is enabled (GPTQ runs without it)", w.rounding)
     if not quant.learn.params:
         fail("quant.learn.params", "at least one of step-sizes, quadapter, weights", [])
 

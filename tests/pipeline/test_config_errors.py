@@ -39,6 +39,11 @@ BAD_CONFIGS = [
     ),
     ({"calib": {"samples": 0}}, "calib.samples", "a positive integer"),
     (
+        {"quant": {"weights": {"rounding": "gptq"}, "quadapter": {"enabled": True}}},
+        "quant.weights.rounding",
+        "nearest when quant.quadapter is enabled",
+    ),
+    (
         {"calib": {"sam_sga": {"start": "gptq"}}, "quant": {"quadapter": {"enabled": True}}},
         "calib.sam_sga.start",
         "nearest when quant.quadapter is enabled",
