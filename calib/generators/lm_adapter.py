@@ -94,7 +94,7 @@ def build(
         lm, tokenizers = teacher.backbone, None  # a decoder generates for itself
     else:
         raise ConfigError("calib.generator.model: the lm-adapter generator needs a causal LM for this teacher")
-    text = write_text(lm, LM_POOL, calib.seq_len, gen.min_len, calib.seed, tokenizers)
+    text = write_text(lm, LM_POOL, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share)
     trainable_lm = None
     features = torch.empty(0)
     if gen.learn_lm:

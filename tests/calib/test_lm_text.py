@@ -7,7 +7,7 @@ from transformers import BertTokenizerFast
 
 from calib.config import ModelSource, RandomModel, TaskConfig
 from calib.generators.lm_adapter import LMAdapterGenerator, aligned_features
-from calib.lm_text import align_tokens, write_text
+from calib.lm_text import align_tokens, split_pair, write_text
 from calib.models import embedding_table, load_backbone
 from tests.models import SPECIAL_TOKENS, tiny_teacher
 
@@ -39,6 +39,51 @@ def test_text_of_another_vocabulary_is_framed_by_the_teacher_and_aligned_word_fo
         lm_tokens = lm_tokenizer.convert_ids_to_tokens(lm_ids.tolist())
         for position in range(1, length - 1):  # every word sits on the same word in the LM's row
             assert lm_tokens[alignment[position]] == tokens[position]
+
+
+def test_a_text_splits_into_a_pair_at_the_space_nearest_its_middle():
+    assert split_pair("one two three four") == ("one two", "three four", 8)
+    assert split_pair("abcdef") == ("abc", "def", 3)
+
+
+def test_the_share_asked_is_read_as_sentence_pairs_still_aligned_word_for_word():
+    lm_tokenizer = _word_tokenizer(WORDS)
+    teacher_tokenizer = _word_tokenizer(list(reversed(WORDS)))
+    spec = RandomModel(family="gpt2", vocab_size=len(SPECIAL_TOKENS) + len(WORDS))
+    lm = load_backbone(ModelSource(random=spec), TaskConfig(kind="causal-lm"))
+    text = write_text(lm, 6, 12, 6, seed=0, tokenizers=(lm_tokenizer, teacher_tokenizer), pairs=0.5)
+    separators = []
+    for ids, mask, lm_ids, alignment in zip(text.teacher_ids, text.attention_mask, text.lm_ids, text.alignment):
+        tokens = teacher_tokenizer.convert_ids_to_tokens(ids[: int(mask.sum())].tolist())
+        separators.append(tokens.count("[SEP]"))
+        lm_tokens = lm_tokenizer.convert_ids_to_tokens(lm_ids.tolist())
+        for position, token in enumerate(tokens):  # both sentences' words sit on their words in the LM's row
+            if token not in SPECIAL_TOKENS:
+                assert lm_tokens[alignment[position]] == token
+    assert separators == [2, 2, 2, 1, 1, 1]  # [CLS] a [SEP] b [SEP] for the first half, [CLS] text [SEP] after
+
+
+def test_the_random_share_of_the_pool_is_uniform_teacher_tokens_the_lm_cannot_write():
+    lm_tokenizer = _word_tokenizer(WORDS[:30])  # the teacher reads twice the LM's words
+    teacher_tokenizer = _word_tokenizer(WORDS)
+    spec = RandomModel(family="gpt2", vocab_size=len(SPECIAL_TOKENS) + 30)
+    lm = load_backbone(ModelSource(random=spec), TaskConfig(kind="causal-lm"))
+    text = write_text(lm, 6, 12, 8, seed=0, tokenizers=(lm_tokenizer, teacher_tokenizer), random_share=0.5)
+    unwritable = set(WORDS[30:])
+    seen = [
+        unwritable & set(teacher_tokenizer.convert_ids_to_tokens(ids[: int(mask.sum())].tolist()))
+        for ids, mask in zip(text.teacher_ids, text.attention_mask)
+    ]
+    assert not any(seen[:3]) and all(seen[3:])
+
+
+def test_a_decoders_random_share_leaves_the_lms_top_k():
+    teacher = tiny_teacher("gpt2")
+    text = write_text(teacher.backbone, 8, 16, 16, seed=1, random_share=0.5)
+    with torch.no_grad():
+        top = teacher.backbone(input_ids=text.lm_ids).logits[:, :-1].topk(50, dim=-1).indices
+    in_top_k = (top == text.lm_ids[:, 1:, None]).any(-1).float().mean(1)
+    assert (in_top_k[:4] == 1).all() and (in_top_k[4:] < 0.5).all()  # sampled top-k rows, then uniform ones
 
 
 def test_a_decoder_generating_for_itself_keeps_its_ids_and_varies_lengths():

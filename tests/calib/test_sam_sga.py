@@ -29,13 +29,16 @@ from tests.models import tiny_teacher
 W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
 
 
-def _game(family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4, select_every=0):
+def _game(
+    family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4, select_every=0,
+    schedule="constant",
+):  # fmt: skip
     teacher = tiny_teacher(family)
     calib = CalibConfig(
         samples=16, seq_len=16, batch_size=8, seed=seed,
         generator=GeneratorConfig(kind=kind, batch_size=4, min_len=4, lr=1e-2),
         sam_sga=SamSgaConfig(rounds=rounds, adversarial=adversarial, checkpoint_every=2, select_every=select_every,
-                             select_samples=6),
+                             select_samples=6, schedule=schedule),
         sharpness=SharpnessConfig(enabled=sharpness),
         priors=PriorConfig(embedding_stats=0.0),  # the pure game: no plausibility terms
     )  # fmt: skip
@@ -92,17 +95,32 @@ def test_student_steps_lower_the_discrepancy_on_a_fixed_generator():
     assert discrepancy() < before
 
 
-def test_the_game_is_deterministic_and_resumes_from_its_state():
-    full, _ = _game(seed=3)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_game_is_deterministic_and_resumes_from_its_state(schedule):
+    full, _ = _game(seed=3, schedule=schedule)
     checkpoints = []
     full.play(4, checkpoint=lambda: checkpoints.append(copy.deepcopy(full.state_dict())), show_progress=False)
     assert [c["round"] for c in checkpoints] == [2]  # every 2 rounds, not after the last
-    resumed, _ = _game(seed=3)
+    resumed, _ = _game(seed=3, schedule=schedule)
     resumed.load_state_dict(checkpoints[0])
     resumed.play(4, show_progress=False)
     assert resumed.history.student_discrepancy == full.history.student_discrepancy
+    rates = [[group["lr"] for group in game.student_optimizer.param_groups] for game in (resumed, full)]
+    assert rates[0] == rates[1]
     for a, b in zip(resumed.student_params, full.student_params):
         assert torch.equal(a, b)
+
+
+def test_a_cosine_schedule_anneals_the_students_rates_to_zero_over_the_game():
+    game, _ = _game(schedule="cosine")  # 4 rounds of one student step
+
+    def rates() -> list[float]:
+        return [group["lr"] for group in game.student_optimizer.param_groups]
+
+    start, halfway = rates(), []
+    game.play(4, checkpoint=lambda: halfway.extend(rates()), show_progress=False)  # checkpoint_every=2
+    assert halfway == pytest.approx([rate / 2 for rate in start])
+    assert rates() == pytest.approx([0.0] * len(start))
 
 
 def test_selection_ends_the_game_on_the_best_held_out_state_and_survives_a_resume():

@@ -274,6 +274,10 @@ def test_an_average_column_means_the_tasks_seed_by_seed_and_its_claims_are_paire
     assert "| pending |" in line["QAT on random tokens W4A8"]
     claim = "- two-task average: ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8: +6.50 points (by seed: +8.00)"
     assert claim in text
+    per_task = "- tiny: ZSAQ (SAM-SGA) W4A8 vs static PTQ on random tokens W4A8"
+    assert per_task in text
+    brief = render_markdown(TableData(spec, out), "cmd", brief=True)  # the README's block: the average alone
+    assert claim in brief and per_task not in brief and "each task's in [table.md](table.md)" in brief
 
 
 def test_an_exported_spec_scores_each_rows_cpu_onnx_and_says_why_a_row_has_none(bench_files):

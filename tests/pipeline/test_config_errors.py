@@ -48,6 +48,16 @@ BAD_CONFIGS = [
         "calib.sam_sga.start",
         "nearest when quant.quadapter is enabled",
     ),
+    ({"calib": {"generator": {"pairs": 1.5}}}, "calib.generator.pairs", "between 0 and 1"),
+    (
+        {
+            "task": {"kind": "causal-lm"},
+            "model": {"random": {"family": "gpt2"}},
+            "calib": {"generator": {"pairs": 0.5}},
+        },
+        "calib.generator.pairs",
+        "0 for a causal-lm teacher (sentence pairs are what a classifier of pairs reads)",
+    ),
     ({"validate": {"min_agreement": 1.5}}, "validate.min_agreement", "between 0 and 1"),
     ({"export": {"formats": ["tflite"]}}, "export.formats[0]", "onnx, trt, triton"),
     ({"export": {"cpu_int8_weights": "int16"}}, "export.cpu_int8_weights", "auto, int8, uint8"),
