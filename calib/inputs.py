@@ -93,6 +93,13 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase | None) -> tuple[tuple[
     return tuple(sorted(specials)), pad
 
 
+def ordinary_ids(vocab_size: int, special_ids: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+    """int64 ids of the vocabulary, ``special_ids`` left out: the pool random and soft tokens draw from."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[list(special_ids)] = False
+    return allowed.nonzero().squeeze(-1)
+
+
 def varied_mask(batch: int, seq_len: int, min_len: int, rng: torch.Generator) -> torch.Tensor:
     """int64 ``[batch, seq_len]`` mask with lengths uniform in ``[min_len, seq_len]`` (padding on the right)."""
     lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=rng, device=rng.device)
@@ -110,9 +117,7 @@ def random_tokens(
 ) -> CalibrationSet:
     """Uniform ids over the non-special vocabulary; lengths uniform in [min_len_fraction*seq_len, seq_len]."""
     generator = torch.Generator().manual_seed(seed)
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[list(special_ids)] = False
-    pool = allowed.nonzero().squeeze(-1)
+    pool = ordinary_ids(vocab_size, special_ids)
     ids = pool[torch.randint(len(pool), (samples, seq_len), generator=generator)]
     mask = varied_mask(samples, seq_len, max(1, int(seq_len * min_len_fraction)), generator)
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))

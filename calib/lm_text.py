@@ -14,7 +14,7 @@ from calib.errors import ConfigError
 
 if TYPE_CHECKING:
     from calib.methods import Calibration, CalibrationRequest
-from calib.inputs import varied_mask
+from calib.inputs import ordinary_ids, varied_mask
 
 
 @torch.no_grad()
@@ -133,9 +133,7 @@ def write_text(
 def random_text(tokenizer: PreTrainedTokenizerBase, lengths: list[int], rng: torch.Generator) -> list[str]:
     """Texts of ``lengths`` tokens drawn uniformly from ``tokenizer``'s vocabulary, special tokens aside (the
     ``random-tokens`` inputs, as text both tokenizers can read)."""
-    allowed = torch.ones(len(tokenizer), dtype=torch.bool)
-    allowed[tokenizer.all_special_ids] = False
-    pool = allowed.nonzero().squeeze(-1)
+    pool = ordinary_ids(len(tokenizer), tokenizer.all_special_ids)
     return [tokenizer.decode(pool[torch.randint(len(pool), (n,), generator=rng)].tolist()) for n in lengths]
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.inputs import Batch, varied_mask
+from calib.inputs import Batch, ordinary_ids, varied_mask
 from calib.models import TaskModel, embedding_table
 
 if TYPE_CHECKING:
@@ -69,10 +69,8 @@ def build(
     """A soft-token generator over the teacher's vocabulary (special tokens left out with ``restrict_vocab``)."""
     gen = calib.generator
     table = embedding_table(teacher)
-    allowed = torch.ones(len(table), dtype=torch.bool)
-    if gen.restrict_vocab and special_ids:
-        allowed[list(special_ids)] = False
+    allowed = ordinary_ids(len(table), special_ids if gen.restrict_vocab else ())
     return SoftTokenGenerator(
-        table, allowed.nonzero().squeeze(-1), calib.seq_len, gen.min_len, gen.noise_dim, gen.adapter_size,
+        table, allowed, calib.seq_len, gen.min_len, gen.noise_dim, gen.adapter_size,
         gen.temperature,
     )  # fmt: skip
