@@ -134,23 +134,23 @@ def main(spec_path: Path, row_key: str, key: str, values: tuple[float, ...], out
     row = next((r for r in spec.rows if r.key == row_key), None)
     if row is None or row.method not in STUDENTS:
         raise click.ClickException(f"--row {row_key}: expected a learning row of {spec_path}")
-    for value in values:  # every candidate checked before any learning: a bad key or value is one line
+    patches = {value: merge(row_patch(row, 0, None), setting_patch(key, value)) for value in values}
+    for patch in patches.values():  # every candidate checked before any learning: a bad key or value is one line
         try:
-            task_config(spec, spec.tasks[0], merge(row_patch(row, 0, None), setting_patch(key, value)))
+            task_config(spec, spec.tasks[0], patch)
         except PipelineError as error:
             raise click.ClickException(str(error)) from None
     torch.set_num_threads(2)
     losses: dict[str, dict[float, float]] = {}
     started = time.perf_counter()
-    with tqdm(total=len(spec.tasks) * len(values), desc=key, unit="student") as progress:
+    with tqdm(total=len(spec.tasks) * len(patches), desc=key, unit="student") as progress:
         for task in spec.tasks:
             base = task_config(spec, task, row_patch(row, 0, None))
             teacher = frozen_teacher(load_backbone(base.model, base.task), base.task.kind)
             tokenizer = load_source_tokenizer(base.model)
             batches = held_out_text(teacher, tokenizer, base.calib)
-            for value in values:
-                config = task_config(spec, task, merge(row_patch(row, 0, None), setting_patch(key, value)))
-                student = STUDENTS[row.method](config, teacher, tokenizer)
+            for value, patch in patches.items():
+                student = STUDENTS[row.method](task_config(spec, task, patch), teacher, tokenizer)
                 losses.setdefault(task.name, {})[value] = discrepancy(student, teacher, batches)
                 progress.update()
     chosen, scores = choose(losses)
