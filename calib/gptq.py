@@ -131,7 +131,7 @@ def _model_hessians(
 def _gptq_layers(layers: dict[str, QuantLinear], hessians: dict[str, torch.Tensor], damp: float) -> None:
     for name, hessian in hessians.items():
         layer = layers[name]
-        layer.weight.copy_(gptq_weight(layer.weight, hessian, layer.weight_quantizer, damp))
+        layer.set_effective_weight(gptq_weight(layer.effective_weight(), hessian, layer.weight_quantizer, damp))
 
 
 @torch.no_grad()
@@ -141,12 +141,12 @@ def apply_gptq(student: TaskModel, batches: Iterable[Batch], damp: float = 0.01)
     As the reference implementation does, each block's inputs are cached once (the previous block's outputs,
     its weights already GPTQ-rounded) and only that block runs to collect its layers' Hessians: the model is
     not re-run from the embeddings for every block. Range init must have run: the weight quantizers' step
-    sizes are the grid GPTQ rounds onto.
+    sizes are the grid GPTQ rounds onto. Under Quadapter (smoothing) GPTQ rounds the scaled weight ``W * a``
+    against the Hessian of the scaled input ``x / a`` (what the quantizers see), with the scales fixed: scales
+    learned afterwards move the weights off GPTQ's grid points, as learned weights do.
     """
     batches = list(batches)
     blocks = quant_layers_by_block(student)
-    if any(layer.quadapter is not None for layers in blocks.values() for layer in layers.values()):
-        raise ValueError("GPTQ runs on students without Quadapter (quant.quadapter.enabled: false)")
     inside = [name for name in blocks if name is not None]
     if inside:
         calls = [capture_block_call(student, inside[0], batch) for batch in batches]

@@ -59,6 +59,18 @@ class QuantLinear(nn.Module):
             return self.weight * factor
         return self.input_rotation(self.unrotated_weight() * factor)
 
+    @torch.no_grad()
+    def set_effective_weight(self, target: torch.Tensor) -> None:
+        """Store the weight whose :meth:`effective_weight` is ``target`` (GPTQ rounds the weight the quantizer
+        sees, Quadapter's factor and an online rotation included, and the result must stay on its grid)."""
+        factor = None if self.quadapter is None else self.quadapter.weight_factor()
+        if factor is None:
+            self.weight.copy_(target)
+        elif self.input_rotation is None:
+            self.weight.copy_(target / factor)
+        else:
+            self.weight.copy_(self.input_rotation(self.input_rotation.inverse(target) / factor))
+
     def unrotated_weight(self) -> torch.Tensor:
         """The weight on the layer's own input, before an online rotation (``W H^T``; ``W`` without one)."""
         return self.weight if self.input_rotation is None else self.input_rotation.inverse(self.weight)

@@ -225,11 +225,6 @@ def _check_values(config: PipelineConfig, source: str) -> None:
             fail("task.kind", f"{' or '.join(FAMILIES[r.family].task_kinds)} for a {r.family} model", config.task.kind)
     _check_quant(config.quant, config.task, fail)
     _check_calib(config.calib, config.task, config.model.random is None, fail)
-    gptq_rounding = (("quant.weights.rounding", config.quant.weights.rounding),
-                     ("calib.sam_sga.start", config.calib.sam_sga.start))  # fmt: skip
-    for key, rounding in gptq_rounding:
-        if rounding == "gptq" and config.quant.quadapter.enabled:
-            fail(key, "nearest when quant.quadapter is enabled (GPTQ runs without it)", rounding)
     ev = config.task.eval
     metrics = task_metrics(config.task)
     if ev is not None and ev.metric not in metrics:

@@ -1,8 +1,9 @@
 """GPTQ: round-to-nearest when inputs are uncorrelated, lower output error than it when they are, and a
-student whose weights stay on their grid."""
+student whose weights stay on their grid, smoothed and rotated ones included."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,10 +13,12 @@ from calib.config import (
     LearnConfig,
     QuadapterConfig,
     QuantConfig,
+    RotationConfig,
     SamSgaConfig,
     TaskConfig,
     WeightQuant,
 )
+from calib.contract import build_contract, load_student
 from calib.gptq import apply_gptq, gptq_weight
 from calib.inputs import random_tokens
 from calib.learn import distillation_loss
@@ -23,6 +26,7 @@ from calib.methods import CalibrationRequest, calibrate
 from calib.quantizers import TensorQuantizer
 from calib.student import build_student, init_ranges, quant_layers
 from calib.zsaq import build_generator, generated_set
+from tests.exporters.test_onnx_qdq import MAX_REL_DIFF
 from tests.models import tiny_teacher
 
 
@@ -76,6 +80,14 @@ def test_columns_are_visited_by_decreasing_hessian_diagonal_not_by_position():
     assert torch.allclose(grouped(rounded), rounded, atol=1e-5)
 
 
+def _discrepancy(teacher, student, batches) -> float:
+    total = 0.0
+    for batch in batches:
+        ours, theirs = batch.run(student, True), batch.run(teacher, True)
+        total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
+    return total
+
+
 @torch.no_grad()
 @pytest.mark.parametrize(
     ("family", "quant"),
@@ -87,31 +99,56 @@ def test_gptq_on_a_student_keeps_weights_on_grid_and_lowers_the_discrepancy(fami
     teacher = tiny_teacher(family, hidden=64)
     batches = random_tokens(32, 16, 512, seed=0).batches(8)
 
-    def discrepancy(student) -> float:
-        total = 0.0
-        for batch in batches:
-            ours, theirs = batch.run(student, True), batch.run(teacher, True)
-            total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
-        return total
-
     student = build_student(teacher, quant)
     init_ranges(student, quant, batches)
-    before = discrepancy(student)
+    before = _discrepancy(teacher, student, batches)
     apply_gptq(student, batches)
     for layer in quant_layers(student).values():
         w = layer.weight
         assert torch.allclose(layer.weight_quantizer(w), w, atol=1e-6)
-    assert discrepancy(student) < before
+    assert _discrepancy(teacher, student, batches) < before
 
 
-def test_gptq_refuses_a_quadapter_student():
-    teacher = tiny_teacher("bert", hidden=64)
-    quant = QuantConfig(weights=WeightQuant(bits=4), quadapter=QuadapterConfig(enabled=True))
+SMOOTHED = {
+    "bert": QuantConfig(weights=WeightQuant(bits=4), quadapter=QuadapterConfig(enabled=True)),
+    "qwen2-rotated": QuantConfig(  # grouped KV heads, online Hadamard before down_proj
+        weights=WeightQuant(bits=4),
+        rotation=RotationConfig(enabled=True),
+        quadapter=QuadapterConfig(enabled=True, init="smoothquant-search"),
+    ),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(SMOOTHED))
+def test_gptq_under_smoothing_rounds_the_scaled_weights_and_survives_the_fold(name):
+    """GPTQ after SmoothQuant-style scales: the weights the quantizers see (``W * a``, rotated) land on their grid,
+    the discrepancy drops, and folding the scales into the neighbours (the export contract) keeps the student."""
+    family = name.removesuffix("-rotated")
+    teacher, quant = tiny_teacher(family, hidden=64), SMOOTHED[name]
+    vocab = teacher.backbone.config.vocab_size
+    for module in teacher.backbone.modules():  # one MLP channel 50x the rest: smoothing's scales are far from 1
+        if isinstance(module, torch.nn.Linear) and module.out_features == 128:
+            module.weight[7] *= 50
+        if isinstance(module, torch.nn.Linear) and module.in_features == 128:
+            module.weight[:, 7] /= 50
+    batches = list(random_tokens(16, 16, vocab, seed=0).batches(8))
     student = build_student(teacher, quant)
-    batches = random_tokens(8, 16, 512, seed=0).batches(8)
     init_ranges(student, quant, batches)
-    with pytest.raises(ValueError, match="Quadapter"):
-        apply_gptq(student, batches)
+    layers = quant_layers(student)
+    assert any(float((layer.quadapter.scale - 1).abs().max()) > 0.1 for layer in layers.values() if layer.quadapter)
+
+    before = _discrepancy(teacher, student, batches)
+    apply_gptq(student, batches)
+    for layer in layers.values():
+        effective = layer.effective_weight()
+        assert torch.allclose(layer.weight_quantizer(effective), effective, atol=1e-5)
+    assert _discrepancy(teacher, student, batches) < before
+    tokens = random_tokens(4, 16, vocab, seed=5)
+    expected = student(tokens.input_ids, tokens.attention_mask)
+    rebuilt = load_student(teacher, quant, build_contract(student))(tokens.input_ids, tokens.attention_mask)
+    span = float(expected.max() - expected.min())
+    np.testing.assert_allclose(rebuilt, expected, atol=MAX_REL_DIFF * span)
 
 
 @pytest.mark.parametrize("start", ["nearest", "gptq"])

@@ -38,16 +38,6 @@ BAD_CONFIGS = [
         "32, 64 or 128",
     ),
     ({"calib": {"samples": 0}}, "calib.samples", "a positive integer"),
-    (
-        {"quant": {"weights": {"rounding": "gptq"}, "quadapter": {"enabled": True}}},
-        "quant.weights.rounding",
-        "nearest when quant.quadapter is enabled",
-    ),
-    (
-        {"calib": {"sam_sga": {"start": "gptq"}}, "quant": {"quadapter": {"enabled": True}}},
-        "calib.sam_sga.start",
-        "nearest when quant.quadapter is enabled",
-    ),
     ({"calib": {"generator": {"pairs": 1.5}}}, "calib.generator.pairs", "between 0 and 1"),
     (
         {
