@@ -103,7 +103,9 @@ class GeneratorConfig:
     ``radius`` x the embedding table's std by an adapter of width ``adapter_size`` (docs/ARCHITECTURE.md);
     ``learn_lm`` trains the LM too; ``pairs`` is the share of its text an encoder teacher reads as sentence pairs
     (for teachers of pair tasks: the input format, not data), ``random_share`` the share of uniform random tokens
-    of the teacher's vocabulary in place of the LM's text. ``auto`` (default): the lm-adapter where its LM is
+    of the teacher's vocabulary in place of the LM's text, ``pool`` how many sequences the LM writes (the game's
+    batches, and ``sam_sga.start: gptq``'s rounding inputs, are drawn from them: GPTQ on a decoder needs many
+    distinct tokens, docs/RESULTS.md). ``auto`` (default): the lm-adapter where its LM is
     available, else soft tokens with a notice (:mod:`calib.generator_choice`)."""
 
     kind: Annotated[str, ("auto", *GENERATORS)] = "auto"
@@ -119,6 +121,7 @@ class GeneratorConfig:
     restrict_vocab: bool = True
     pairs: Fraction = 0.0
     random_share: Fraction = 0.0
+    pool: Positive = 64
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
     from calib.config import CalibConfig
 
-LM_POOL = 64  # sequences the LM writes once
-
 
 class LMAdapterGenerator(nn.Module):
     """A learned adapter from the LM's token representations (plus noise) to a residual on the teacher's
@@ -94,7 +92,7 @@ def build(
         lm, tokenizers = teacher.backbone, None  # a decoder generates for itself
     else:
         raise ConfigError("calib.generator.model: the lm-adapter generator needs a causal LM for this teacher")
-    text = write_text(lm, LM_POOL, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share)
+    text = write_text(lm, gen.pool, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share)
     trainable_lm = None
     features = torch.empty(0)
     if gen.learn_lm:
@@ -106,7 +104,7 @@ def build(
             features = torch.cat(
                 [
                     aligned_features(lm, text.lm_ids[i : i + 16], text.lm_mask[i : i + 16], text.alignment[i : i + 16])
-                    for i in range(0, LM_POOL, 16)
+                    for i in range(0, gen.pool, 16)
                 ]
             )
         torch.manual_seed(calib.seed)

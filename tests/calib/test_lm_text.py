@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import BertTokenizerFast
 
-from calib.config import ModelSource, RandomModel, TaskConfig
+from calib.config import CalibConfig, GeneratorConfig, ModelSource, RandomModel, TaskConfig
 from calib.generators.lm_adapter import LMAdapterGenerator, aligned_features
 from calib.lm_text import align_tokens, split_pair, write_text
 from calib.models import embedding_table, load_backbone
+from calib.zsaq import build_generator
 from tests.models import SPECIAL_TOKENS, tiny_teacher
 
 WORDS = [f"word{i}" for i in range(60)]  # more than the LM sampler's top-k of 50
@@ -110,3 +112,12 @@ def test_the_generator_starts_from_the_texts_own_embeddings():
     expected = table[text.teacher_ids[rows]] * mask.unsqueeze(-1)
     gap = (batch.inputs_embeds - expected).norm(dim=-1)[mask.bool()]
     assert gap.max() < 0.05 * table.norm(dim=-1).mean()  # a small residual, not a new embedding
+
+
+@pytest.mark.parametrize("pool", [8, 24])
+def test_the_pool_holds_as_many_different_sequences_as_asked(pool):
+    """``calib.generator.pool``: the LM writes that many sequences once; the game's batches come from them."""
+    calib = CalibConfig(samples=8, seq_len=16, generator=GeneratorConfig(kind="lm-adapter", pool=pool, min_len=4))
+    generator = build_generator(calib, tiny_teacher("gpt2"), ())
+    assert len(generator.base) == pool
+    assert len({tuple(row.tolist()) for row in generator.lm_ids}) == pool
