@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from calib.config import CalibConfig
+from calib.config import CalibConfig, LearnConfig
 from calib.devices import frozen_on
 from calib.generator_choice import resolve_generator
 from calib.gptq import apply_gptq
@@ -19,7 +19,7 @@ from calib.methods import Calibration, CalibrationRequest
 from calib.models import TaskModel
 from calib.registry import GENERATORS
 from calib.sam_sga import SamSga
-from calib.student import build_student, init_ranges
+from calib.student import build_student, init_ranges, student_state
 
 
 def build_generator(
@@ -43,6 +43,13 @@ def generated_set(generator: torch.nn.Module, samples: int, batch_size: int, rng
     return CalibrationSet(
         torch.cat([b.attention_mask for b in batches]), inputs_embeds=torch.cat([b.inputs_embeds for b in batches])
     )
+
+
+def game_student_state(student: TaskModel, calib: CalibConfig, learn: LearnConfig) -> dict[str, torch.Tensor]:
+    """What the game's student hands on to quantize: its learned quantizers, and its weights wherever they are
+    its own (learned, or GPTQ's rounding the game started from); otherwise quantize rebuilds the teacher's."""
+    own_weights = "weights" in learn.params or calib.sam_sga.start == "gptq"
+    return student_state(student, include_weights=own_weights)
 
 
 def _save_checkpoint(state: dict, path: Path) -> None:

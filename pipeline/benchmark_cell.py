@@ -22,7 +22,7 @@ import torch
 from calib.inputs import random_tokens
 from calib.methods import CalibrationRequest, calibrate, int4_weight_only_quant, quantize_student
 from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
-from calib.student import student_state
+from calib.zsaq import game_student_state
 from exporters.cpu_kernels import machine_description
 from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph, student_graph
 from exporters.metrics import fidelity
@@ -77,7 +77,7 @@ def _calibrated(change: Callable[[PipelineConfig], PipelineConfig]) -> StudentPr
         torch.manual_seed(calib.seed)
         calibration = calibrate(CalibrationRequest(teacher, tokenizer, calib, config.quant, config.task))
         game = calibration.game
-        state = None if game is None else student_state(game.student, "weights" in config.quant.learn.params)
+        state = None if game is None else game_student_state(game.student, calib, config.quant.learn)
         batches = calibration.samples.batches(calib.generator.batch_size)
         return quantize_student(teacher, config.quant, batches, state)[0]
 

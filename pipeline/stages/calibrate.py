@@ -14,8 +14,8 @@ from calib.inputs import CalibrationSet
 from calib.methods import CalibrationRequest, calibrate
 from calib.models import embedding_table, nearest_tokens
 from calib.registry import METHODS
-from calib.student import student_state
 from calib.task_data import REAL_DATA_FLAG
+from calib.zsaq import game_student_state
 from pipeline.config import PipelineConfig
 from pipeline.layout import (
     CALIB_INPUTS,
@@ -84,9 +84,8 @@ class CalibrateStage(Stage):
         if parallel.world_size > 1 or parallel.streams > 1:
             summary.update(processes=parallel.world_size, streams=parallel.streams)
         if game is not None:
-            save_file(
-                student_state(game.student, "weights" in config.quant.learn.params), str(ctx.out / STUDENT_STATE.name)
-            )
+            state = game_student_state(game.student, calib, config.quant.learn)
+            save_file(state, str(ctx.out / STUDENT_STATE.name))
             save_file(
                 {k: v.contiguous() for k, v in game.generator.state_dict().items()},
                 str(ctx.out / GENERATOR_STATE.name),

@@ -22,10 +22,10 @@ from calib.contract import build_contract, load_student
 from calib.gptq import apply_gptq, gptq_weight
 from calib.inputs import random_tokens
 from calib.learn import distillation_loss
-from calib.methods import CalibrationRequest, calibrate
+from calib.methods import CalibrationRequest, calibrate, quantize_student
 from calib.quantizers import TensorQuantizer
 from calib.student import build_student, init_ranges, quant_layers
-from calib.zsaq import build_generator, generated_set
+from calib.zsaq import build_generator, game_student_state, generated_set
 from tests.exporters.test_onnx_qdq import MAX_REL_DIFF
 from tests.models import tiny_teacher
 
@@ -173,3 +173,8 @@ def test_the_game_starts_from_gptqs_rounding_on_the_generators_first_samples(sta
     rounded = quant_layers(expected)
     for name, layer in quant_layers(played).items():
         assert torch.equal(layer.weight, rounded[name].weight) == (start == "gptq")
+    # quantize rebuilds the student from the teacher and the game's state: GPTQ's weights must come with it
+    state = game_student_state(played, calib, quant.learn)
+    final = quant_layers(quantize_student(teacher, quant, first, state, show_progress=False)[0])
+    for name, layer in quant_layers(played).items():
+        assert torch.equal(final[name].weight, layer.weight)
