@@ -11,9 +11,10 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, PreTrainedTokenizerBase
 
-from calib.config import ModelSource, QuantConfig, RandomModel, TaskConfig
+from calib.config import LearnConfig, ModelSource, QuantConfig, RandomModel, TaskConfig
 from calib.contract import Contract, build_contract
-from calib.inputs import random_tokens
+from calib.inputs import Batch, random_tokens
+from calib.learn import distillation_loss
 from calib.models import TaskModel, load_backbone
 from calib.student import build_student, init_ranges
 from exporters.onnx_export import contract_export_model, export_onnx
@@ -36,6 +37,16 @@ def tiny_teacher(family: str = "bert", kind: str | None = None, hidden: int = 64
     task = TaskConfig(kind=kind or KIND_BY_FAMILY[family])
     spec = RandomModel(family=family, hidden=hidden, intermediate=2 * hidden, seed=seed, kv_heads=KV_HEADS.get(family))
     return TaskModel(load_backbone(ModelSource(random=spec), task), task.kind).eval()
+
+
+@torch.no_grad()
+def discrepancy(teacher: TaskModel, student: TaskModel, batches: list[Batch]) -> float:
+    """The student's distillation loss to the teacher (default weights), summed over ``batches``."""
+    total = 0.0
+    for batch in batches:
+        ours, theirs = batch.run(student, True), batch.run(teacher, True)
+        total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
+    return total
 
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

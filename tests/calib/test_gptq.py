@@ -21,13 +21,12 @@ from calib.config import (
 from calib.contract import build_contract, load_student
 from calib.gptq import apply_gptq, gptq_weight
 from calib.inputs import random_tokens
-from calib.learn import distillation_loss
 from calib.methods import CalibrationRequest, calibrate, quantize_student
 from calib.quantizers import TensorQuantizer
 from calib.student import build_student, init_ranges, quant_layers
 from calib.zsaq import build_generator, game_student_state, generated_set
 from tests.exporters.test_onnx_qdq import MAX_REL_DIFF
-from tests.models import tiny_teacher
+from tests.models import discrepancy, tiny_teacher
 
 
 def _quantizer(weight: torch.Tensor, granularity: str) -> TensorQuantizer:
@@ -80,14 +79,6 @@ def test_columns_are_visited_by_decreasing_hessian_diagonal_not_by_position():
     assert torch.allclose(grouped(rounded), rounded, atol=1e-5)
 
 
-def _discrepancy(teacher, student, batches) -> float:
-    total = 0.0
-    for batch in batches:
-        ours, theirs = batch.run(student, True), batch.run(teacher, True)
-        total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
-    return total
-
-
 @torch.no_grad()
 @pytest.mark.parametrize(
     ("family", "quant"),
@@ -95,18 +86,18 @@ def _discrepancy(teacher, student, batches) -> float:
      ("llama", QuantConfig(weights=WeightQuant(bits=4), lm_head=True))],  # the head: outside the blocks
     ids=["bert", "llama-with-head"],
 )  # fmt: skip
-def test_gptq_on_a_student_keeps_weights_on_grid_and_lowers_the_discrepancy(family, quant):
+def test_gptq_on_a_student_keeps_weights_on_grid_and_lowers_thediscrepancy(family, quant):
     teacher = tiny_teacher(family, hidden=64)
     batches = random_tokens(32, 16, 512, seed=0).batches(8)
 
     student = build_student(teacher, quant)
     init_ranges(student, quant, batches)
-    before = _discrepancy(teacher, student, batches)
+    before = discrepancy(teacher, student, batches)
     apply_gptq(student, batches)
     for layer in quant_layers(student).values():
         w = layer.weight
         assert torch.allclose(layer.weight_quantizer(w), w, atol=1e-6)
-    assert _discrepancy(teacher, student, batches) < before
+    assert discrepancy(teacher, student, batches) < before
 
 
 SMOOTHED = {
@@ -138,12 +129,12 @@ def test_gptq_under_smoothing_rounds_the_scaled_weights_and_survives_the_fold(na
     layers = quant_layers(student)
     assert any(float((layer.quadapter.scale - 1).abs().max()) > 0.1 for layer in layers.values() if layer.quadapter)
 
-    before = _discrepancy(teacher, student, batches)
+    before = discrepancy(teacher, student, batches)
     apply_gptq(student, batches)
     for layer in layers.values():
         effective = layer.effective_weight()
         assert torch.allclose(layer.weight_quantizer(effective), effective, atol=1e-5)
-    assert _discrepancy(teacher, student, batches) < before
+    assert discrepancy(teacher, student, batches) < before
     tokens = random_tokens(4, 16, vocab, seed=5)
     expected = student(tokens.input_ids, tokens.attention_mask)
     rebuilt = load_student(teacher, quant, build_contract(student))(tokens.input_ids, tokens.attention_mask)

@@ -19,10 +19,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from calib.config import CalibConfig, LearnConfig, QuantConfig, TaskConfig
+from calib.config import CalibConfig, QuantConfig, TaskConfig
 from calib.errors import ConfigError
 from calib.inputs import random_tokens
-from calib.learn import distillation_loss
 from calib.methods import CalibrationRequest, calibrate
 from calib.models import frozen_teacher, load_backbone, load_source_tokenizer
 from calib.student import activation_quantizers, quant_layers
@@ -39,7 +38,7 @@ from pipeline.benchmark_report import TableData, render_markdown
 from pipeline.benchmark_rows import load_rows, row_patch
 from pipeline.cli import main
 from pipeline.config import load_config
-from tests.models import save_tiny_bert_folder, tiny_teacher
+from tests.models import discrepancy, save_tiny_bert_folder, tiny_teacher
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "bench" / "rows.yaml"
 ROWS = load_rows(CATALOGUE)
@@ -143,15 +142,6 @@ def test_a_row_patches_the_task_config_with_its_switches_scheme_and_seed(bench_f
     assert real.calib.real_data == str(bench_files / "train.tsv") and real.calib.method == "real-data"
 
 
-@torch.no_grad()
-def _discrepancy(teacher, student, batches) -> float:
-    total = 0.0
-    for batch in batches:
-        ours, theirs = batch.run(student, True), batch.run(teacher, True)
-        total += float(distillation_loss(teacher.kind, ours, theirs, batch.attention_mask, LearnConfig()))
-    return total
-
-
 def test_each_procedure_makes_its_own_student_from_one_quantizer(bench_files):
     spec = load_spec(bench_files / "spec.yaml")
     teacher = tiny_teacher("bert", hidden=64)
@@ -167,7 +157,7 @@ def test_each_procedure_makes_its_own_student_from_one_quantizer(bench_files):
     assert torch.equal(ptq[name].weight, qat[name].weight)  # QAT learns step sizes, not weights
     assert not torch.equal(ptq[name].weight_quantizer.scale, qat[name].weight_quantizer.scale)
     assert not torch.equal(ptq[name].weight, gptq[name].weight)  # GPTQ moves weights along the grid
-    assert _discrepancy(teacher, students["qat-random-w4a8"], batches) < _discrepancy(
+    assert discrepancy(teacher, students["qat-random-w4a8"], batches) < discrepancy(
         teacher, students["ptq-random-w4a8"], batches
     )
 
