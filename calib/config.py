@@ -155,7 +155,10 @@ class SamSgaConfig:
     last state. ``start``: the student the game starts from, its ranges initialised on the generator's first
     samples and its weights rounded to nearest, or by GPTQ on those samples (learned weights then move off
     GPTQ's grid points; ``quant.weights.rounding: gptq`` instead rounds once more after the game). ``schedule``:
-    the student's rates over the game, constant or annealed to 0 on a cosine as quantizer learning's are."""
+    the student's rates over the game, constant or annealed to 0 on a cosine as quantizer learning's are.
+    ``anchor``: the share of each student step's loss taken on fresh uniform random tokens of the teacher's
+    vocabulary (QAT-Rand's inputs, which the generator does not move); the start's ranges and GPTQ then see as
+    many of them beside the generator's first samples. 0: the student learns on the generator's samples only."""
 
     rounds: Positive = 150
     generator_steps: Positive = 1
@@ -169,6 +172,7 @@ class SamSgaConfig:
     select_samples: Positive = 16
     start: Rounding = "nearest"
     schedule: Schedule = "constant"
+    anchor: Fraction = 0.0
 
 
 @dataclass(frozen=True)

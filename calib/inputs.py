@@ -106,6 +106,37 @@ def varied_mask(batch: int, seq_len: int, min_len: int, rng: torch.Generator) ->
     return (torch.arange(seq_len, device=rng.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
 
 
+@dataclass
+class RandomTokenSource:
+    """Uniform ids over the non-special vocabulary (``pool``, from :func:`ordinary_ids`), lengths uniform in
+    ``[min_len_fraction*seq_len, seq_len]``, padded with ``pad_id``: QAT-Rand's inputs, drawn batch by batch."""
+
+    pool: torch.Tensor
+    seq_len: int
+    pad_id: int = 0
+    min_len_fraction: float = 0.25
+
+    def sample(self, batch: int, rng: torch.Generator) -> Batch:
+        """``batch`` fresh sequences from ``rng`` (on its device)."""
+        pool = self.pool.to(rng.device)
+        ids = pool[torch.randint(len(pool), (batch, self.seq_len), generator=rng, device=rng.device)]
+        mask = varied_mask(batch, self.seq_len, max(1, int(self.seq_len * self.min_len_fraction)), rng)
+        return Batch(mask, input_ids=torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_id)))
+
+    def calibration_set(self, samples: int, seed: int) -> CalibrationSet:
+        """``samples`` sequences drawn by a generator seeded with ``seed``."""
+        batch = self.sample(samples, torch.Generator().manual_seed(seed))
+        return CalibrationSet(batch.attention_mask, input_ids=batch.input_ids)
+
+
+def random_token_source(
+    teacher: TaskModel, tokenizer: PreTrainedTokenizerBase | None, seq_len: int
+) -> RandomTokenSource:
+    """The :class:`RandomTokenSource` of ``teacher``'s vocabulary, its tokenizer's special tokens left out."""
+    specials, pad = special_token_ids(tokenizer)
+    return RandomTokenSource(ordinary_ids(len(embedding_table(teacher)), specials), seq_len, pad)
+
+
 def random_tokens(
     samples: int,
     seq_len: int,
@@ -115,13 +146,9 @@ def random_tokens(
     pad_id: int = 0,
     min_len_fraction: float = 0.25,
 ) -> CalibrationSet:
-    """Uniform ids over the non-special vocabulary; lengths uniform in [min_len_fraction*seq_len, seq_len]."""
-    generator = torch.Generator().manual_seed(seed)
-    pool = ordinary_ids(vocab_size, special_ids)
-    ids = pool[torch.randint(len(pool), (samples, seq_len), generator=generator)]
-    mask = varied_mask(samples, seq_len, max(1, int(seq_len * min_len_fraction)), generator)
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
-    return CalibrationSet(mask, input_ids=ids)
+    """``samples`` sequences of a :class:`RandomTokenSource` over ``vocab_size``, seeded by ``seed``."""
+    source = RandomTokenSource(ordinary_ids(vocab_size, special_ids), seq_len, pad_id, min_len_fraction)
+    return source.calibration_set(samples, seed)
 
 
 def gaussian_embeds(
@@ -140,9 +167,8 @@ def random_token_inputs(request: CalibrationRequest) -> Calibration:
     from calib.methods import Calibration
 
     calib = request.calib
-    specials, pad = special_token_ids(request.tokenizer)
-    vocab = len(embedding_table(request.teacher))
-    return Calibration(random_tokens(calib.samples, calib.seq_len, vocab, calib.seed, specials, pad))
+    source = random_token_source(request.teacher, request.tokenizer, calib.seq_len)
+    return Calibration(source.calibration_set(calib.samples, calib.seed))
 
 
 def gaussian_embed_inputs(request: CalibrationRequest) -> Calibration:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from calib.config import CalibConfig, LearnConfig, PriorConfig
 from calib.errors import PipelineError
-from calib.inputs import Batch
+from calib.inputs import Batch, RandomTokenSource
 from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw
 from calib.models import TaskModel, TaskOutput
 from calib.parallel import SINGLE, Parallel, check_divides, stream_seed
@@ -74,8 +74,12 @@ class SamSga:
         learn: LearnConfig,
         rng: torch.Generator,
         parallel: Parallel = SINGLE,
+        anchor: RandomTokenSource | None = None,
     ) -> None:
         self.teacher, self.student, self.generator = teacher, student, generator
+        if calib.sam_sga.anchor and anchor is None:
+            raise ValueError("calib.sam_sga.anchor needs the random tokens' source (anchor)")
+        self.anchor = anchor if calib.sam_sga.anchor else None
         self.calib, self.learn, self.parallel = calib, learn, parallel
         check_divides(calib.generator.batch_size, parallel.streams, "calib.generator.batch_size")
         self.stream_batch = calib.generator.batch_size // parallel.streams
@@ -164,21 +168,31 @@ class SamSga:
         self.history.generator_seconds += time.perf_counter() - started
         return totals
 
+    def _student_samples(self, rng: torch.Generator) -> list[tuple[Batch, float]]:
+        """One stream's batches of a student step with their loss weights: the generator's, and with an anchor
+        as many random tokens, weighted ``1 - anchor`` and ``anchor``."""
+        batch = self.generator.sample(self.stream_batch, rng)
+        if self.anchor is None:
+            return [(batch, 1.0)]
+        share = self.calib.sam_sga.anchor
+        return [(batch, 1.0 - share), (self.anchor.sample(self.stream_batch, rng), share)]
+
     def student_step(self) -> torch.Tensor:
-        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples; returns the
-        discrepancy averaged over the streams, still on the device."""
+        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples (and anchor tokens);
+        returns the discrepancy averaged over the streams, still on the device."""
         started = time.perf_counter()
         streams = self.parallel.streams
         with torch.no_grad():
-            samples = []
-            for rng in self.rngs.values():
-                batch = self.generator.sample(self.stream_batch, rng)
-                samples.append((batch, batch.run(self.teacher, output_hidden_states=self.want_hidden)))
+            samples = [
+                (batch, weight, batch.run(self.teacher, output_hidden_states=self.want_hidden))
+                for rng in self.rngs.values()
+                for batch, weight in self._student_samples(rng)
+            ]
 
         def closure() -> torch.Tensor:
             total = torch.zeros((), device=self.student_params[0].device)
-            for batch, teacher_out in samples:
-                loss = self._discrepancy(batch, teacher_out) / streams
+            for batch, weight, teacher_out in samples:
+                loss = self._discrepancy(batch, teacher_out) * weight / streams
                 loss.backward()
                 total = total + loss.detach()
             return self.parallel.reduce_gradients(self.student_params, total)

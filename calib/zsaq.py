@@ -14,7 +14,7 @@ from calib.config import CalibConfig, LearnConfig
 from calib.devices import frozen_on
 from calib.generator_choice import resolve_generator
 from calib.gptq import apply_gptq
-from calib.inputs import Batch, CalibrationSet, special_token_ids
+from calib.inputs import Batch, CalibrationSet, RandomTokenSource, random_token_source, special_token_ids
 from calib.methods import Calibration, CalibrationRequest
 from calib.models import TaskModel
 from calib.registry import GENERATORS
@@ -43,6 +43,11 @@ def generated_set(generator: torch.nn.Module, samples: int, batch_size: int, rng
     return CalibrationSet(
         torch.cat([b.attention_mask for b in batches]), inputs_embeds=torch.cat([b.inputs_embeds for b in batches])
     )
+
+
+def anchor_start(anchor: RandomTokenSource, samples: int, batch_size: int, rng: torch.Generator) -> list[Batch]:
+    """``samples`` random tokens in batches: what the start's ranges and GPTQ see beside the generator's."""
+    return [anchor.sample(min(batch_size, samples - i), rng) for i in range(0, samples, batch_size)]
 
 
 def game_student_state(student: TaskModel, calib: CalibConfig, learn: LearnConfig) -> dict[str, torch.Tensor]:
@@ -74,10 +79,14 @@ def calibrate_zsaq(request: CalibrationRequest) -> Calibration:
     student = build_student(request.teacher, quant).to(device)  # float32, before the teacher changes precision
     teacher = frozen_on(request.teacher, device)
     first = generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
+    anchor = None
+    if calib.sam_sga.anchor:
+        anchor = random_token_source(request.teacher, request.tokenizer, calib.seq_len)
+        first += anchor_start(anchor, calib.samples, calib.batch_size, rng)  # on the rng's device
     init_ranges(student, quant, first)
     if calib.sam_sga.start == "gptq":
         apply_gptq(student, first)  # deterministic: every rank starts from the same rounding
-    game = SamSga(teacher, student, generator, calib, quant.learn, rng, parallel)
+    game = SamSga(teacher, student, generator, calib, quant.learn, rng, parallel, anchor)
     path = request.checkpoint
     if path is not None and path.is_file():
         game.load_state_dict(torch.load(path, weights_only=True))

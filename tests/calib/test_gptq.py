@@ -20,11 +20,11 @@ from calib.config import (
 )
 from calib.contract import build_contract, load_student
 from calib.gptq import apply_gptq, gptq_weight
-from calib.inputs import random_tokens
+from calib.inputs import random_token_source, random_tokens
 from calib.methods import CalibrationRequest, calibrate, quantize_student
 from calib.quantizers import TensorQuantizer
 from calib.student import build_student, init_ranges, quant_layers
-from calib.zsaq import build_generator, game_student_state, generated_set
+from calib.zsaq import anchor_start, build_generator, game_student_state, generated_set
 from tests.exporters.test_onnx_qdq import MAX_REL_DIFF
 from tests.models import discrepancy, tiny_teacher
 
@@ -169,3 +169,28 @@ def test_the_game_starts_from_gptqs_rounding_on_the_generators_first_samples(sta
     final = quant_layers(quantize_student(teacher, quant, first, state, show_progress=False)[0])
     for name, layer in quant_layers(played).items():
         assert torch.equal(final[name].weight, layer.weight)
+
+
+def test_with_an_anchor_the_games_start_rounds_on_the_generators_samples_and_as_many_random_tokens():
+    """``sam_sga.anchor``: the start's ranges and GPTQ see the random tokens the student will also learn on,
+    drawn after the generator's first samples from the same stream."""
+    teacher = tiny_teacher("bert", hidden=64)
+    calib = CalibConfig(
+        method="zsaq", samples=8, seq_len=16, batch_size=4,
+        generator=GeneratorConfig(kind="soft-tokens", batch_size=4, min_len=4),
+        sam_sga=SamSgaConfig(rounds=1, start="gptq", anchor=0.5),
+    )  # fmt: skip
+    quant = QuantConfig(weights=WeightQuant(bits=4), learn=LearnConfig(params=("step-sizes",)))
+    request = CalibrationRequest(teacher, None, calib, quant, TaskConfig(kind=teacher.kind), show_progress=False)
+    played = quant_layers(calibrate(request).game.student)
+
+    rng = torch.Generator().manual_seed(calib.seed)
+    first = generated_set(build_generator(calib, teacher, ()), calib.samples, calib.batch_size, rng).batches(4)
+    tokens = anchor_start(random_token_source(teacher, None, calib.seq_len), calib.samples, calib.batch_size, rng)
+    assert all(batch.input_ids is not None for batch in tokens)
+    for inputs, matches in ((first + tokens, True), (first, False)):
+        expected = build_student(teacher, quant)
+        init_ranges(expected, quant, inputs)
+        apply_gptq(expected, inputs)
+        same = [torch.equal(layer.weight, played[name].weight) for name, layer in quant_layers(expected).items()]
+        assert all(same) if matches else not any(same)

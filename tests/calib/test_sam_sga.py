@@ -18,7 +18,7 @@ from calib.config import (
     WeightQuant,
 )
 from calib.generators.soft_tokens import SoftTokenGenerator
-from calib.inputs import Batch
+from calib.inputs import Batch, random_token_source
 from calib.models import embedding_table
 from calib.sam_sga import SamSga
 from calib.selection import BestStudent
@@ -173,3 +173,30 @@ def test_soft_tokens_temperature_anneals():
     batch = gen.sample(3, torch.Generator().manual_seed(0))
     assert batch.inputs_embeds.shape == (3, 8, 64) and (batch.attention_mask.sum(1) >= 2).all()
     assert dataclasses.is_dataclass(batch)
+
+
+def test_an_anchor_takes_its_share_of_the_students_loss_on_fresh_random_tokens():
+    game, calib = _game(adversarial=False)
+    share = 0.25
+    calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, anchor=share))
+    anchor = random_token_source(game.teacher, None, calib.seq_len)
+    game = SamSga(game.teacher, game.student, game.generator, calib, W4.learn, torch.Generator().manual_seed(5),
+                  anchor=anchor)  # fmt: skip
+    replay = torch.Generator().manual_seed(5)  # the stream the step draws from, drawn again
+    generated = game.generator.sample(game.stream_batch, replay)
+    tokens = anchor.sample(game.stream_batch, replay)
+    assert tokens.input_ids is not None and tokens.inputs_embeds is None  # ids: the student's own word table
+    with torch.no_grad():
+        expected = sum(
+            weight * game._discrepancy(batch, batch.run(game.teacher, output_hidden_states=True))
+            for batch, weight in ((generated, 1 - share), (tokens, share))
+        )
+    game.sam = None  # a plain step reports the loss it descends at the current student
+    assert game.student_step().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_an_anchor_share_without_its_source_is_refused():
+    game, calib = _game()
+    calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, anchor=0.5))
+    with pytest.raises(ValueError, match="anchor"):
+        SamSga(game.teacher, game.student, game.generator, calib, W4.learn, torch.Generator())
