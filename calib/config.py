@@ -38,6 +38,7 @@ WeightGranularity = Literal["per-channel", "per-group"]
 RangeInit = Literal["minmax", "percentile", "mse"]
 Rounding = Literal["nearest", "gptq"]
 Schedule = Literal["constant", "cosine"]
+AnchorInputs = Literal["random-tokens", "lm-text"]
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,11 @@ class SamSgaConfig:
     samples and its weights rounded to nearest, or by GPTQ on those samples (learned weights then move off
     GPTQ's grid points; ``quant.weights.rounding: gptq`` instead rounds once more after the game). ``schedule``:
     the student's rates over the game, constant or annealed to 0 on a cosine as quantizer learning's are.
-    ``anchor``: the share of each student step's loss taken on fresh uniform random tokens of the teacher's
-    vocabulary (QAT-Rand's inputs, which the generator does not move); the start's ranges and GPTQ then see as
-    many of them beside the generator's first samples. 0: the student learns on the generator's samples only."""
+    ``anchor``: the share of each student step's loss taken on inputs the generator does not move
+    (``anchor_inputs``: fresh uniform random tokens of the teacher's vocabulary, QAT-Rand's inputs; or
+    ``lm-text``, the lm-adapter's pooled text as the LM wrote it, LLM-QAT's inputs); the start's ranges and GPTQ
+    then see as many of them beside the generator's first samples. 0: the student learns on the generator's
+    samples only."""
 
     rounds: Positive = 150
     generator_steps: Positive = 1
@@ -173,6 +176,7 @@ class SamSgaConfig:
     start: Rounding = "nearest"
     schedule: Schedule = "constant"
     anchor: Fraction = 0.0
+    anchor_inputs: AnchorInputs = "random-tokens"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ tokens excluded, lengths varied so padding and the mask are exercised) and Gauss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -104,6 +104,28 @@ def varied_mask(batch: int, seq_len: int, min_len: int, rng: torch.Generator) ->
     """int64 ``[batch, seq_len]`` mask with lengths uniform in ``[min_len, seq_len]`` (padding on the right)."""
     lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=rng, device=rng.device)
     return (torch.arange(seq_len, device=rng.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+
+
+class AnchorSource(Protocol):
+    """Inputs the generator does not move, drawn batch by batch (``calib.sam_sga.anchor``)."""
+
+    def sample(self, batch: int, rng: torch.Generator) -> Batch:
+        """``batch`` fresh sequences from ``rng`` (on its device)."""
+        ...
+
+
+@dataclass
+class PooledText:
+    """Fixed token sequences (``ids``, ``mask``: ``[pool, seq_len]``), drawn by row with replacement: text an LM
+    wrote once, as ids of the teacher's vocabulary."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def sample(self, batch: int, rng: torch.Generator) -> Batch:
+        """``batch`` rows drawn from ``rng`` (on its device)."""
+        rows = torch.randint(len(self.ids), (batch,), generator=rng, device=rng.device).cpu()
+        return Batch(self.mask[rows].to(rng.device), input_ids=self.ids[rows].to(rng.device))
 
 
 @dataclass

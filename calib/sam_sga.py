@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from calib.config import CalibConfig, LearnConfig, PriorConfig
 from calib.errors import PipelineError
-from calib.inputs import Batch, RandomTokenSource
+from calib.inputs import AnchorSource, Batch
 from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw
 from calib.models import TaskModel, TaskOutput
 from calib.parallel import SINGLE, Parallel, check_divides, stream_seed
@@ -74,11 +74,11 @@ class SamSga:
         learn: LearnConfig,
         rng: torch.Generator,
         parallel: Parallel = SINGLE,
-        anchor: RandomTokenSource | None = None,
+        anchor: AnchorSource | None = None,
     ) -> None:
         self.teacher, self.student, self.generator = teacher, student, generator
         if calib.sam_sga.anchor and anchor is None:
-            raise ValueError("calib.sam_sga.anchor needs the random tokens' source (anchor)")
+            raise ValueError("calib.sam_sga.anchor needs the anchor inputs' source (anchor)")
         self.anchor = anchor if calib.sam_sga.anchor else None
         self.calib, self.learn, self.parallel = calib, learn, parallel
         check_divides(calib.generator.batch_size, parallel.streams, "calib.generator.batch_size")
@@ -170,7 +170,7 @@ class SamSga:
 
     def _student_samples(self, rng: torch.Generator) -> list[tuple[Batch, float]]:
         """One stream's batches of a student step with their loss weights: the generator's, and with an anchor
-        as many random tokens, weighted ``1 - anchor`` and ``anchor``."""
+        as many anchor inputs, weighted ``1 - anchor`` and ``anchor``."""
         batch = self.generator.sample(self.stream_batch, rng)
         if self.anchor is None:
             return [(batch, 1.0)]

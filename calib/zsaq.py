@@ -12,9 +12,10 @@ from transformers import PreTrainedTokenizerBase
 
 from calib.config import CalibConfig, LearnConfig
 from calib.devices import frozen_on
+from calib.errors import ConfigError
 from calib.generator_choice import resolve_generator
 from calib.gptq import apply_gptq
-from calib.inputs import Batch, CalibrationSet, RandomTokenSource, random_token_source, special_token_ids
+from calib.inputs import AnchorSource, Batch, CalibrationSet, random_token_source, special_token_ids
 from calib.methods import Calibration, CalibrationRequest
 from calib.models import TaskModel
 from calib.registry import GENERATORS
@@ -45,8 +46,21 @@ def generated_set(generator: torch.nn.Module, samples: int, batch_size: int, rng
     )
 
 
-def anchor_start(anchor: RandomTokenSource, samples: int, batch_size: int, rng: torch.Generator) -> list[Batch]:
-    """``samples`` random tokens in batches: what the start's ranges and GPTQ see beside the generator's."""
+def anchor_source(
+    calib: CalibConfig, teacher: TaskModel, tokenizer: PreTrainedTokenizerBase | None, generator: torch.nn.Module
+) -> AnchorSource:
+    """The inputs ``calib.sam_sga.anchor_inputs`` names: random tokens of the teacher's vocabulary, or the
+    lm-adapter's text as its LM wrote it (the generator's, before the adapter moves it)."""
+    if calib.sam_sga.anchor_inputs == "random-tokens":
+        return random_token_source(teacher, tokenizer, calib.seq_len)
+    text = getattr(generator, "text", None)
+    if text is None:
+        raise ConfigError("calib.sam_sga.anchor_inputs: lm-text needs the lm-adapter generator (calib.generator.kind)")
+    return text
+
+
+def anchor_start(anchor: AnchorSource, samples: int, batch_size: int, rng: torch.Generator) -> list[Batch]:
+    """``samples`` anchor inputs in batches: what the start's ranges and GPTQ see beside the generator's."""
     return [anchor.sample(min(batch_size, samples - i), rng) for i in range(0, samples, batch_size)]
 
 
@@ -81,7 +95,7 @@ def calibrate_zsaq(request: CalibrationRequest) -> Calibration:
     first = generated_set(generator, calib.samples, calib.batch_size, rng).batches(calib.batch_size)
     anchor = None
     if calib.sam_sga.anchor:
-        anchor = random_token_source(request.teacher, request.tokenizer, calib.seq_len)
+        anchor = anchor_source(calib, request.teacher, request.tokenizer, generator)
         first += anchor_start(anchor, calib.samples, calib.batch_size, rng)  # on the rng's device
     init_ranges(student, quant, first)
     if calib.sam_sga.start == "gptq":

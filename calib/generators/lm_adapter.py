@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from calib.errors import ConfigError
-from calib.inputs import Batch
+from calib.inputs import Batch, PooledText
 from calib.lm_text import LMText, write_text
 from calib.models import TaskModel, embedding_table, load_backbone, load_source_tokenizer
 
@@ -37,6 +37,7 @@ class LMAdapterGenerator(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("base", table[text.teacher_ids].clone())
+        self.text = PooledText(text.teacher_ids.clone(), text.attention_mask.clone())  # not state: rebuilt from text
         self.register_buffer("mask", text.attention_mask.clone())
         self.register_buffer("lm_ids", text.lm_ids.clone())
         self.register_buffer("lm_mask", text.lm_mask.clone())

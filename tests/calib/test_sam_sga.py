@@ -17,13 +17,14 @@ from calib.config import (
     SharpnessConfig,
     WeightQuant,
 )
+from calib.errors import ConfigError
 from calib.generators.soft_tokens import SoftTokenGenerator
 from calib.inputs import Batch, random_token_source
 from calib.models import embedding_table
 from calib.sam_sga import SamSga
 from calib.selection import BestStudent
 from calib.student import build_student, init_ranges
-from calib.zsaq import build_generator, generated_set
+from calib.zsaq import anchor_source, build_generator, generated_set
 from tests.models import tiny_teacher
 
 W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size=32))
@@ -200,3 +201,38 @@ def test_an_anchor_share_without_its_source_is_refused():
     calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, anchor=0.5))
     with pytest.raises(ValueError, match="anchor"):
         SamSga(game.teacher, game.student, game.generator, calib, W4.learn, torch.Generator())
+
+
+def test_the_lm_text_anchor_is_the_adapters_text_as_its_lm_wrote_it():
+    """``anchor_inputs: lm-text``: the student's anchor share is on the pooled text's ids, what the adapter's
+    samples are before their residual (LLM-QAT's inputs), drawn from the step's stream."""
+    game, calib = _game("gpt2", "lm-adapter", adversarial=False)
+    share = 0.5
+    sam_sga = dataclasses.replace(calib.sam_sga, anchor=share, anchor_inputs="lm-text")
+    calib = dataclasses.replace(calib, sam_sga=sam_sga)
+    anchor = anchor_source(calib, game.teacher, None, game.generator)
+    assert anchor is game.generator.text
+    text = anchor.sample(6, torch.Generator().manual_seed(3))
+    rows = torch.randint(len(game.generator.base), (6,), generator=torch.Generator().manual_seed(3))
+    table = embedding_table(game.teacher)
+    mask = text.attention_mask.unsqueeze(-1)
+    torch.testing.assert_close(table[text.input_ids] * mask, game.generator.base[rows] * mask)
+    game = SamSga(game.teacher, game.student, game.generator, calib, W4.learn, torch.Generator().manual_seed(5),
+                  anchor=anchor)  # fmt: skip
+    replay = torch.Generator().manual_seed(5)
+    generated = game.generator.sample(game.stream_batch, replay)
+    unmoved = anchor.sample(game.stream_batch, replay)
+    with torch.no_grad():
+        expected = sum(
+            weight * game._discrepancy(batch, batch.run(game.teacher, output_hidden_states=True))
+            for batch, weight in ((generated, 1 - share), (unmoved, share))
+        )
+    game.sam = None
+    assert game.student_step().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_lm_text_anchor_without_the_lm_adapter_is_a_config_error():
+    game, calib = _game(adversarial=False)  # soft tokens: no text to anchor on
+    calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, anchor=0.5, anchor_inputs="lm-text"))
+    with pytest.raises(ConfigError, match="anchor_inputs: lm-text needs the lm-adapter"):
+        anchor_source(calib, game.teacher, None, game.generator)
