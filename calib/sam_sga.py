@@ -178,7 +178,7 @@ class SamSga:
         return [(batch, 1.0 - share), (self.anchor.sample(self.stream_batch, rng), share)]
 
     def student_step(self) -> torch.Tensor:
-        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples (and anchor tokens);
+        """One descent step (SAM, or plain AdamW) on fresh, detached generator samples (and anchor inputs);
         returns the discrepancy averaged over the streams, still on the device."""
         started = time.perf_counter()
         streams = self.parallel.streams
