@@ -183,7 +183,8 @@ class SamSgaConfig:
 class CalibConfig:
     """Data-free calibration by a registered method (:data:`calib.registry.METHODS`): ``zsaq`` trains a
     generator against the student (SAM-SGA); the others make fixed inputs. ``real_data`` is read only by
-    ``real-data``, an upper bound for benchmarks flagged in every report. ``streams``: the generator batch of
+    ``real-data``, an upper bound for benchmarks flagged in every report (a GLUE file; for a causal LM a raw text
+    corpus, read as windows of its token stream). ``streams``: the generator batch of
     each step is drawn as this many independent streams (:mod:`calib.parallel`); set it to make a data-parallel
     run's numbers independent of the number of processes (it must be a multiple of it). ``device``: where
     calibrate and quantize run (:mod:`calib.devices`; ``auto``: a CUDA GPU when there is one; ``cpu`` by default

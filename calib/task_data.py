@@ -13,6 +13,9 @@ import numpy as np
 from calib.errors import ConfigError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from calib.config import CalibConfig
     from calib.methods import Calibration, CalibrationRequest
 
 REAL_DATA_FLAG = "uses REAL TASK DATA: an upper bound for benchmarks, not a data-free result"
@@ -78,7 +81,7 @@ def _glue_set(rows: list[list[str]], limit: int | None) -> EvalSet:
 def real_data_inputs(request: CalibrationRequest) -> Calibration:
     """The ``real-data`` method: ``calib.samples`` examples drawn (seeded) from the task file ``calib.real_data``,
     tokenized as the model reads them: sentence pairs together for a classifier, each sentence alone for an
-    embedding model."""
+    embedding model; for a causal LM, windows of a raw text corpus."""
     import torch
 
     from calib.inputs import CalibrationSet
@@ -90,6 +93,8 @@ def real_data_inputs(request: CalibrationRequest) -> Calibration:
     path = Path(calib.real_data)
     if not path.is_file():
         raise ConfigError(f"calib.real_data: no file at {path}")
+    if request.task.kind == "causal-lm":
+        return _corpus_windows(path, tokenizer, calib)
     data = load_eval_set(path, "accuracy", None)
     pairs = bool(data.texts_b) and request.task.kind != "embedding"
     texts = data.texts_a if pairs or not data.texts_b else data.texts_a + data.texts_b
@@ -100,3 +105,22 @@ def real_data_inputs(request: CalibrationRequest) -> Calibration:
         padding="max_length", truncation=True, max_length=calib.seq_len, return_tensors="pt",
     )  # fmt: skip
     return Calibration(CalibrationSet(enc["attention_mask"].long(), input_ids=enc["input_ids"].long()))
+
+
+def _corpus_windows(path: Path, tokenizer: PreTrainedTokenizerBase, calib: CalibConfig) -> Calibration:
+    """A causal LM's real data: the corpus (e.g. WikiText-2's validation split) tokenized as one stream, as
+    perplexity reads its test split, cut into windows of ``calib.seq_len`` tokens; ``calib.samples`` of them drawn
+    (seeded)."""
+    import torch
+
+    from calib.inputs import CalibrationSet
+    from calib.methods import Calibration
+
+    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+    count = len(ids) // calib.seq_len
+    if count == 0:
+        raise ConfigError(f"calib.real_data: {path} holds fewer than calib.seq_len ({calib.seq_len}) tokens")
+    windows = ids[: count * calib.seq_len].reshape(count, calib.seq_len)
+    picked = torch.randperm(count, generator=torch.Generator().manual_seed(calib.seed))[: calib.samples]
+    rows = windows[picked]
+    return Calibration(CalibrationSet(torch.ones_like(rows), input_ids=rows))

@@ -76,4 +76,5 @@ def _check_task_files(config: PipelineConfig) -> None:
         if ev.metric == "spearman" and config.task.kind == "embedding" and not data.texts_b:
             raise ConfigError(f"task.eval.data: {ev.data} has no sentence pairs (sentence1, sentence2) to score")
     if METHODS[config.calib.method].uses_data:
-        load_eval_set(Path(config.calib.real_data), "accuracy", None)
+        text_kind = "perplexity" if config.task.kind == "causal-lm" else "accuracy"  # a corpus, or a GLUE file
+        load_eval_set(Path(config.calib.real_data), text_kind, None)

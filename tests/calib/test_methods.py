@@ -8,11 +8,12 @@ import torch
 
 from calib.config import CalibConfig, QuantConfig, TaskConfig, WeightQuant
 from calib.errors import ConfigError
+from calib.inputs import CalibrationSet
 from calib.methods import Calibration, CalibrationRequest, calibrate, quantize_student
 from calib.models import TaskModel, embedding_table
 from calib.registry import GENERATORS, METHODS
 from calib.student import quant_layers
-from tests.models import tiny_teacher
+from tests.models import minilm_tokenizer, tiny_teacher
 
 
 def _calibrate(method: str, teacher: TaskModel) -> Calibration:
@@ -51,6 +52,31 @@ def test_teacher_sampled_text_comes_from_a_causal_lm_only():
 def test_real_data_needs_a_tokenizer():
     with pytest.raises(ConfigError, match="no tokenizer"):
         _calibrate("real-data", tiny_teacher("bert"))
+
+
+def test_real_data_of_a_causal_lm_is_windows_of_its_corpus_drawn_seeded(tmp_path):
+    tokenizer = minilm_tokenizer()
+    corpus = tmp_path / "wiki.valid.raw"
+    corpus.write_text(" ".join(str(n) for n in range(400)))  # every window of the stream is a different one
+    stream = tokenizer(corpus.read_text())["input_ids"]
+
+    teacher = tiny_teacher("gpt2")
+
+    def draw(seed: int, seq_len: int = 8) -> CalibrationSet:
+        calib = CalibConfig(method="real-data", samples=6, seq_len=seq_len, seed=seed, real_data=str(corpus))
+        return calibrate(
+            CalibrationRequest(teacher, tokenizer, calib, QuantConfig(), TaskConfig(kind="causal-lm"))
+        ).samples
+
+    samples = draw(0)
+    assert samples.input_ids.shape == (6, 8) and bool(samples.attention_mask.all())
+    windows = [stream[i : i + 8] for i in range(0, len(stream) - 7, 8)]
+    assert all(row in windows for row in samples.input_ids.tolist())  # whole windows of the stream, as perplexity
+    assert len({tuple(row) for row in samples.input_ids.tolist()}) == 6  # drawn without replacement
+    assert torch.equal(samples.input_ids, draw(0).input_ids)
+    assert not torch.equal(samples.input_ids, draw(1).input_ids)
+    with pytest.raises(ConfigError, match=r"calib.real_data: .* fewer than calib.seq_len \(100000\) tokens"):
+        draw(0, seq_len=100_000)
 
 
 def test_quantize_student_restores_a_learned_state_instead_of_initialising_ranges():

@@ -112,7 +112,12 @@ def test_a_bad_row_catalogue_is_a_one_line_error(tmp_path):
 
 def test_every_catalogue_method_has_a_procedure():
     assert {row.method for row in ROWS.values()} <= set(PROCEDURES) | set(STUDENTS)
-    assert {r.key for r in ROWS.values() if r.uses_data} == {"ptq-real-w4a8", "qat-real-w4a8", "qat-real-w2a8"}
+    assert {r.key for r in ROWS.values() if r.uses_data} == {
+        "ptq-real-w4a8",
+        "qat-real-w4a8",
+        "qat-real-w2a8",
+        "qat-real-long-w4a16-g64",
+    }
     assert ROWS["zsaq-w2a8"].latency_format is None  # no runtime executes 2-bit weights
 
 
