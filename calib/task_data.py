@@ -107,20 +107,28 @@ def real_data_inputs(request: CalibrationRequest) -> Calibration:
     return Calibration(CalibrationSet(enc["attention_mask"].long(), input_ids=enc["input_ids"].long()))
 
 
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, corpus: str, seq_len: int, limit: int | None = None
+) -> np.ndarray:
+    """``corpus`` tokenized as one stream and cut into non-overlapping ``seq_len``-token windows ``[n, seq_len]``
+    (int64), the first ``limit`` of them when given: how perplexity reads a corpus, and how real data is drawn."""
+    ids = np.asarray(tokenizer(corpus)["input_ids"], dtype=np.int64)
+    count = len(ids) // seq_len
+    count = min(count, limit) if limit else count
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
 def _corpus_windows(path: Path, tokenizer: PreTrainedTokenizerBase, calib: CalibConfig) -> Calibration:
-    """A causal LM's real data: the corpus (e.g. WikiText-2's validation split) tokenized as one stream, as
-    perplexity reads its test split, cut into windows of ``calib.seq_len`` tokens; ``calib.samples`` of them drawn
-    (seeded)."""
+    """A causal LM's real data: the corpus (e.g. WikiText-2's validation split) in windows of ``calib.seq_len``
+    tokens, as perplexity reads its test split (:func:`token_windows`); ``calib.samples`` of them drawn (seeded)."""
     import torch
 
     from calib.inputs import CalibrationSet
     from calib.methods import Calibration
 
-    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
-    count = len(ids) // calib.seq_len
-    if count == 0:
+    windows = torch.from_numpy(token_windows(tokenizer, path.read_text(encoding="utf-8"), calib.seq_len))
+    if len(windows) == 0:
         raise ConfigError(f"calib.real_data: {path} holds fewer than calib.seq_len ({calib.seq_len}) tokens")
-    windows = ids[: count * calib.seq_len].reshape(count, calib.seq_len)
-    picked = torch.randperm(count, generator=torch.Generator().manual_seed(calib.seed))[: calib.samples]
+    picked = torch.randperm(len(windows), generator=torch.Generator().manual_seed(calib.seed))[: calib.samples]
     rows = windows[picked]
     return Calibration(CalibrationSet(torch.ones_like(rows), input_ids=rows))

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from calib.config import TaskConfig
 from calib.inputs import random_tokens
 from calib.models import TaskModel
-from calib.task_data import EvalSet, load_eval_set
+from calib.task_data import EvalSet, load_eval_set, token_windows
 from exporters.config import ValidateConfig
 from exporters.metrics import AgreementStream, accuracy, cosine_rows, matthews, spearman, token_nll
 from exporters.runners import Latency, OrtRunner, Runner, TorchRunner, measure_latencies
@@ -53,12 +53,9 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, a: list[str], b: list[str] | N
 
 
 def _corpus_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, seq_len: int, limit: int | None) -> list:
-    ids = np.array(tokenizer(corpus)["input_ids"], dtype=np.int64)
-    windows = len(ids) // seq_len
-    windows = min(windows, limit) if limit else windows
-    rows = ids[: windows * seq_len].reshape(windows, seq_len)
+    rows = token_windows(tokenizer, corpus, seq_len, limit)
     step = WINDOW_BATCH
-    return [(rows[i : i + step], np.ones_like(rows[i : i + step])) for i in range(0, windows, step)]
+    return [(rows[i : i + step], np.ones_like(rows[i : i + step])) for i in range(0, len(rows), step)]
 
 
 def build_eval_inputs(

@@ -26,6 +26,7 @@ import click
 import numpy as np
 import onnx
 
+from calib.task_data import token_windows
 from exporters.cpu_kernels import machine_description
 from exporters.decoding import OrtStepper, decode_latencies, run_full_sequence
 from exporters.genai_peer import build_peer, genai_graph, genai_stepper, graph_bytes
@@ -75,10 +76,11 @@ def corpus_windows(hf_folder: Path, data: Path, count: int, seq_len: int) -> np.
     """The first ``count`` non-overlapping ``seq_len``-token windows of ``data`` tokenized as one stream."""
     from transformers import AutoTokenizer
 
-    ids = np.array(AutoTokenizer.from_pretrained(str(hf_folder))(data.read_text(encoding="utf-8"))["input_ids"])
-    if len(ids) < count * seq_len:
-        raise click.ClickException(f"{data}: {len(ids)} tokens, fewer than {count} windows of {seq_len}")
-    return ids[: count * seq_len].reshape(count, seq_len).astype(np.int64)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
+    windows = token_windows(tokenizer, data.read_text(encoding="utf-8"), seq_len, count)
+    if len(windows) < count:
+        raise click.ClickException(f"{data}: {len(windows)} windows of {seq_len} tokens, fewer than {count}")
+    return windows
 
 
 def perplexity(stepper: OrtStepper, windows: np.ndarray) -> float:

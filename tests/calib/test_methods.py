@@ -59,7 +59,6 @@ def test_real_data_of_a_causal_lm_is_windows_of_its_corpus_drawn_seeded(tmp_path
     corpus = tmp_path / "wiki.valid.raw"
     corpus.write_text(" ".join(str(n) for n in range(400)))  # every window of the stream is a different one
     stream = tokenizer(corpus.read_text())["input_ids"]
-
     teacher = tiny_teacher("gpt2")
 
     def draw(seed: int, seq_len: int = 8) -> CalibrationSet:
