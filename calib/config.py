@@ -106,8 +106,10 @@ class GeneratorConfig:
     (for teachers of pair tasks: the input format, not data), ``random_share`` the share of uniform random tokens
     of the teacher's vocabulary in place of the LM's text, ``pool`` how many sequences the LM writes (the game's
     batches, and ``sam_sga.start: gptq``'s rounding inputs, are drawn from them: GPTQ on a decoder needs many
-    distinct tokens, docs/RESULTS.md). ``auto`` (default): the lm-adapter where its LM is
-    available, else soft tokens with a notice (:mod:`calib.generator_choice`)."""
+    distinct tokens, docs/RESULTS.md). ``greedy_tokens``: after its random first token the LM takes its top-1
+    for this many tokens, then samples (LLM-QAT's hybrid sampling; also for ``teacher-sampled`` inputs).
+    ``auto`` (default): the lm-adapter where its LM is available, else soft tokens with a notice
+    (:mod:`calib.generator_choice`)."""
 
     kind: Annotated[str, ("auto", *GENERATORS)] = "auto"
     model: ModelSource | None = None
@@ -123,6 +125,7 @@ class GeneratorConfig:
     pairs: Fraction = 0.0
     random_share: Fraction = 0.0
     pool: Positive = 64
+    greedy_tokens: Count = 0
 
 
 @dataclass(frozen=True)

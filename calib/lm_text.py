@@ -19,10 +19,17 @@ from calib.inputs import ordinary_ids, varied_mask
 
 @torch.no_grad()
 def sample_sequences(
-    lm: PreTrainedModel, samples: int, seq_len: int, seed: int, batch_size: int = 16, top_k: int = 50
+    lm: PreTrainedModel,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int = 16,
+    top_k: int = 50,
+    greedy_tokens: int = 0,
 ) -> torch.Tensor:
-    """int64 ``[samples, seq_len]``: each sequence starts from a uniformly drawn token, then samples top-k (the
-    whole vocabulary when it is smaller)."""
+    """int64 ``[samples, seq_len]``: each sequence starts from a uniformly drawn token, takes the LM's top-1 for
+    the next ``greedy_tokens`` (LLM-QAT's hybrid sampling: a random start settled into likely text), then samples
+    top-k (the whole vocabulary when it is smaller)."""
     rng = torch.Generator().manual_seed(seed)
     vocab = lm.get_output_embeddings().weight.shape[0]
     rows = [torch.empty(0, seq_len, dtype=torch.long)]  # none asked: the pool may be all random tokens
@@ -31,14 +38,16 @@ def sample_sequences(
         ids = torch.randint(vocab, (count, 1), generator=rng)
         past = None
         step_input = ids
-        for _ in range(seq_len - 1):
+        for position in range(1, seq_len):
             out = lm(input_ids=step_input, cache=past, use_cache=True)  # transformers 5: ``cache``
             past = out.cache
             logits = out.logits[:, -1].float()
-            top = logits.topk(min(top_k, vocab), dim=-1)
-            probs = torch.softmax(top.values, dim=-1)
-            choice = torch.multinomial(probs, 1, generator=rng)
-            step_input = top.indices.gather(-1, choice)
+            if position <= greedy_tokens:
+                step_input = logits.argmax(-1, keepdim=True)
+            else:
+                top = logits.topk(min(top_k, vocab), dim=-1)
+                choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=rng)
+                step_input = top.indices.gather(-1, choice)
             ids = torch.cat([ids, step_input], dim=1)
         rows.append(ids)
     return torch.cat(rows)
@@ -50,7 +59,8 @@ def sampled_inputs(request: CalibrationRequest) -> Calibration:
     from calib.methods import Calibration
 
     calib = request.calib
-    ids = sample_sequences(request.teacher.backbone, calib.samples, calib.seq_len, calib.seed)
+    greedy = calib.generator.greedy_tokens
+    ids = sample_sequences(request.teacher.backbone, calib.samples, calib.seq_len, calib.seed, greedy_tokens=greedy)
     return Calibration(CalibrationSet(torch.ones_like(ids), input_ids=ids))
 
 
@@ -90,18 +100,20 @@ def write_text(
     tokenizers: tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase] | None = None,
     pairs: float = 0.0,
     random_share: float = 0.0,
+    greedy_tokens: int = 0,
 ) -> LMText:
     """``samples`` sequences: the LM writes them, but for the last ``random_share`` of them, which are uniform
     tokens of the teacher's vocabulary (special tokens aside). ``tokenizers`` is ``(lm_tokenizer,
     teacher_tokenizer)`` when the teacher reads another vocabulary; ``None`` when the LM is the teacher. The
-    first ``pairs`` share of the sequences the teacher reads as sentence pairs (:func:`split_pair`)."""
+    first ``pairs`` share of the sequences the teacher reads as sentence pairs (:func:`split_pair`);
+    ``greedy_tokens`` as :func:`sample_sequences`."""
     randoms = round(random_share * samples)
     mask = varied_mask(samples, seq_len, min_len, torch.Generator().manual_seed(seed + 1))  # apart from the LM's
     rng = torch.Generator().manual_seed(seed + 2)
     if tokenizers is None:
         vocab = lm.get_output_embeddings().weight.shape[0]
         noise = torch.randint(vocab, (randoms, seq_len), generator=rng)
-        ids = torch.cat([sample_sequences(lm, samples - randoms, seq_len, seed), noise])
+        ids = torch.cat([sample_sequences(lm, samples - randoms, seq_len, seed, greedy_tokens=greedy_tokens), noise])
         alignment = torch.arange(seq_len).expand(samples, -1).clone()
         return LMText(ids * mask, mask, ids, mask, alignment)
     lm_tokenizer, teacher_tokenizer = tokenizers
@@ -110,7 +122,7 @@ def write_text(
     if lm_tokenizer.pad_token is None:  # GPT-2's has none; padded positions are masked out anyway
         lm_tokenizer.pad_token = lm_tokenizer.eos_token
     lengths = mask.sum(1).tolist()
-    ids = sample_sequences(lm, samples - randoms, seq_len, seed)
+    ids = sample_sequences(lm, samples - randoms, seq_len, seed, greedy_tokens=greedy_tokens)
     texts = [lm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
     texts += random_text(teacher_tokenizer, lengths[samples - randoms :], rng)
     teacher = read_as_teacher(teacher_tokenizer, texts, round(pairs * samples), seq_len)

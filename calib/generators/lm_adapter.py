@@ -93,7 +93,9 @@ def build(
         lm, tokenizers = teacher.backbone, None  # a decoder generates for itself
     else:
         raise ConfigError("calib.generator.model: the lm-adapter generator needs a causal LM for this teacher")
-    text = write_text(lm, gen.pool, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share)
+    text = write_text(
+        lm, gen.pool, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share, gen.greedy_tokens
+    )
     trainable_lm = None
     features = torch.empty(0)
     if gen.learn_lm:

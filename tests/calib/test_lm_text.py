@@ -8,7 +8,7 @@ from transformers import BertTokenizerFast
 
 from calib.config import CalibConfig, GeneratorConfig, ModelSource, RandomModel, TaskConfig
 from calib.generators.lm_adapter import LMAdapterGenerator, aligned_features
-from calib.lm_text import align_tokens, split_pair, write_text
+from calib.lm_text import align_tokens, sample_sequences, split_pair, write_text
 from calib.models import embedding_table, load_backbone
 from calib.zsaq import build_generator
 from tests.models import SPECIAL_TOKENS, tiny_teacher
@@ -86,6 +86,16 @@ def test_a_decoders_random_share_leaves_the_lms_top_k():
         top = teacher.backbone(input_ids=text.lm_ids).logits[:, :-1].topk(50, dim=-1).indices
     in_top_k = (top == text.lm_ids[:, 1:, None]).any(-1).float().mean(1)
     assert (in_top_k[:4] == 1).all() and (in_top_k[4:] < 0.5).all()  # sampled top-k rows, then uniform ones
+
+
+def test_greedy_tokens_follow_the_lms_top_1_after_the_random_start_then_sampling_resumes():
+    teacher = tiny_teacher("gpt2")
+    ids = sample_sequences(teacher.backbone, 8, 16, seed=3, greedy_tokens=4)
+    with torch.no_grad():
+        top_1 = teacher.backbone(input_ids=ids).logits.argmax(-1)
+    assert torch.equal(ids[:, 1:5], top_1[:, :4])  # positions 1-4: the LM's most likely next token
+    assert not torch.equal(ids[:, 5:], top_1[:, 4:-1])  # then sampled, not greedy
+    assert torch.equal(sample_sequences(teacher.backbone, 8, 16, seed=3)[:, 0], ids[:, 0])  # the same random starts
 
 
 def test_a_decoder_generating_for_itself_keeps_its_ids_and_varies_lengths():

@@ -117,6 +117,7 @@ def test_every_catalogue_method_has_a_procedure():
         "qat-real-w4a8",
         "qat-real-w2a8",
         "qat-real-long-w4a16-g64",
+        "qat-real-long-seq128-w4a16-g64",
     }
     assert ROWS["zsaq-w2a8"].latency_format is None  # no runtime executes 2-bit weights
 
