@@ -94,7 +94,7 @@ def real_data_inputs(request: CalibrationRequest) -> Calibration:
     if not path.is_file():
         raise ConfigError(f"calib.real_data: no file at {path}")
     if request.task.kind == "causal-lm":
-        return _corpus_windows(path, tokenizer, calib)
+        return _drawn_corpus_windows(path, tokenizer, calib)
     data = load_eval_set(path, "accuracy", None)
     pairs = bool(data.texts_b) and request.task.kind != "embedding"
     texts = data.texts_a if pairs or not data.texts_b else data.texts_a + data.texts_b
@@ -118,7 +118,7 @@ def token_windows(
     return ids[: count * seq_len].reshape(count, seq_len)
 
 
-def _corpus_windows(path: Path, tokenizer: PreTrainedTokenizerBase, calib: CalibConfig) -> Calibration:
+def _drawn_corpus_windows(path: Path, tokenizer: PreTrainedTokenizerBase, calib: CalibConfig) -> Calibration:
     """A causal LM's real data: the corpus (e.g. WikiText-2's validation split) in windows of ``calib.seq_len``
     tokens, as perplexity reads its test split (:func:`token_windows`); ``calib.samples`` of them drawn (seeded)."""
     import torch

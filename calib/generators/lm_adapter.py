@@ -94,8 +94,9 @@ def build(
     else:
         raise ConfigError("calib.generator.model: the lm-adapter generator needs a causal LM for this teacher")
     text = write_text(
-        lm, gen.pool, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share, gen.greedy_tokens
-    )
+        lm, gen.pool, calib.seq_len, gen.min_len, calib.seed, tokenizers, gen.pairs, gen.random_share,
+        greedy_tokens=gen.greedy_tokens,
+    )  # fmt: skip
     trainable_lm = None
     features = torch.empty(0)
     if gen.learn_lm:
