@@ -108,6 +108,10 @@ class GeneratorConfig:
     batches, and ``sam_sga.start: gptq``'s rounding inputs, are drawn from them: GPTQ on a decoder needs many
     distinct tokens, docs/RESULTS.md). ``greedy_tokens``: after its random first token the LM takes its top-1
     for this many tokens, then samples (LLM-QAT's hybrid sampling; also for ``teacher-sampled`` inputs).
+    ``choose`` (lm-adapter): the rate of a learned categorical over the pool, the adversary's discrete move: it
+    ascends the discrepancy by the score-function gradient, drawing the texts the student fits worst more often
+    (0: drawn uniformly). With ``radius: 0`` that is the whole adversary: a causal LM only ever reads rows of its
+    embedding table, so moving them trains its student on inputs it never sees (docs/ARCHITECTURE.md).
     ``auto`` (default): the lm-adapter where its LM is available, else soft tokens with a notice
     (:mod:`calib.generator_choice`)."""
 
@@ -120,7 +124,8 @@ class GeneratorConfig:
     batch_size: Positive = 8
     lr: Rate = 1e-3
     learn_lm: bool = False
-    radius: Rate = 0.05
+    radius: Weight = 0.05
+    choose: Weight = 0.0
     restrict_vocab: bool = True
     pairs: Fraction = 0.0
     random_share: Fraction = 0.0

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Batch:
-    """One batch of model inputs: token ids or word embeddings (``[b, s, hidden]``), and the mask."""
+    """One batch of model inputs: token ids or word embeddings (``[b, s, hidden]``), and the mask; ``source``:
+    the pool rows a choosing generator drew them from (its ascent's score-function gradient needs them)."""
 
     attention_mask: torch.Tensor
     input_ids: torch.Tensor | None = None
     inputs_embeds: torch.Tensor | None = None
+    source: torch.Tensor | None = None
 
     def run(self, model: TaskModel, output_hidden_states: bool = False) -> TaskOutput:
         """Forward ``model`` on this batch."""
@@ -38,8 +40,8 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (itself when it is there)."""
-        return Batch(*(None if t is None else t.to(device) for t in (self.attention_mask, self.input_ids,
-                                                                     self.inputs_embeds)))  # fmt: skip
+        tensors = (self.attention_mask, self.input_ids, self.inputs_embeds, self.source)
+        return Batch(*(None if t is None else t.to(device) for t in tensors))
 
     def rows(self, part: range) -> Batch:
         """The batch's rows ``part`` (itself when that is all of them)."""
@@ -49,7 +51,7 @@ class Batch:
         def cut(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor[part.start : part.stop]
 
-        return Batch(cut(self.attention_mask), cut(self.input_ids), cut(self.inputs_embeds))
+        return Batch(cut(self.attention_mask), cut(self.input_ids), cut(self.inputs_embeds), cut(self.source))
 
 
 @dataclass

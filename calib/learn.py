@@ -67,6 +67,20 @@ def distillation_loss(
     return loss
 
 
+def sample_losses(
+    kind: str, student: TaskOutput, teacher: TaskOutput, mask: torch.Tensor, config: LearnConfig
+) -> torch.Tensor:
+    """:func:`distillation_loss` of each sample on its own: ``[batch]``."""
+
+    def row(output: TaskOutput, i: int) -> TaskOutput:
+        hidden = None if output.hidden_states is None else tuple(h[i : i + 1] for h in output.hidden_states)
+        return TaskOutput(output.output[i : i + 1], hidden)
+
+    return torch.stack(
+        [distillation_loss(kind, row(student, i), row(teacher, i), mask[i : i + 1], config) for i in range(len(mask))]
+    )
+
+
 def learnable_parameters(
     student: TaskModel, which: tuple[str, ...], layer_names: list[str] | None = None
 ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

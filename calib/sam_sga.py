@@ -15,7 +15,7 @@ from tqdm import tqdm
 from calib.config import CalibConfig, LearnConfig, PriorConfig
 from calib.errors import PipelineError
 from calib.inputs import AnchorSource, Batch
-from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw
+from calib.learn import clamp_positive, distillation_loss, learnable_parameters, relative_adamw, sample_losses
 from calib.models import TaskModel, TaskOutput
 from calib.parallel import SINGLE, Parallel, check_divides, stream_seed
 from calib.sam import SAM
@@ -99,7 +99,12 @@ class SamSga:
         )
         self.sam = SAM(self.student_params, self.student_optimizer, sga.rho, sga.adaptive) if sga.sam else None
         self.generator_params = [p for p in generator.parameters() if p.requires_grad]
-        self.generator_optimizer = torch.optim.Adam(self.generator_params, lr=calib.generator.lr)
+        self.choice: torch.nn.Parameter | None = getattr(generator, "choice", None)
+        self.pathwise = [p for p in self.generator_params if p is not self.choice]  # moved by the gradient
+        groups = [{"params": self.pathwise}] if self.pathwise else []
+        if self.choice is not None:
+            groups.append({"params": [self.choice], "lr": calib.generator.choose})
+        self.generator_optimizer = torch.optim.Adam(groups, lr=calib.generator.lr)
         table = teacher.backbone.get_input_embeddings().weight.detach()
         self.table_stats = (table.mean(0), table.std(0))
         self.want_hidden = learn.hidden_mse_weight > 0
@@ -138,19 +143,35 @@ class SamSga:
             )
         return 1.0 - F.cosine_similarity(grads[0], grads[1], dim=0)
 
+    def _choice_ascent(self, batch: Batch, student_out: TaskOutput, teacher_out: TaskOutput) -> torch.Tensor:
+        """The discrete move's objective to minimise: the score-function (REINFORCE) estimate of minus the
+        expected discrepancy over the choice, each drawn text's own discrepancy less the batch mean as baseline
+        (zero gradient for texts not drawn)."""
+        with torch.no_grad():
+            losses = sample_losses(self.teacher.kind, student_out, teacher_out, batch.attention_mask, self.learn)
+        advantage = losses - losses.mean()
+        return -(self.generator.choice_log_prob(batch.source) * advantage.to(self.choice.device)).mean()
+
     def generator_step(self) -> torch.Tensor:
-        """One ascent step: maximise the discrepancy, minimise the priors (and the sharpness term). Returns
-        (discrepancy, prior, sharpness) averaged over the streams, still on the device."""
+        """One ascent step: maximise the discrepancy, minimise the priors (and the sharpness term); a choosing
+        generator also moves its choice of texts (:meth:`_choice_ascent`; alone it needs no backward pass through
+        the models). Returns (discrepancy, prior, sharpness) averaged over the streams, still on the device."""
         started = time.perf_counter()
         streams = self.parallel.streams
         grads = [torch.zeros_like(p) for p in self.generator_params]
         totals = torch.zeros(3, device=grads[0].device)
         for rng in self.rngs.values():
-            batch = self.generator.sample(self.stream_batch, rng)
-            teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
-            discrepancy = self._discrepancy(batch, teacher_out)
-            prior = prior_loss(self.teacher.kind, teacher_out, batch, self.table_stats, self.calib.priors)
-            objective = -discrepancy + prior
+            with torch.set_grad_enabled(bool(self.pathwise)):
+                batch = self.generator.sample(self.stream_batch, rng)
+                teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
+                student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
+                discrepancy = distillation_loss(
+                    self.teacher.kind, student_out, teacher_out, batch.attention_mask, self.learn
+                )
+                prior = prior_loss(self.teacher.kind, teacher_out, batch, self.table_stats, self.calib.priors)
+            objective = -discrepancy + prior if self.pathwise else torch.zeros((), device=totals.device)
+            if self.choice is not None:
+                objective = objective + self._choice_ascent(batch, student_out, teacher_out)
             sharpness = torch.zeros((), device=totals.device)
             if self.calib.sharpness.enabled:
                 sharp_started = time.perf_counter()

@@ -23,7 +23,9 @@ class LMAdapterGenerator(nn.Module):
     """A learned adapter from the LM's token representations (plus noise) to a residual on the teacher's
     embeddings of the LM's text, bounded per channel by ``radius`` x the table's std and started near zero
     (docs/ARCHITECTURE.md). With a frozen LM (``lm=None``) the aligned hidden states are computed once
-    (``features``); with ``lm`` given, the LM runs (and learns) at every sample."""
+    (``features``); with ``lm`` given, the LM runs (and learns) at every sample. With ``choose`` the texts are
+    drawn from a learned categorical over the pool (``choice``, uniform at the start), the adversary's discrete
+    move; with ``radius`` 0 the adapter is frozen (nothing to move) and the texts reach the teacher unchanged."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class LMAdapterGenerator(nn.Module):
         hidden: int,
         radius: float,
         lm: nn.Module | None = None,
+        choose: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("base", table[text.teacher_ids].clone())
@@ -51,13 +54,19 @@ class LMAdapterGenerator(nn.Module):
         nn.init.normal_(out.weight, std=1e-3)  # near-zero residual: start from the text itself
         nn.init.zeros_(out.bias)
         self.adapter = nn.Sequential(nn.Linear(feature_dim + noise_dim, hidden), nn.GELU(), out)
+        self.adapter.requires_grad_(radius > 0)
+        self.choice = nn.Parameter(torch.zeros(len(self.base))) if choose else None
 
     def set_progress(self, fraction: float) -> None:
         """Nothing anneals in this generator."""
 
     def sample(self, batch: int, rng: torch.Generator) -> Batch:
         """A differentiable batch: the pooled text's embeddings plus the adapter's residual."""
-        rows = torch.randint(len(self.base), (batch,), generator=rng, device=rng.device)
+        if self.choice is None:
+            rows = torch.randint(len(self.base), (batch,), generator=rng, device=rng.device)
+        else:
+            probs = torch.softmax(self.choice.detach(), dim=0).to(rng.device)
+            rows = torch.multinomial(probs, batch, replacement=True, generator=rng)
         noise = torch.randn(batch, self.base.shape[1], self.noise_dim, generator=rng, device=rng.device)
         if self.lm is None:
             features = self.features[rows]
@@ -66,7 +75,12 @@ class LMAdapterGenerator(nn.Module):
         residual = torch.tanh(self.adapter(torch.cat([features, noise], dim=-1))) * self.bound
         embeds = self.base[rows] + residual
         mask = self.mask[rows]
-        return Batch(mask, inputs_embeds=embeds * mask.unsqueeze(-1))
+        return Batch(mask, inputs_embeds=embeds * mask.unsqueeze(-1), source=None if self.choice is None else rows)
+
+    def choice_log_prob(self, rows: torch.Tensor) -> torch.Tensor:
+        """The log-probability of drawing each of ``rows`` (a pool row each), differentiable in ``choice``."""
+        assert self.choice is not None, "choice_log_prob needs calib.generator.choose"
+        return torch.log_softmax(self.choice, dim=0)[rows.to(self.choice.device)]
 
 
 def aligned_features(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
@@ -83,6 +97,9 @@ def build(
     from calib.config import TaskConfig
 
     gen = calib.generator
+    if gen.radius == 0 and not gen.choose:
+        raise ConfigError("calib.generator.radius: 0 leaves the adversary nothing to move; "
+                          "set calib.generator.choose above 0 (it then chooses texts) or a radius above 0")  # fmt: skip
     table = embedding_table(teacher)
     if gen.model is not None:
         if tokenizer is None:
@@ -112,4 +129,6 @@ def build(
                 ]
             )
         torch.manual_seed(calib.seed)
-    return LMAdapterGenerator(text, features, table, gen.noise_dim, gen.adapter_size, gen.radius, trainable_lm)
+    return LMAdapterGenerator(
+        text, features, table, gen.noise_dim, gen.adapter_size, gen.radius, trainable_lm, choose=gen.choose > 0
+    )

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calib.errors import ConfigError
 from calib.inputs import Batch, ordinary_ids, varied_mask
 from calib.models import TaskModel, embedding_table
 
@@ -68,6 +69,9 @@ def build(
 ) -> SoftTokenGenerator:
     """A soft-token generator over the teacher's vocabulary (special tokens left out with ``restrict_vocab``)."""
     gen = calib.generator
+    if gen.choose:
+        raise ConfigError("calib.generator.choose: soft tokens have no pool of texts to choose from; "
+                          "use calib.generator.kind: lm-adapter or choose: 0")  # fmt: skip
     table = embedding_table(teacher)
     allowed = ordinary_ids(len(table), special_ids if gen.restrict_vocab else ())
     return SoftTokenGenerator(

@@ -20,6 +20,7 @@ from calib.config import (
 from calib.errors import ConfigError
 from calib.generators.soft_tokens import SoftTokenGenerator
 from calib.inputs import Batch, random_token_source
+from calib.learn import sample_losses
 from calib.models import embedding_table
 from calib.sam_sga import SamSga
 from calib.selection import BestStudent
@@ -32,12 +33,12 @@ W4 = QuantConfig(weights=WeightQuant(bits=4, granularity="per-group", group_size
 
 def _game(
     family="bert", kind="soft-tokens", sharpness=False, adversarial=True, seed=0, rounds=4, select_every=0,
-    schedule="constant",
+    schedule="constant", radius=0.05, choose=0.0,
 ):  # fmt: skip
     teacher = tiny_teacher(family)
     calib = CalibConfig(
         samples=16, seq_len=16, batch_size=8, seed=seed,
-        generator=GeneratorConfig(kind=kind, batch_size=4, min_len=4, lr=1e-2),
+        generator=GeneratorConfig(kind=kind, batch_size=4, min_len=4, lr=1e-2, radius=radius, choose=choose),
         sam_sga=SamSgaConfig(rounds=rounds, adversarial=adversarial, checkpoint_every=2, select_every=select_every,
                              select_samples=6, schedule=schedule),
         sharpness=SharpnessConfig(enabled=sharpness),
@@ -236,3 +237,53 @@ def test_the_lm_text_anchor_without_the_lm_adapter_is_a_config_error():
     calib = dataclasses.replace(calib, sam_sga=dataclasses.replace(calib.sam_sga, anchor=0.5, anchor_inputs="lm-text"))
     with pytest.raises(ConfigError, match="anchor_inputs: lm-text needs the lm-adapter"):
         anchor_source(calib, game.teacher, None, game.generator)
+
+
+def _pool_discrepancies(game: SamSga) -> torch.Tensor:
+    """The student's discrepancy on each text of the generator's pool."""
+    generator = game.generator
+    with torch.no_grad():
+        batch = Batch(generator.mask, inputs_embeds=generator.base * generator.mask.unsqueeze(-1))
+        student, teacher = batch.run(game.student, True), batch.run(game.teacher, True)
+        return sample_losses(game.teacher.kind, student, teacher, batch.attention_mask, game.learn)
+
+
+def test_choosing_texts_ascends_the_expected_discrepancy_without_moving_them():
+    """``radius: 0`` + ``choose``: the texts reach the models as rows of the embedding table (what a causal LM
+    reads), the adapter stays as it was, and the choice's ascent raises the pool's expected discrepancy."""
+    game, _ = _game("gpt2", "lm-adapter", radius=0.0, choose=0.2)
+    generator = game.generator
+    assert game.generator_params == [generator.choice]
+    batch = generator.sample(6, torch.Generator().manual_seed(2))
+    table = embedding_table(game.teacher)
+    pooled = generator.text.ids[batch.source]
+    torch.testing.assert_close(batch.inputs_embeds, table[pooled] * batch.attention_mask.unsqueeze(-1))
+    adapter = copy.deepcopy(generator.adapter.state_dict())
+    losses = _pool_discrepancies(game)
+    for _ in range(30):
+        game.generator_step()  # the student never steps here
+    probs = torch.softmax(generator.choice.detach(), 0)
+    assert (probs * losses).sum() > 1.05 * losses.mean()  # uniform at the start
+    assert torch.corrcoef(torch.stack([generator.choice.detach(), losses]))[0, 1] > 0.4
+    assert all(torch.equal(adapter[k], v) for k, v in generator.adapter.state_dict().items())
+
+
+def test_a_game_that_chooses_texts_is_deterministic_and_resumes_from_its_state():
+    full, _ = _game("gpt2", "lm-adapter", seed=3, choose=0.2)
+    checkpoints = []
+    full.play(4, checkpoint=lambda: checkpoints.append(copy.deepcopy(full.state_dict())), show_progress=False)
+    resumed, _ = _game("gpt2", "lm-adapter", seed=3, choose=0.2)
+    resumed.load_state_dict(checkpoints[0])
+    resumed.play(4, show_progress=False)
+    assert resumed.history.student_discrepancy == full.history.student_discrepancy
+    assert torch.equal(resumed.generator.choice, full.generator.choice)
+    assert not torch.equal(full.generator.choice, torch.zeros_like(full.generator.choice))
+
+
+@pytest.mark.parametrize(
+    ("kind", "radius", "choose", "message"),
+    [("soft-tokens", 0.05, 0.1, "choose: soft tokens have no pool"), ("lm-adapter", 0.0, 0.0, "radius: 0 leaves")],
+)
+def test_a_choice_without_a_pool_or_nothing_to_move_is_a_config_error(kind, radius, choose, message):
+    with pytest.raises(ConfigError, match=message):
+        _game("gpt2", kind, radius=radius, choose=choose)

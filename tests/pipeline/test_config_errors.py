@@ -53,7 +53,8 @@ BAD_CONFIGS = [
     ({"export": {"cpu_int8_weights": "int16"}}, "export.cpu_int8_weights", "auto, int8, uint8"),
     ({"quant": {"learn": {"lr": -1}}}, "quant.learn.lr", "positive"),
     ({"quant": {"learn": {"weights_lr": 0}}}, "quant.learn.weights_lr", "positive"),
-    ({"calib": {"generator": {"radius": -0.1}}}, "calib.generator.radius", "a positive number"),
+    ({"calib": {"generator": {"radius": -0.1}}}, "calib.generator.radius", "0 or more"),
+    ({"calib": {"generator": {"choose": -1}}}, "calib.generator.choose", "0 or more"),
     (
         {"quant": {"attention_matmuls": True, "activations": {"bits": 16}}},
         "quant.attention_matmuls",
