@@ -123,8 +123,12 @@ class SamSga:
         outputs = [batch.run(self.teacher, output_hidden_states=self.want_hidden) for batch in samples]
         return BestStudent(samples, outputs, self._discrepancy, self.student_params)
 
-    def _discrepancy(self, batch: Batch, teacher_out: TaskOutput) -> torch.Tensor:
-        student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
+    def _discrepancy(
+        self, batch: Batch, teacher_out: TaskOutput, student_out: TaskOutput | None = None
+    ) -> torch.Tensor:
+        """The student's distillation loss on ``batch`` (its output run here unless given)."""
+        if student_out is None:
+            student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
         return distillation_loss(self.teacher.kind, student_out, teacher_out, batch.attention_mask, self.learn)
 
     def _sharpness_term(self, batch: Batch, teacher_out: TaskOutput, rng: torch.Generator) -> torch.Tensor:
@@ -165,9 +169,7 @@ class SamSga:
                 batch = self.generator.sample(self.stream_batch, rng)
                 teacher_out = batch.run(self.teacher, output_hidden_states=self.want_hidden)
                 student_out = batch.run(self.student, output_hidden_states=self.want_hidden)
-                discrepancy = distillation_loss(
-                    self.teacher.kind, student_out, teacher_out, batch.attention_mask, self.learn
-                )
+                discrepancy = self._discrepancy(batch, teacher_out, student_out)
                 prior = prior_loss(self.teacher.kind, teacher_out, batch, self.table_stats, self.calib.priors)
             objective = -discrepancy + prior if self.pathwise else torch.zeros((), device=totals.device)
             if self.choice is not None:
