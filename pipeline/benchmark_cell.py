@@ -22,6 +22,7 @@ import torch
 from calib.inputs import random_tokens
 from calib.methods import CalibrationRequest, calibrate, int4_weight_only_quant, quantize_student
 from calib.models import TaskModel, frozen_teacher, load_backbone, load_source_tokenizer
+from calib.sam_sga import GameHistory
 from calib.zsaq import game_student_state
 from exporters.cpu_kernels import machine_description
 from exporters.graphs import FORMAT_SCHEMES, WEIGHT_ONLY_GROUP, cpu_format_graphs, ort_dynamic_graph, student_graph
@@ -48,7 +49,8 @@ from pipeline.runfolder import atomic_write_text
 
 Evaluation = tuple[float | None, np.ndarray]  # the task metric and the flattened outputs (for fidelity)
 Procedure = Callable[[PipelineConfig, TaskModel, Any, EvalInputs], Evaluation]
-StudentProcedure = Callable[[PipelineConfig, TaskModel, Any], TaskModel]
+LearningRecord = dict[str, Any]  # where a student's making spent its time, and what a game ended on
+StudentProcedure = Callable[[PipelineConfig, TaskModel, Any], tuple[TaskModel, LearningRecord]]
 
 
 def _peak_gib() -> float:
@@ -71,20 +73,42 @@ def _calibrated(change: Callable[[PipelineConfig], PipelineConfig]) -> StudentPr
     """The pipeline's calibrate + quantize in-process on the changed config. Learning steps on batches of the
     generator's size, as ZSAQ's student does, so every learning row takes the same steps on the same batch size."""
 
-    def student(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:
+    def student(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> tuple[TaskModel, LearningRecord]:
         config = change(config)
         calib = config.calib
         torch.manual_seed(calib.seed)
+        started = time.perf_counter()
         calibration = calibrate(CalibrationRequest(teacher, tokenizer, calib, config.quant, config.task))
+        calibrated = time.perf_counter()
         game = calibration.game
         state = None if game is None else game_student_state(game.student, calib, config.quant.learn)
         batches = calibration.samples.batches(calib.generator.batch_size)
-        return quantize_student(teacher, config.quant, batches, state)[0]
+        model = quantize_student(teacher, config.quant, batches, state)[0]
+        record = {
+            "calibrate_minutes": _minutes(calibrated - started),
+            "quantize_minutes": _minutes(time.perf_counter() - calibrated),
+        }
+        return model, record if game is None else record | {"game": _game_record(game.history)}
 
     return student
 
 
-def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> TaskModel:
+def _minutes(seconds: float) -> float:
+    return round(seconds / 60, 3)
+
+
+def _game_record(history: GameHistory) -> LearningRecord:
+    """What a cell keeps of a ZSAQ game: the minutes each player's steps took, the held-out checks ([round,
+    discrepancy]) and the round whose student the game ended on (-1: the last, no selection)."""
+    return {
+        "generator_minutes": _minutes(history.generator_seconds),
+        "student_minutes": _minutes(history.student_seconds),
+        "held_out": history.held_out,
+        "selected_round": history.selected_round,
+    }
+
+
+def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any) -> tuple[TaskModel, LearningRecord]:
     """Weight-only, no calibration: int4 rows are the W4A16 model the export stage ships (in the row's groups,
     range init and zero points when it sets ``quant.weights``)."""
     w, a = config.quant.weights, config.quant.activations
@@ -93,7 +117,7 @@ def _round_to_nearest(config: PipelineConfig, teacher: TaskModel, tokenizer: Any
         shipped = int4_weight_only_quant(teacher, w.group_size or WEIGHT_ONLY_GROUP)
         weights = dataclasses.replace(shipped.weights, init=w.init, zero_point=w.zero_point)
         quant = dataclasses.replace(shipped, weights=weights)
-    return quantize_student(teacher, quant, [], show_progress=False)[0]
+    return quantize_student(teacher, quant, [], show_progress=False)[0], {}
 
 
 GraphMaker = Callable[[Path, Path, PipelineConfig, TaskModel, Any], None]  # (fp32, out, config, teacher, tokenizer)
@@ -196,8 +220,10 @@ def run_cell(spec: BenchSpec, task: BenchTask, row: Row, seed: int) -> dict[str,
     if fallback:
         raise click.ClickException(f"the benchmark needs task data: {fallback}")
     started = time.perf_counter()
+    record: LearningRecord = {}
     if row.method in STUDENTS:
-        model: TaskModel | None = STUDENTS[row.method](config, teacher, tokenizer)
+        model: TaskModel | None
+        model, record = STUDENTS[row.method](config, teacher, tokenizer)
         metric, outputs = evaluate_torch(model, inputs)
     else:
         model = teacher if row.method == "fp32" else None  # a peer's row already scored its ONNX graph
@@ -208,7 +234,7 @@ def run_cell(spec: BenchSpec, task: BenchTask, row: Row, seed: int) -> dict[str,
         result["fidelity"] = fidelity(evaluate_torch(teacher, inputs)[1], outputs, config.task.kind)
     if spec.exported:
         result |= {"exported_metric": metric} if model is None else _exported_metric(config, teacher, model, inputs)
-    return {**result, "machine": machine_description()}
+    return {**result, **record, "machine": machine_description()}
 
 
 def measure_formats(base: PipelineConfig, repeats: int) -> dict[str, Any]:

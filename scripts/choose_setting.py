@@ -150,7 +150,7 @@ def main(spec_path: Path, row_key: str, key: str, values: tuple[float, ...], out
             tokenizer = load_source_tokenizer(base.model)
             batches = held_out_text(teacher, tokenizer, base.calib)
             for value, patch in patches.items():
-                student = STUDENTS[row.method](task_config(spec, task, patch), teacher, tokenizer)
+                student, _ = STUDENTS[row.method](task_config(spec, task, patch), teacher, tokenizer)
                 losses.setdefault(task.name, {})[value] = discrepancy(student, teacher, batches)
                 progress.update()
     chosen, scores = choose(losses)

@@ -61,7 +61,7 @@ def bench_files(tmp_path: Path) -> Path:
             "samples": 8,
             "seq_len": 8,
             "generator": {"kind": "soft-tokens", "batch_size": 4, "min_len": 4},  # no generator LM in these tests
-            "sam_sga": {"rounds": 3},
+            "sam_sga": {"rounds": 3, "select_every": 2},
         },
         "quant": {"weights": {"bits": 4}, "activations": {"init": "minmax"}},
         "validate": {"shapes": [[1, 8], [2, 8]]},
@@ -152,11 +152,13 @@ def test_each_procedure_makes_its_own_student_from_one_quantizer(bench_files):
     spec = load_spec(bench_files / "spec.yaml")
     teacher = tiny_teacher("bert", hidden=64)
     batches = random_tokens(16, 16, 512, seed=9).batches(8)
-    students = {}
+    students, records = {}, {}
     for key in ("rtn-w8a16", "ptq-random-w4a8", "qat-random-w4a8", "gptq-random-w4a8"):
         row = ROWS[key]
         config = task_config(spec, spec.tasks[0], row_patch(row, 0, None))
-        students[key] = STUDENTS[row.method](config, teacher, None)
+        students[key], records[key] = STUDENTS[row.method](config, teacher, None)
+    assert records["rtn-w8a16"] == {}  # nothing calibrated, nothing learned
+    assert records["qat-random-w4a8"]["quantize_minutes"] > 0 and "game" not in records["qat-random-w4a8"]
     assert not activation_quantizers(students["rtn-w8a16"])  # weight-only: activations stay float
     ptq, qat, gptq = (quant_layers(students[k]) for k in ("ptq-random-w4a8", "qat-random-w4a8", "gptq-random-w4a8"))
     name = next(iter(ptq))
@@ -287,6 +289,10 @@ def test_an_exported_spec_scores_each_rows_cpu_onnx_and_says_why_a_row_has_none(
         cell = run_cell(spec, task, ROWS[key], 0)
         if key == "zsaq-w2a8":
             assert cell["exported_metric"] is None and "2-bit" in cell["exported_error"]
+            game = cell["game"]  # the game's record: held-out checks at rounds 0, 2 and the last, the one kept
+            assert [r for r, _ in game["held_out"]] == [0, 2, 3] and game["selected_round"] in (0, 2, 3)
+            assert game["student_minutes"] > 0 and game["generator_minutes"] > 0
+            assert cell["calibrate_minutes"] >= game["student_minutes"] + game["generator_minutes"]
         else:
             assert abs(cell["exported_metric"] - cell["metric"]) <= (0.0 if key == "fp32" else 5.0)
         path = Cell(task, ROWS[key], 0).path(out)
@@ -441,9 +447,12 @@ def test_cells_run_by_two_xargs_workers_make_the_table_a_serial_run_makes(bench_
 
     timed = ("minutes", "peak_gib", "minutes_mean")  # what differs between runs of the same cell
 
+    def untimed(record: dict) -> dict:  # the learning record's own minutes too (a game's, nested)
+        kept = {k: v for k, v in record.items() if k not in timed and not k.endswith("_minutes")}
+        return {k: untimed(v) if isinstance(v, dict) else v for k, v in kept.items()}
+
     def cells(out: Path) -> dict[str, dict]:
-        found = {p.name: json.loads(p.read_text()) for p in (out / "cells").iterdir()}
-        return {name: {k: v for k, v in cell.items() if k not in timed} for name, cell in found.items()}
+        return {p.name: untimed(json.loads(p.read_text())) for p in (out / "cells").iterdir()}
 
     assert cells(spread) == cells(serial) and sorted(cells(serial)) == [f"{i}.json" for i in ids]
     assert len({cell["fidelity"] for cell in cells(serial).values()}) == 4  # the comparison tells each cell apart
