@@ -85,24 +85,21 @@ def _calibrated(change: Callable[[PipelineConfig], PipelineConfig]) -> StudentPr
         batches = calibration.samples.batches(calib.generator.batch_size)
         model = quantize_student(teacher, config.quant, batches, state)[0]
         record = {
-            "calibrate_minutes": _minutes(calibrated - started),
-            "quantize_minutes": _minutes(time.perf_counter() - calibrated),
+            "calibrate_minutes": (calibrated - started) / 60,
+            "quantize_minutes": (time.perf_counter() - calibrated) / 60,
         }
         return model, record if game is None else record | {"game": _game_record(game.history)}
 
     return student
 
 
-def _minutes(seconds: float) -> float:
-    return round(seconds / 60, 3)
-
-
 def _game_record(history: GameHistory) -> LearningRecord:
     """What a cell keeps of a ZSAQ game: the minutes each player's steps took, the held-out checks ([round,
-    discrepancy]) and the round whose student the game ended on (-1: the last, no selection)."""
+    discrepancy]) and the round whose student the game ended on (-1: the last, no selection). The record's
+    minutes are not rounded: its parts can take milliseconds, and they sum to at most the calibration's."""
     return {
-        "generator_minutes": _minutes(history.generator_seconds),
-        "student_minutes": _minutes(history.student_seconds),
+        "generator_minutes": history.generator_seconds / 60,
+        "student_minutes": history.student_seconds / 60,
         "held_out": history.held_out,
         "selected_round": history.selected_round,
     }
