@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -27,6 +28,7 @@ CHECK_MODEL = RandomModel(
 )
 SCHEMES = {"int8": "w8a8", "int4": "w4a16"}  # the check's names -> the CPU formats (exporters.graphs)
 SHAPES = ((1, 128), (8, 128))
+RECORD_RUNS = 3  # measurements whose per-cell medians --record stores
 DEFAULT_TOLERANCE = 0.3  # a speed-up may fall this fraction below the baseline before the check fails (ratios
 # moved by up to ~20% between runs here when the shared machine was busy)
 
@@ -61,6 +63,25 @@ def measure(threads: int, repeats: int, rewrite_int8: Callable[[Path], None] | N
     speedup = {names[f]: {s: round(r, 3) for s, r in by_shape.items()} for f, by_shape in result["speedup"].items()}
     del speedup["fp32"]
     return Measurement(machine_key(threads), speedup, {names[f]: ms for f, ms in result["p50_ms"].items()})
+
+
+def median_measurement(measurements: Sequence[Measurement]) -> Measurement:
+    """Per scheme and shape, the median speed-up and median latency of several measurements of one machine: what
+    ``--record`` stores, since one measurement on a shared machine can land in a fast or a slow phase."""
+    if not measurements or len({m.key for m in measurements}) != 1:
+        raise ValueError("median_measurement needs one or more measurements of one machine key")
+
+    def median_of(field: str) -> dict[str, dict[str, float]]:
+        first = getattr(measurements[0], field)
+        return {
+            name: {
+                shape: round(statistics.median(getattr(m, field)[name][shape] for m in measurements), 3)
+                for shape in shapes
+            }
+            for name, shapes in first.items()
+        }
+
+    return Measurement(measurements[0].key, median_of("speedups"), median_of("p50_ms"))
 
 
 def read_baseline(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from onnx import compose, helper, numpy_helper
 
 from calib.errors import ConfigError, StageUnavailable
 from pipeline import latency_check
-from pipeline.latency_check import Measurement, compare, read_baseline, record
+from pipeline.latency_check import Measurement, compare, median_measurement, read_baseline, record
 
 KEY = "x86_64 avx2 | 2 threads | onnxruntime 1.0"
 
@@ -35,6 +35,17 @@ def test_record_then_compare_flags_only_what_fell_beyond_the_tolerance(tmp_path)
     assert compare(_measurement(1.5), baseline, "b.json") == []  # 25% lower: within the 30% tolerance
     failures = compare(_measurement(1.3), baseline, "b.json")
     assert failures == ["int8 b1x128: 1.30x faster than FP32, baseline 2.00x (more than 30% slower)"]
+
+
+def test_a_recorded_entry_is_the_per_cell_median_of_several_measurements():
+    runs = [_measurement(2.6, 2.0), _measurement(1.6, 2.5), _measurement(2.2, 2.4)]  # a fast and a slow phase
+    runs[1].p50_ms["int8"]["b1x128"] = 14.0
+    middle = median_measurement(runs)
+    assert middle.key == KEY
+    assert middle.speedups["int8"] == {"b1x128": 2.2, "b8x128": 2.4}  # medians cell by cell, not one run's row
+    assert middle.p50_ms["int8"]["b1x128"] == 10.0 and middle.p50_ms["fp32"] == runs[0].p50_ms["fp32"]
+    with pytest.raises(ValueError, match="one machine key"):
+        median_measurement([runs[0], Measurement("another machine", runs[1].speedups, runs[1].p50_ms)])
 
 
 def test_recording_keeps_other_machines_entries(tmp_path):
