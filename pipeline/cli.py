@@ -387,10 +387,12 @@ def _run_load_check(
     is_flag=True,
     help="With --check: on a machine kind without a baseline entry, measure, print and exit 0 (CI on new hardware).",
 )
-# one thread by default: on a shared 2-vCPU host a co-tenant that steals a core stalls a two-thread session at
-# every barrier, and the short int8 kernels suffer most (b1 int8 speed-ups of 1.5x-3.2x across runs with two
-# threads on one day, 2.2x-2.4x with one); the check guards the graphs' kernels, not thread scaling
-@click.option("--threads", default=1, show_default=True, help="ONNX Runtime threads (part of the baseline key).")
+@click.option(
+    "--threads",
+    default=1,  # pipeline.latency_check.DEFAULT_THREADS (not imported here: the module loads ONNX Runtime)
+    show_default=True,
+    help="ONNX Runtime threads (part of the baseline key).",
+)
 @click.option("--repeats", default=40, show_default=True, help="Timed calls per model and shape.")
 @user_errors
 def bench(

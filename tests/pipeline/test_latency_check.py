@@ -48,6 +48,13 @@ def test_a_recorded_entry_is_the_per_cell_median_of_several_measurements():
         median_measurement([runs[0], Measurement("another machine", runs[1].speedups, runs[1].p50_ms)])
 
 
+def test_the_cli_times_the_checks_default_thread_count():
+    from pipeline.cli import main
+
+    threads = next(p for p in main.commands["bench"].params if p.name == "threads")
+    assert threads.default == latency_check.DEFAULT_THREADS
+
+
 def test_recording_keeps_other_machines_entries(tmp_path):
     path = tmp_path / "baseline.json"
     path.write_text(json.dumps({"tolerance": 0.1, "entries": {"other machine": {"speedups": {}}}}))
@@ -157,7 +164,8 @@ def test_the_check_fails_when_the_int8_path_is_made_slower_on_purpose(tmp_path):
     (It once slowed int8 by giving it one thread instead of two: on a CI machine whose two cores did not scale
     that was within the tolerance. Twice the work then lost only 38% at b8 and less than 30% at b1 once.)"""
     path = tmp_path / "baseline.json"
-    record(latency_check.measure(threads=1, repeats=8), read_baseline(path), path)  # the check's default
-    slowed = latency_check.measure(threads=1, repeats=8, rewrite_int8=partial(_compute_everything, 4))
+    threads = latency_check.DEFAULT_THREADS
+    record(latency_check.measure(threads=threads, repeats=8), read_baseline(path), path)
+    slowed = latency_check.measure(threads=threads, repeats=8, rewrite_int8=partial(_compute_everything, 4))
     failures = compare(slowed, read_baseline(path), str(path))
     assert {line.split(":")[0] for line in failures} >= {"int8 b1x128", "int8 b8x128"}, failures
